@@ -1,0 +1,307 @@
+"""The multiscale equilibrium core shared by the classification and segmentation nets.
+
+f_theta(z; x) acts on a list of states z = [z_1, ..., z_n], z_i of shape (N, C_i, H/2^(i-1), W/2^(i-1)):
+
+1. per resolution, a residual block: conv3x3 to ``EXPANSION_FACTOR`` x width, GroupNorm, ReLU,
+   conv3x3 back, variational dropout, + input injection (highest resolution only), GroupNorm,
+   + residual, ReLU, GroupNorm;
+2. simultaneous multiscale fusion: each stream i sums every stream j, brought to its size by a
+   chain of stride-2 conv3x3 (j finer than i) or a conv1x1 + nearest upsampling (j coarser),
+   then ReLU, conv1x1, GroupNorm.
+
+Module and parameter names follow the original implementation so that its state dicts load.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d, get_solver
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+class Activation(nn.Module):
+    """ReLU, or softplus while the softplus warm-up is on (see :meth:`MDEQNet.set_softplus`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.softplus = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softplus(x) if self.softplus else F.relu(x)
+
+
+class ResidualBlock(nn.Module):
+    """The per-resolution block of f_theta (Figure 2 of the paper). (N, C, H, W) -> (N, C, H, W)."""
+
+    def __init__(self, channels: int, expansion: int, num_groups: int, dropout: float, wnorm: bool) -> None:
+        super().__init__()
+        hidden = expansion * channels
+        self.conv1 = conv2d(channels, hidden, 3, wnorm=wnorm)
+        self.gn1 = nn.GroupNorm(num_groups, hidden)
+        self.relu = Activation()
+        self.conv2 = conv2d(hidden, channels, 3, wnorm=wnorm)
+        self.gn2 = nn.GroupNorm(num_groups, channels)
+        self.gn3 = nn.GroupNorm(num_groups, channels)
+        self.relu3 = Activation()
+        self.drop = VariationalDropout2d(dropout)
+
+    def forward(self, x: Tensor, injection: Optional[Tensor] = None) -> Tensor:
+        out = self.relu(self.gn1(self.conv1(x)))
+        out = self.drop(self.conv2(out))
+        if injection is not None:
+            out = out + injection
+        out = self.gn2(out) + x
+        return self.gn3(self.relu3(out))
+
+
+class BranchNet(nn.Module):
+    """The residual blocks of one resolution stream; the injection enters the first block."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, injection: Optional[Tensor] = None) -> Tensor:
+        y = self.blocks[0](x, injection)
+        for block in self.blocks[1:]:
+            y = block(y)
+        return y
+
+
+class DownsampleModule(nn.Module):
+    """Stream j -> coarser stream i: (i - j) stride-2 conv3x3 + GroupNorm, ReLU between them."""
+
+    def __init__(self, channels: Sequence[int], in_res: int, out_res: int, num_groups: int) -> None:
+        super().__init__()
+        steps = out_res - in_res
+        layers = []
+        for k in range(steps):
+            last = k == steps - 1
+            out_c = channels[out_res] if last else channels[in_res]
+            parts = [("conv", nn.Conv2d(channels[in_res], out_c, 3, stride=2, padding=1, bias=False)),
+                     ("gnorm", nn.GroupNorm(num_groups, out_c))]
+            if not last:
+                parts.append(("relu", Activation()))
+            layers.append(nn.Sequential(OrderedDict(parts)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
+        return self.net(x)
+
+
+class UpsampleModule(nn.Module):
+    """Stream j -> finer stream i: conv1x1 + GroupNorm, then nearest upsampling to stream i's size."""
+
+    def __init__(self, channels: Sequence[int], in_res: int, out_res: int, num_groups: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(OrderedDict([
+            ("conv", nn.Conv2d(channels[in_res], channels[out_res], 1, bias=False)),
+            ("gnorm", nn.GroupNorm(num_groups, channels[out_res])),
+        ]))
+
+    def forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
+        return F.interpolate(self.net(x), size=size, mode="nearest")
+
+
+class MDEQModule(nn.Module):
+    """f_theta: per-resolution residual blocks, then multiscale fusion.
+
+    ``forward(z, injection)`` maps a list of n states [(N, C_i, H_i, W_i)] to a list of the same
+    shapes; ``injection`` (N, C_1, H_1, W_1) enters the highest resolution only.
+    """
+
+    def __init__(self, channels: Sequence[int], num_blocks: Sequence[int], expansion: int, num_groups: int,
+                 dropout: float, wnorm: bool) -> None:
+        super().__init__()
+        if len(channels) != len(num_blocks):
+            raise ValueError(f"NUM_CHANNELS {list(channels)} and NUM_BLOCKS {list(num_blocks)} differ in length")
+        self.num_branches = n = len(channels)
+        self.channels = list(channels)
+        self.branches = nn.ModuleList(
+            BranchNet([ResidualBlock(c, expansion, num_groups, dropout, wnorm) for _ in range(nb)])
+            for c, nb in zip(channels, num_blocks))
+        self.fuse_layers = nn.ModuleList(
+            nn.ModuleList(None if i == j else
+                          (UpsampleModule if j > i else DownsampleModule)(channels, j, i, num_groups)
+                          for j in range(n))
+            for i in range(n)) if n > 1 else None
+        self.post_fuse_layers = nn.ModuleList(nn.Sequential(OrderedDict([
+            ("relu", Activation()),
+            ("conv", conv2d(c, c, 1, wnorm=wnorm)),
+            ("gnorm", nn.GroupNorm(num_groups // 2, c)),
+        ])) for c in channels)
+
+    def reset_dropout(self, states: Sequence[Tensor]) -> None:
+        """Draw new variational-dropout masks (one per solve) for states shaped like ``states``."""
+        for branch, z in zip(self.branches, states):
+            for block in branch.blocks:
+                block.drop.reset_mask(z)
+
+    def forward(self, z: Sequence[Tensor], injection: Tensor) -> List[Tensor]:
+        blocks = [branch(zi, injection if i == 0 else None) for i, (branch, zi) in enumerate(zip(self.branches, z))]
+        if self.num_branches == 1:
+            return blocks
+        fused = []
+        for i in range(self.num_branches):
+            size = blocks[i].shape[-2:]
+            y = blocks[i]
+            for j in range(self.num_branches):
+                if j != i:
+                    y = y + self.fuse_layers[i][j](blocks[j], size)
+            fused.append(self.post_fuse_layers[i](y))
+        return fused
+
+
+@dataclass
+class EquilibriumProblem:
+    """z = f(z) on flattened states: ``f`` maps (B, D) -> (B, D), ``z0`` is the start, and
+    ``unflatten`` turns (B, D) back into the list of per-resolution states."""
+
+    f: Callable[[Tensor], Tensor]
+    z0: Tensor
+    shapes: List[Tuple[int, ...]]
+
+    def unflatten(self, z: Tensor) -> List[Tensor]:
+        sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        return [part.reshape(z.shape[0], *s) for part, s in zip(z.split(sizes, dim=1), self.shapes)]
+
+    @staticmethod
+    def flatten(states: Sequence[Tensor]) -> Tensor:
+        return torch.cat([s.flatten(1) for s in states], dim=1)
+
+
+def _bn_momentum(cfg, default: float) -> float:
+    return cfg.MODEL.BN_MOMENTUM if cfg.MODEL.BN_MOMENTUM >= 0 else default
+
+
+class MDEQNet(nn.Module):
+    """Stem (``downsample``, ``stage0``) and the equilibrium stage (``fullstage`` = f_theta).
+
+    Subclasses add a head and call :meth:`equilibrium_states` in their ``forward``.
+    """
+
+    def __init__(self, cfg, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        stage = cfg.MODEL.EXTRA.FULL_STAGE
+        m = cfg.MODEL
+        self.num_branches = stage.NUM_BRANCHES
+        self.num_channels = list(stage.NUM_CHANNELS)
+        self.num_layers = m.NUM_LAYERS
+        self.downsample_times = m.DOWNSAMPLE_TIMES
+        self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
+        self.f_thres, self.b_thres = m.F_THRES, m.B_THRES
+        self.f_solver, self.b_solver = get_solver(m.F_SOLVER), get_solver(m.B_SOLVER)
+        self.f_solver_kwargs = dict(eps=m.F_EPS, stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY,
+                                    beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM)
+        self.b_solver_kwargs = dict(self.f_solver_kwargs, eps=m.B_EPS)
+        self.solver_stats: Dict = {}
+        momentum = _bn_momentum(cfg, bn_momentum)
+        c0 = self.num_channels[0]
+        self.downsample = nn.Sequential(
+            nn.Conv2d(3, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
+            nn.BatchNorm2d(c0, momentum=momentum),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c0, c0, 3, stride=2 if self.downsample_times >= 2 else 1, padding=1, bias=False),
+            nn.BatchNorm2d(c0, momentum=momentum),
+            nn.ReLU(inplace=True),
+        )
+        # as in the original: with no downsampling and at most 2 streams the stem is the injection
+        if self.downsample_times == 0 and self.num_branches <= 2:
+            self.stage0 = None
+        else:
+            self.stage0 = nn.Sequential(nn.Conv2d(c0, c0, 1, bias=False), nn.BatchNorm2d(c0, momentum=momentum),
+                                        nn.ReLU())
+        self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
+                                    m.DROPOUT, m.WNORM)
+
+    # ------------------------------------------------------------------ configuration
+    def set_softplus(self, flag: bool) -> None:
+        """Use softplus instead of ReLU inside f_theta (the paper's alternative warm-up)."""
+        for mod in self.fullstage.modules():
+            if isinstance(mod, Activation):
+                mod.softplus = bool(flag)
+
+    def init_weights(self) -> None:
+        """N(0, 0.01) for every convolution (weight-normed ones get g = ||v||), BN to (1, 0)."""
+        from ..modules import WeightNormConv2d
+        for mod in self.modules():
+            if isinstance(mod, WeightNormConv2d):
+                nn.init.normal_(mod.weight_v, 0.0, 0.01)
+                mod.reset_g()
+            elif isinstance(mod, nn.Conv2d):
+                nn.init.normal_(mod.weight, 0.0, 0.01)
+                if mod.bias is not None:
+                    nn.init.normal_(mod.bias, 0.0, 0.01)
+            elif isinstance(mod, nn.BatchNorm2d) and mod.weight is not None:
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    # ------------------------------------------------------------------ forward
+    def injection(self, x: Tensor) -> Tensor:
+        """The input injection (N, C_1, H_1, W_1) for images x (N, 3, H, W)."""
+        x = self.downsample(x)
+        return self.stage0(x) if self.stage0 is not None else x
+
+    def state_shapes(self, inj: Tensor) -> List[Tuple[int, ...]]:
+        """Per-stream (C_i, H_i, W_i): each stream halves the previous one (rounding up, as a stride-2 conv)."""
+        _, _, h, w = inj.shape
+        shapes = []
+        for c in self.num_channels:
+            shapes.append((c, h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return shapes
+
+    def equilibrium_problem(self, inj: Tensor) -> EquilibriumProblem:
+        """z = f(z; x) on flattened states for the injection ``inj``; draws new dropout masks."""
+        shapes = self.state_shapes(inj)
+        z0 = inj.new_zeros(inj.shape[0], sum(int(torch.Size(s).numel()) for s in shapes))
+        problem = EquilibriumProblem(f=None, z0=z0, shapes=shapes)  # type: ignore[arg-type]
+        self.fullstage.reset_dropout(problem.unflatten(z0))
+
+        def f(z: Tensor) -> Tensor:
+            return problem.flatten(self.fullstage(problem.unflatten(z), inj))
+
+        problem.f = f
+        return problem
+
+    def equilibrium_states(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
+                           b_thres: Optional[int] = None) -> List[Tensor]:
+        """Images (N, 3, H, W) -> the list of per-resolution states at the output of the MDEQ stage.
+
+        For ``0 <= train_step < TRAIN.PRETRAIN_STEPS``: ``NUM_LAYERS`` weight-tied applications of f
+        from z = 0 (the warm-up), differentiated by ordinary backprop. Otherwise the equilibrium
+        from the forward solver, with the implicit backward when autograd is on.
+        """
+        inj = self.injection(x)
+        problem = self.equilibrium_problem(inj)
+        if 0 <= train_step < self.pretrain_steps:
+            z = problem.z0
+            for _ in range(self.num_layers):
+                z = problem.f(z)
+            self.solver_stats = {"mode": "unrolled", "f_steps": self.num_layers}
+            return problem.unflatten(z)
+
+        f_thres = self.f_thres if f_thres is None else f_thres
+        b_thres = self.b_thres if b_thres is None else b_thres
+        with torch.no_grad():
+            result = self.f_solver(problem.f, problem.z0, f_thres, **self.f_solver_kwargs)
+        stats = {"mode": "equilibrium", **result.stats("f"), "f_trace": result.trace}
+        self.solver_stats = stats
+        if result.diverged:
+            logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
+                           result.rel_residual, result.steps)
+        if torch.is_grad_enabled():
+            z = attach_implicit_backward(problem.f, result.z, self.b_solver, b_thres, stats=stats,
+                                         **self.b_solver_kwargs)
+        else:
+            z = result.z
+        return problem.unflatten(z)

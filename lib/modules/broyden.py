@@ -1,0 +1,121 @@
+"""Limited-memory Broyden's method for z = f(z) (the forward and backward solver of the MDEQ paper).
+
+We look for a root of g(z) = f(z) - z. Broyden's "good" update of the Jacobian approximation B
+of g, started from B0 = -I and built from the last m steps s_i = z_{i+1} - z_i and residual changes
+y_i = g_{i+1} - g_i, has the compact form (Byrd, Nocedal & Schnabel, 1994)
+
+    B = -I + (Y + S) N^{-1} S^T,        N = triu(S^T S)  (upper triangle with the diagonal),
+
+with S, Y the (D x n) matrices of the pairs in chronological order. By Woodbury its inverse is
+
+    H = B^{-1} = -I - (Y + S) M^{-1} S^T,        M = N - S^T (Y + S)   (n x n),
+
+and the step is z <- z - H g. Keeping exactly the last m pairs in this form is a true
+limited-memory method: dropping the oldest pair leaves the Broyden matrix of the remaining ones,
+unlike dropping the oldest rank-one term of the product form, which breaks it.
+
+Everything is batched per sample: each sample has its own matrices, stops when it converges or
+diverges, and keeps its lowest-residual iterate. S and U = Y + S live in preallocated (B, m, D)
+buffers and S^T S, S^T U in (B, m, m) ones, so memory is O(m D) whatever the number of steps, and a
+step costs O(m D) plus an m x m solve.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .residuals import FixedPointFn, IterateTracker, SolverResult
+
+
+class _CompactBroyden:
+    """The inverse Broyden matrix H of the last ``memory`` (s, y) pairs, per sample."""
+
+    def __init__(self, like: torch.Tensor, memory: int) -> None:
+        bsz, dim = like.shape
+        self.memory = memory
+        self.s = like.new_zeros(bsz, memory, dim)
+        self.u = like.new_zeros(bsz, memory, dim)         # y + s
+        self.sts = like.new_zeros(bsz, memory, memory)     # S^T S, slot order
+        self.stu = like.new_zeros(bsz, memory, memory)     # S^T U, slot order
+        self.order: List[int] = []                          # slots, oldest first
+
+    def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the pair (s, y) (B, D), replacing the oldest when full."""
+        slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
+        self.order.append(slot)
+        self.s[:, slot] = s
+        self.u[:, slot] = y + s
+        s_all = torch.bmm(self.s, s.unsqueeze(2)).squeeze(2)          # s_i . s
+        self.sts[:, slot, :] = s_all
+        self.sts[:, :, slot] = s_all
+        self.stu[:, slot, :] = torch.bmm(self.u, s.unsqueeze(2)).squeeze(2)       # s . u_i
+        self.stu[:, :, slot] = torch.bmm(self.s, self.u[:, slot].unsqueeze(2)).squeeze(2)  # s_i . u
+
+    def forget(self, samples: torch.Tensor) -> None:
+        """Drop every pair of the samples where ``samples`` (B,) is True (back to H = -I)."""
+        keep = (~samples).to(self.s.dtype)[:, None, None]
+        for buf in (self.s, self.u, self.sts, self.stu):
+            buf.mul_(keep)
+
+    def newton_step(self, g: torch.Tensor) -> torch.Tensor:
+        """-H g (B, D): the quasi-Newton step for the residual g."""
+        if not self.order:
+            return g.clone()
+        idx = torch.tensor(self.order, device=g.device)
+        sts = self.sts.index_select(1, idx).index_select(2, idx)
+        stu = self.stu.index_select(1, idx).index_select(2, idx)
+        # pairs zeroed by a restart (or never filled for a frozen sample) have zero rows and columns
+        # in M; a unit diagonal there removes them from the system without touching the rest
+        empty = torch.diagonal(sts, dim1=1, dim2=2) <= 0
+        m_mat = torch.triu(sts) - stu + torch.diag_embed(empty.to(sts.dtype))   # (B, n, n)
+        s_g = torch.bmm(self.s, g.unsqueeze(2)).squeeze(2).index_select(1, idx)  # (B, n)
+        coef, info = torch.linalg.solve_ex(m_mat, s_g.unsqueeze(2))
+        coef = torch.where((info == 0)[:, None, None] & torch.isfinite(coef), coef, torch.zeros_like(coef))
+        full = g.new_zeros(g.shape[0], self.memory)
+        full[:, idx] = coef.squeeze(2)
+        return g + torch.bmm(full.unsqueeze(1), self.u).squeeze(1)           # -H g = g + U M^{-1} S^T g
+
+
+@torch.no_grad()
+def broyden(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
+            memory: int = 12, restart: float = 10.0, **_unused) -> SolverResult:
+    """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
+
+    Args:
+        f: maps (B, D) -> (B, D); evaluated on the whole batch each step.
+        threshold: the largest number of f evaluations (T_f or T_b in the paper).
+        eps: tolerance on the per-sample residual (see ``stop_mode``).
+        stop_mode: ``'rel'`` (||g||/||f(z)||) or ``'abs'`` (||g||).
+        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18).
+        restart: a sample whose residual grows past ``restart`` times its best goes back to its
+            best iterate and forgets its pairs (a safeguard against bad secant information).
+    """
+    hmat = _CompactBroyden(z0, max(1, int(memory)))
+    tracker = IterateTracker(z0, eps, stop_mode)
+    z = z0
+    fz = f(z)
+    gz = fz - z
+    steps = 1
+    if not tracker.update(z, fz):
+        return tracker.result(steps)
+    step = gz.clone()  # -H g with H = -I: the first step is a plain fixed-point step
+    while steps < threshold:
+        z_new = z + torch.where(tracker.active[:, None], step, torch.zeros_like(step))
+        fz_new = f(z_new)
+        gz_new = fz_new - z_new
+        steps += 1
+        keep_going = tracker.update(z_new, fz_new)
+        if not keep_going or steps >= threshold:
+            break
+        active = tracker.active[:, None]
+        hmat.push(torch.where(active, z_new - z, torch.zeros_like(z)),
+                  torch.where(active, gz_new - gz, torch.zeros_like(z)))
+        lost = tracker.active & (tracker.last_res > restart * tracker.best_res)
+        lost = lost[:, None] | tracker.diverged[:, None]
+        z = torch.where(lost, tracker.best_z, z_new)
+        gz = torch.where(lost, tracker.best_fz - tracker.best_z, gz_new)
+        if restart > 0:
+            hmat.forget(lost.squeeze(1))
+        step = hmat.newton_step(gz)
+    return tracker.result(steps)

@@ -1,0 +1,22 @@
+"""Plain fixed-point iteration z <- f(z): the baseline the paper compares Broyden against."""
+from __future__ import annotations
+
+import torch
+
+from .residuals import FixedPointFn, IterateTracker, SolverResult
+
+
+@torch.no_grad()
+def fixed_point(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3,
+                stop_mode: str = "rel", **_unused) -> SolverResult:
+    """Iterate ``z <- f(z)`` from ``z0`` (B, D) for at most ``threshold`` evaluations of f."""
+    tracker = IterateTracker(z0, eps, stop_mode)
+    z = z0
+    steps = 0
+    while steps < threshold:
+        fz = f(z)
+        steps += 1
+        if not tracker.update(z, fz):
+            break
+        z = torch.where(tracker.active[:, None], fz, tracker.restore_diverged(z))
+    return tracker.result(steps)

@@ -1,0 +1,123 @@
+"""What every fixed-point solver shares: per-sample residuals, the best iterate, stopping rules.
+
+All solvers work on a batch of flattened states ``z`` of shape (B, D) and look for ``z = f(z)``.
+The residual of sample b is ``||f(z_b) - z_b||`` (absolute) or that divided by ``||f(z_b)||``
+(relative). A sample stops moving once its residual is below ``eps`` (it has converged) or once
+it has diverged (a non-finite value, or a residual ``div_factor`` times its best); the solver
+returns, per sample, the iterate with the lowest residual seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+
+Tensor = torch.Tensor
+FixedPointFn = Callable[[Tensor], Tensor]
+
+_TINY = 1e-12
+
+
+@dataclass
+class SolverResult:
+    """The outcome of a fixed-point solve.
+
+    Attributes:
+        z: (B, D) the lowest-residual iterate of each sample.
+        steps: evaluations of f made.
+        abs_residual: ``||f(z) - z||`` over the whole batch at ``z``.
+        rel_residual: ``abs_residual / ||f(z)||``.
+        trace: relative residual of the current iterate after each evaluation.
+        abs_trace: absolute residual of the current iterate after each evaluation.
+        converged: every sample reached its tolerance.
+        diverged: some sample was stopped by the divergence guard.
+        improved: some sample improved on the starting point.
+    """
+
+    z: Tensor
+    steps: int
+    abs_residual: float
+    rel_residual: float
+    trace: List[float] = field(default_factory=list)
+    abs_trace: List[float] = field(default_factory=list)
+    converged: bool = False
+    diverged: bool = False
+    improved: bool = True
+
+    def stats(self, prefix: str) -> dict:
+        """A flat dict for logging, keys prefixed (e.g. ``f_steps``, ``f_rel``)."""
+        return {f"{prefix}_steps": self.steps, f"{prefix}_abs": self.abs_residual,
+                f"{prefix}_rel": self.rel_residual, f"{prefix}_converged": self.converged,
+                f"{prefix}_diverged": self.diverged}
+
+
+class IterateTracker:
+    """Keeps the best iterate per sample and decides which samples still move.
+
+    Args:
+        z0: (B, D) the starting point (its residual is measured on the first :meth:`update`).
+        eps: tolerance on the residual chosen by ``stop_mode``.
+        stop_mode: ``'rel'`` or ``'abs'``.
+        div_factor: a sample whose residual exceeds ``div_factor`` times its best is stopped.
+    """
+
+    def __init__(self, z0: Tensor, eps: float, stop_mode: str = "rel", div_factor: float = 1e3) -> None:
+        if stop_mode not in ("rel", "abs"):
+            raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
+        bsz = z0.shape[0]
+        self.eps, self.stop_mode, self.div_factor = eps, stop_mode, div_factor
+        self.best_z = z0.detach().clone()
+        self.best_fz = z0.detach().clone()
+        inf = torch.full((bsz,), float("inf"), device=z0.device, dtype=torch.float32)
+        self.best_res = inf.clone()
+        self.best_abs = inf.clone()
+        self.best_fnorm = torch.ones_like(inf)
+        self.diverged = torch.zeros(bsz, dtype=torch.bool, device=z0.device)
+        self.active = torch.ones_like(self.diverged)
+        self.trace: List[float] = []
+        self.abs_trace: List[float] = []
+        self.updates = 0
+        self.improved_after_start = torch.zeros_like(self.diverged)
+
+    def update(self, z: Tensor, fz: Tensor) -> bool:
+        """Record the residual of ``z`` (with ``fz = f(z)``); returns True while some sample is active."""
+        g = (fz - z).float()
+        abs_b = g.norm(dim=1)
+        fnorm_b = fz.float().norm(dim=1)
+        rel_b = abs_b / (fnorm_b + _TINY)
+        res_b = rel_b if self.stop_mode == "rel" else abs_b
+        finite = torch.isfinite(res_b)
+        better = finite & (res_b < self.best_res)
+        if self.updates > 0:
+            self.improved_after_start |= better
+        self.best_z.copy_(torch.where(better[:, None], z.detach(), self.best_z))
+        self.best_fz.copy_(torch.where(better[:, None], fz.detach(), self.best_fz))
+        self.last_res = res_b
+        self.best_res = torch.where(better, res_b, self.best_res)
+        self.best_abs = torch.where(better, abs_b, self.best_abs)
+        self.best_fnorm = torch.where(better, fnorm_b, self.best_fnorm)
+        blown = ~finite | (res_b > self.div_factor * self.best_res)
+        self.diverged |= blown & self.active
+        self.active = self.active & ~blown & (self.best_res >= self.eps)
+        self.updates += 1
+        cur_abs = torch.nan_to_num(abs_b, nan=float("inf")).square().sum().sqrt()
+        cur_rel = cur_abs / (torch.nan_to_num(fnorm_b).square().sum().sqrt() + _TINY)
+        cur_abs, cur_rel, any_active = torch.stack([cur_abs, cur_rel, self.active.any().float()]).tolist()
+        self.abs_trace.append(cur_abs)
+        self.trace.append(cur_rel)
+        return bool(any_active)
+
+    def restore_diverged(self, z: Tensor) -> Tensor:
+        """Put diverged samples back at their best iterate (so that they stay finite and frozen)."""
+        return torch.where(self.diverged[:, None], self.best_z.to(z.dtype), z)
+
+    def result(self, steps: int) -> SolverResult:
+        abs_all = self.best_abs.square().sum().sqrt()
+        rel_all = abs_all / (self.best_fnorm.square().sum().sqrt() + _TINY)
+        abs_all, rel_all, conv, div, imp = torch.stack([
+            abs_all, rel_all, (self.best_res < self.eps).all().float(), self.diverged.any().float(),
+            self.improved_after_start.any().float()]).tolist()
+        return SolverResult(z=self.best_z, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
+                            trace=self.trace, abs_trace=self.abs_trace, converged=bool(conv),
+                            diverged=bool(div), improved=bool(imp))

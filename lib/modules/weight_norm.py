@@ -1,0 +1,56 @@
+"""Weight normalisation (Salimans & Kingma, 2016) for convolutions inside f_theta.
+
+The weight is ``w = g * v / ||v||`` with the norm taken over every dimension but the output
+channel; ``g`` has shape (C_out, 1, 1, 1). The parameters are named ``weight_g`` and ``weight_v``
+as in the original MDEQ checkpoints, and ``w`` is recomputed from them on every forward, so an
+optimizer step on ``g`` or ``v`` is seen at once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WeightNormConv2d(nn.Module):
+    """A ``Conv2d`` whose weight is parametrised as ``weight_g * weight_v / ||weight_v||``.
+
+    Shapes: input (N, C_in, H, W) -> output (N, C_out, H', W').
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = False) -> None:
+        super().__init__()
+        self.stride = stride
+        self.padding = padding
+        self.weight_v = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.weight_g = nn.Parameter(torch.empty(out_channels, 1, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)
+        self.reset_g()
+
+    @torch.no_grad()
+    def reset_g(self) -> None:
+        """Set ``g = ||v||`` so that the effective weight equals ``v``."""
+        self.weight_g.copy_(self.weight_v.flatten(1).norm(dim=1).view_as(self.weight_g))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        v = self.weight_v
+        return v * (self.weight_g / v.flatten(1).norm(dim=1).view_as(self.weight_g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        out_c, in_c, k, _ = self.weight_v.shape
+        return f"{in_c}, {out_c}, kernel_size={k}, stride={self.stride}, padding={self.padding}, weight_norm=True"
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False,
+           wnorm: bool = False) -> nn.Module:
+    """A bias-free, 'same'-padded convolution, weight-normalised when ``wnorm``."""
+    padding = kernel_size // 2
+    if wnorm:
+        return WeightNormConv2d(in_channels, out_channels, kernel_size, stride, padding, bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)

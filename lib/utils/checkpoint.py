@@ -1,0 +1,161 @@
+"""Reading and writing checkpoints safely.
+
+* Every file is read with ``torch.load(..., weights_only=True)``: a file that would need arbitrary
+  unpickling (and could run code) is refused, never executed.
+* Writes are atomic: a temporary file in the same folder, flushed and fsync'ed, then renamed over
+  the target, so a crash at any moment leaves the previous checkpoint intact.
+* The original MDEQ release stores ``model.state_dict()`` with the equilibrium stage four times
+  (``fullstage``, ``deq.func``, ``fullstage_copy``, ``deq.func_copy``); we keep ``fullstage``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+# prefixes of the original's duplicated equilibrium stage that carry nothing new
+_ORIGINAL_ALIASES = ("fullstage_copy.", "deq.func_copy.", "deq.func.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors that say what is wrong with the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write that made it was interrupted")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it needs arbitrary unpickling, which can run code; only tensors, "
+            f"numbers, strings and containers of them are accepted ({str(e).splitlines()[0]})") from e
+    except (EOFError, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({e})") from e
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def extract_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint, with the original's keys mapped to ours.
+
+    Accepts a bare state dict (ours or the original's ``.pkl``), or our training checkpoints
+    (a dict with a ``'model'`` or ``'state_dict'`` entry). Strips DDP's ``module.`` prefix and
+    drops the original's aliases of the equilibrium stage.
+    """
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the file holds no state dict (expected a mapping of names to tensors, "
+                              "or a checkpoint with a 'model' or 'state_dict' entry)")
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    has_fullstage = any(k.startswith("fullstage.") for k in sd)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("deq.func.") and not has_fullstage:
+            out["fullstage." + k[len("deq.func."):]] = v
+        elif not k.startswith(_ORIGINAL_ALIASES):
+            out[k] = v
+    return out
+
+
+def _mismatch_report(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+                     ) -> Tuple[List[str], List[str], List[str]]:
+    missing = sorted(k for k in model_sd if k not in sd)
+    unexpected = sorted(k for k in sd if k not in model_sd)
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+                    for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape)
+    return missing, unexpected, shapes
+
+
+def _listing(title: str, items: List[str], limit: int = 20) -> str:
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more if items else ""
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Dict[str, List[str]]:
+    """Load our checkpoint or an original MDEQ ``.pkl`` into ``model``.
+
+    With ``strict`` any missing or unexpected key, or any shape mismatch, raises a
+    :class:`CheckpointError` that lists them; otherwise the matching tensors are loaded and the
+    lists are returned (``{'missing': [...], 'unexpected': [...], 'shape': [...]}``).
+    """
+    sd = extract_state_dict(load_checkpoint(path))
+    target = model.module if hasattr(model, "module") else model
+    model_sd = target.state_dict()
+    missing, unexpected, shapes = _mismatch_report(model_sd, sd)
+    if strict and (missing or unexpected or shapes):
+        raise CheckpointError(
+            f"{path} does not fit this model (another architecture or config?)"
+            + _listing("missing in the checkpoint", missing) + _listing("unexpected in the checkpoint", unexpected)
+            + _listing("shape mismatches", shapes))
+    bad = {s.split(":")[0] for s in shapes}
+    target.load_state_dict({k: v for k, v in sd.items() if k in model_sd and k not in bad}, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "shape": shapes}
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike,
+                    required_prefixes: Iterable[str] = ("downsample.", "stage0.", "fullstage.")
+                    ) -> Dict[str, List[str]]:
+    """Initialise ``model`` from a checkpoint of another task (e.g. ImageNet -> Cityscapes).
+
+    Loads every tensor whose name and shape match, logs the modules that were not found on either
+    side, and raises :class:`CheckpointError` if a weight under ``required_prefixes`` (the stem and
+    f_theta by default) is missing or has another shape.
+    """
+    sd = extract_state_dict(load_checkpoint(path))
+    target = model.module if hasattr(model, "module") else model
+    model_sd = target.state_dict()
+    missing, unexpected, shapes = _mismatch_report(model_sd, sd)
+    prefixes = tuple(required_prefixes)
+    bad_required = [k for k in missing if k.startswith(prefixes)] + [s for s in shapes if s.startswith(prefixes)]
+    if bad_required:
+        raise CheckpointError(f"{path}: the pretrained checkpoint lacks weights the model needs"
+                              + _listing("missing or mismatched", bad_required))
+    bad = {s.split(":")[0] for s in shapes}
+    target.load_state_dict({k: v for k, v in sd.items() if k in model_sd and k not in bad}, strict=False)
+    top = lambda keys: sorted({k.split(".")[0] for k in keys})  # noqa: E731
+    logger.info("loaded %d tensors from %s", len(model_sd) - len(missing) - len(bad), path)
+    if unexpected:
+        logger.info("in the checkpoint but not in this model (dropped): %s", top(unexpected))
+    if missing:
+        logger.info("in this model but not in the checkpoint (kept at initialisation): %s", top(missing))
+    return {"missing": missing, "unexpected": unexpected, "shape": shapes}
