@@ -50,9 +50,9 @@ _C.MODEL.BN_MOMENTUM = -1.0  # new: <0 means the original's choice (0.1 classifi
 # new: equilibrium solvers ('broyden', 'anderson' or 'fixed_point') for the forward and backward
 _C.MODEL.F_SOLVER = "broyden"
 _C.MODEL.B_SOLVER = "broyden"
-_C.MODEL.SOLVER_MEMORY = 18  # new: L-Broyden / Anderson memory m (Table 4: 12 CIFAR, 18 ImageNet/Cityscapes)
-_C.MODEL.F_EPS = 1e-3  # new: forward stopping tolerance
-_C.MODEL.B_EPS = 1e-3  # new: backward stopping tolerance
+_C.MODEL.SOLVER_MEMORY = 18  # new: L-Broyden / Anderson memory m (Table 4: 12 CIFAR, 18 ImageNet/Cityscapes; <= 0: all steps, as the original)
+_C.MODEL.F_EPS = 1e-5  # new: forward stopping tolerance (per sample, see STOP_MODE)
+_C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
 _C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation

@@ -299,9 +299,10 @@ class MDEQNet(nn.Module):
         if result.diverged:
             logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
                            result.rel_residual, result.steps)
+        # the output is f(z*) in both branches: with autograd, the one differentiable application of f
         if torch.is_grad_enabled():
             z = attach_implicit_backward(problem.f, result.z, self.b_solver, b_thres, stats=stats,
                                          **self.b_solver_kwargs)
         else:
-            z = result.z
+            z = result.fz
         return problem.unflatten(z)

@@ -52,12 +52,6 @@ class _CompactBroyden:
         self.stu[:, slot, :] = torch.bmm(self.u, s.unsqueeze(2)).squeeze(2)       # s . u_i
         self.stu[:, :, slot] = torch.bmm(self.s, self.u[:, slot].unsqueeze(2)).squeeze(2)  # s_i . u
 
-    def forget(self, samples: torch.Tensor) -> None:
-        """Drop every pair of the samples where ``samples`` (B,) is True (back to H = -I)."""
-        keep = (~samples).to(self.s.dtype)[:, None, None]
-        for buf in (self.s, self.u, self.sts, self.stu):
-            buf.mul_(keep)
-
     def newton_step(self, g: torch.Tensor) -> torch.Tensor:
         """-H g (B, D): the quasi-Newton step for the residual g."""
         if not self.order:
@@ -65,7 +59,7 @@ class _CompactBroyden:
         idx = torch.tensor(self.order, device=g.device)
         sts = self.sts.index_select(1, idx).index_select(2, idx)
         stu = self.stu.index_select(1, idx).index_select(2, idx)
-        # pairs zeroed by a restart (or never filled for a frozen sample) have zero rows and columns
+        # pairs never filled for a frozen sample have zero rows and columns
         # in M; a unit diagonal there removes them from the system without touching the rest
         empty = torch.diagonal(sts, dim1=1, dim2=2) <= 0
         m_mat = torch.triu(sts) - stu + torch.diag_embed(empty.to(sts.dtype))   # (B, n, n)
@@ -87,11 +81,13 @@ def broyden(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3
         threshold: the largest number of f evaluations (T_f or T_b in the paper).
         eps: tolerance on the per-sample residual (see ``stop_mode``).
         stop_mode: ``'rel'`` (||g||/||f(z)||) or ``'abs'`` (||g||).
-        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18).
-        restart: a sample whose residual grows past ``restart`` times its best goes back to its
-            best iterate and forgets its pairs (a safeguard against bad secant information).
+        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18); ``memory <= 0`` keeps every
+            pair (m = threshold), as the original implementation does.
+        restart: a sample whose residual grows past ``restart`` times its best continues from its
+            best iterate (the pairs are kept: they are valid secant information).
     """
-    hmat = _CompactBroyden(z0, max(1, int(memory)))
+    memory = int(memory) if memory > 0 else int(threshold)
+    hmat = _CompactBroyden(z0, max(1, memory))
     tracker = IterateTracker(z0, eps, stop_mode)
     z = z0
     fz = f(z)
@@ -115,7 +111,5 @@ def broyden(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3
         lost = lost[:, None] | tracker.diverged[:, None]
         z = torch.where(lost, tracker.best_z, z_new)
         gz = torch.where(lost, tracker.best_fz - tracker.best_z, gz_new)
-        if restart > 0:
-            hmat.forget(lost.squeeze(1))
         step = hmat.newton_step(gz)
     return tracker.result(steps)

@@ -25,6 +25,7 @@ class SolverResult:
 
     Attributes:
         z: (B, D) the lowest-residual iterate of each sample.
+        fz: (B, D) ``f(z)``, one free fixed-point step further (what an MDEQ outputs).
         steps: evaluations of f made.
         abs_residual: ``||f(z) - z||`` over the whole batch at ``z``.
         rel_residual: ``abs_residual / ||f(z)||``.
@@ -36,6 +37,7 @@ class SolverResult:
     """
 
     z: Tensor
+    fz: Tensor
     steps: int
     abs_residual: float
     rel_residual: float
@@ -118,6 +120,6 @@ class IterateTracker:
         abs_all, rel_all, conv, div, imp = torch.stack([
             abs_all, rel_all, (self.best_res < self.eps).all().float(), self.diverged.any().float(),
             self.improved_after_start.any().float()]).tolist()
-        return SolverResult(z=self.best_z, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
+        return SolverResult(z=self.best_z, fz=self.best_fz, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
                             trace=self.trace, abs_trace=self.abs_trace, converged=bool(conv),
                             diverged=bool(div), improved=bool(imp))
