@@ -44,31 +44,34 @@ class _CompactBroyden:
         """Add the pair (s, y) (B, D), replacing the oldest when full."""
         slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
         self.order.append(slot)
-        self.s[:, slot] = s
-        self.u[:, slot] = y + s
-        s_all = torch.bmm(self.s, s.unsqueeze(2)).squeeze(2)          # s_i . s
-        self.sts[:, slot, :] = s_all
-        self.sts[:, :, slot] = s_all
-        self.stu[:, slot, :] = torch.bmm(self.u, s.unsqueeze(2)).squeeze(2)       # s . u_i
-        self.stu[:, :, slot] = torch.bmm(self.s, self.u[:, slot].unsqueeze(2)).squeeze(2)  # s_i . u
+        filled = len(self.order)                      # slots 0 .. filled-1 are in use
+        s_buf, u_buf = self.s[:, :filled], self.u[:, :filled]
+        s_buf[:, slot] = s
+        u_buf[:, slot] = y + s
+        s_all = torch.bmm(s_buf, s.unsqueeze(2)).squeeze(2)                       # s_i . s
+        self.sts[:, slot, :filled] = s_all
+        self.sts[:, :filled, slot] = s_all
+        self.stu[:, slot, :filled] = torch.bmm(u_buf, s.unsqueeze(2)).squeeze(2)    # s . u_i
+        self.stu[:, :filled, slot] = torch.bmm(s_buf, u_buf[:, slot].unsqueeze(2)).squeeze(2)  # s_i . u
 
     def newton_step(self, g: torch.Tensor) -> torch.Tensor:
         """-H g (B, D): the quasi-Newton step for the residual g."""
-        if not self.order:
+        filled = len(self.order)
+        if not filled:
             return g.clone()
         idx = torch.tensor(self.order, device=g.device)
-        sts = self.sts.index_select(1, idx).index_select(2, idx)
-        stu = self.stu.index_select(1, idx).index_select(2, idx)
+        sts = self.sts[:, :filled, :filled].index_select(1, idx).index_select(2, idx)
+        stu = self.stu[:, :filled, :filled].index_select(1, idx).index_select(2, idx)
         # pairs never filled for a frozen sample have zero rows and columns
         # in M; a unit diagonal there removes them from the system without touching the rest
         empty = torch.diagonal(sts, dim1=1, dim2=2) <= 0
-        m_mat = torch.triu(sts) - stu + torch.diag_embed(empty.to(sts.dtype))   # (B, n, n)
-        s_g = torch.bmm(self.s, g.unsqueeze(2)).squeeze(2).index_select(1, idx)  # (B, n)
-        coef, info = torch.linalg.solve_ex(m_mat, s_g.unsqueeze(2))
+        m_mat = torch.triu(sts) - stu + torch.diag_embed(empty.to(sts.dtype))   # (B, n, n), chronological
+        s_g = torch.bmm(self.s[:, :filled], g.unsqueeze(2)).squeeze(2)           # (B, n), slot order
+        coef, info = torch.linalg.solve_ex(m_mat, s_g.index_select(1, idx).unsqueeze(2))
         coef = torch.where((info == 0)[:, None, None] & torch.isfinite(coef), coef, torch.zeros_like(coef))
-        full = g.new_zeros(g.shape[0], self.memory)
-        full[:, idx] = coef.squeeze(2)
-        return g + torch.bmm(full.unsqueeze(1), self.u).squeeze(1)           # -H g = g + U M^{-1} S^T g
+        in_slots = torch.empty_like(s_g)
+        in_slots[:, idx] = coef.squeeze(2)
+        return g + torch.bmm(in_slots.unsqueeze(1), self.u[:, :filled]).squeeze(1)   # g + U M^{-1} S^T g
 
 
 @torch.no_grad()
@@ -81,7 +84,8 @@ def broyden(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3
         threshold: the largest number of f evaluations (T_f or T_b in the paper).
         eps: tolerance on the per-sample residual (see ``stop_mode``).
         stop_mode: ``'rel'`` (||g||/||f(z)||) or ``'abs'`` (||g||).
-        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18); ``memory <= 0`` keeps every
+        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18). The buffers hold m pairs
+            whatever the threshold, so memory does not depend on it; ``memory <= 0`` keeps every
             pair (m = threshold), as the original implementation does.
         restart: a sample whose residual grows past ``restart`` times its best continues from its
             best iterate (the pairs are kept: they are valid secant information).

@@ -1,0 +1,107 @@
+"""Our MDEQ against recordings of the original implementation (../shared/reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdeq.config import load_config
+from mdeq.models import count_parameters, get_cls_net, get_seg_net
+from mdeq.utils.checkpoint import CheckpointError, load_weights
+
+
+@pytest.fixture(scope="module")
+def tiny(reference, repo):
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg)
+    load_weights(model, reference / "cifar_tiny.pkl")
+    expected = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)
+    return model, expected
+
+
+def test_unrolled_logits_match_the_original(tiny):
+    model, e = tiny
+    model.eval()
+    with torch.no_grad():
+        logits = model(e["input"], train_step=0)
+    assert model.solver_stats["mode"] == "unrolled"
+    assert (logits - e["unrolled_eval_logits"]).abs().max().item() < 1e-4
+
+
+def test_equilibrium_logits_match_the_exact_fixed_point(tiny):
+    model, e = tiny
+    model.eval()
+    with torch.no_grad():
+        logits = model(e["input"], train_step=-1, f_thres=60)
+    err = (logits - e["equilibrium_eval_logits"]).abs().max().item()
+    assert model.solver_stats["mode"] == "equilibrium"
+    assert model.solver_stats["f_steps"] <= 60
+    assert err < 2e-3, f"max logit error {err:.3g} (rel residual {model.solver_stats['f_rel']:.3g})"
+
+
+def test_implicit_gradients_match_the_exact_gradients(tiny):
+    model, e = tiny
+    model.train()
+    model.zero_grad()
+    logits = model(e["input"], train_step=-1, f_thres=60, b_thres=60)
+    loss = F.cross_entropy(logits, e["train_target"])
+    loss.backward()
+    ours, exact = [], []
+    for name, p in model.named_parameters():
+        assert name in e["train_grads"], name
+        assert p.grad is not None, f"no gradient for {name}"
+        ours.append(p.grad.flatten())
+        exact.append(e["train_grads"][name].flatten())
+    assert len(ours) == len(e["train_grads"])
+    ours, exact = torch.cat(ours), torch.cat(exact)
+    cos = F.cosine_similarity(ours, exact, dim=0).item()
+    rel = ((ours - exact).norm() / exact.norm()).item()
+    assert abs(loss.item() - e["train_loss"].item()) < 1e-3
+    assert cos >= 0.999 and rel <= 1e-2, f"cosine {cos:.6f}, relative error {rel:.4f}"
+    assert model.solver_stats["b_fallback"] is False
+    # parameters before and inside the equilibrium get real gradients (the original gives zeros)
+    assert model.fullstage.branches[0].blocks[0].conv1.weight_v.grad.abs().sum() > 0
+    assert model.downsample[0].weight.grad.abs().sum() > 0
+
+
+ORIGINAL_COUNTS = {
+    "cifar/cls_mdeq_TINY.yaml": 158_986,
+    "cifar/cls_mdeq_LARGE.yaml": 11_098_398,
+    "imagenet/cls_mdeq_SMALL.yaml": 16_808_936,
+    "imagenet/cls_mdeq_LARGE.yaml": 90_463_280,
+    "imagenet/cls_mdeq_XL.yaml": 90_463_280,
+    "cityscapes/seg_mdeq_SMALL.yaml": 8_968_467,
+    "cityscapes/seg_mdeq_LARGE.yaml": 55_955_859,
+    "cityscapes/seg_mdeq_XL.yaml": 79_551_755,
+}
+
+
+@pytest.mark.parametrize("name,count", sorted(ORIGINAL_COUNTS.items()))
+def test_parameter_counts_equal_the_original(repo, name, count):
+    cfg = load_config(repo / "experiments" / name)
+    with torch.device("meta"):
+        model = (get_seg_net if name.startswith("cityscapes") else get_cls_net)(cfg)
+    assert count_parameters(model) == count
+
+
+def test_paper_cifar_small_has_about_170k_parameters(repo):
+    model = get_cls_net(load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml"))
+    assert 150_000 <= count_parameters(model) <= 190_000
+
+
+def test_loading_into_another_architecture_names_the_keys(reference, repo, tmp_path):
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(get_cls_net(cfg), reference / "cifar_tiny.pkl")
+    msg = str(err.value)
+    assert "cifar_tiny.pkl" in msg and "missing in the checkpoint" in msg and "shape mismatches" in msg
+    assert "fullstage.branches.2.blocks.0.conv1.weight_v" in msg  # a stream TINY does not have
+    assert "classifier.weight: checkpoint (10, 200) vs model (10, 128)" in msg
+
+
+def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
+    data = (reference / "cifar_tiny.pkl").read_bytes()
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_weights(torch.nn.Linear(1, 1), cut)
