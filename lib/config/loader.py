@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 from typing import Any, Iterable, Sequence
 
@@ -60,7 +61,7 @@ def _merge(cfg: CN, updates: dict, source: str, prefix: str = "") -> None:
     for key, value in updates.items():
         full_key = f"{prefix}{key}"
         if key not in cfg:
-            close = [k for k in cfg.keys() if k.lower() == str(key).lower() or _similar(k, str(key))]
+            close = difflib.get_close_matches(str(key), list(cfg.keys()), n=1, cutoff=0.6)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"{source}: unknown config key {full_key} = {value!r}{hint}")
         if isinstance(cfg[key], CN):
@@ -71,22 +72,12 @@ def _merge(cfg: CN, updates: dict, source: str, prefix: str = "") -> None:
             cfg[key] = _coerce(_decode(value), cfg[key], full_key, source)
 
 
-def _similar(a: str, b: str) -> bool:
-    """True when a and b differ by at most one edit (a cheap spelling hint)."""
-    if abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        return sum(x != y for x, y in zip(a, b)) <= 1
-    short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
-
-
 def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> None:
     """Apply ``KEY VALUE`` pairs (e.g. ``['MODEL.DROPOUT', 0.0]``) to a mutable config."""
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"{source}: overrides come as KEY VALUE pairs; got an odd list {opts!r}")
-    for full_key, value in zip(opts[0::2], opts[1::2]):
+    for full_key, value in zip(opts[0::2], map(_decode, opts[1::2])):
         node = cfg
         parts = str(full_key).split(".")
         walked = []

@@ -3,7 +3,8 @@
 All solvers work on a batch of flattened states ``z`` of shape (B, D) and look for ``z = f(z)``.
 The residual of sample b is ``||f(z_b) - z_b||`` (absolute) or that divided by ``||f(z_b)||``
 (relative). A sample stops moving once its residual is below ``eps`` (it has converged) or once
-it has diverged (a non-finite value, or a residual ``div_factor`` times its best); the solver
+it has diverged (a non-finite value, or a relative or absolute residual ``div_factor`` times its
+best); the solver
 returns, per sample, the iterate with the lowest residual seen.
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ class IterateTracker:
         self.best_res = inf.clone()
         self.best_abs = inf.clone()
         self.best_fnorm = torch.ones_like(inf)
+        self.min_abs = inf.clone()
         self.diverged = torch.zeros(bsz, dtype=torch.bool, device=z0.device)
         self.active = torch.ones_like(self.diverged)
         self.trace: List[float] = []
@@ -99,7 +101,9 @@ class IterateTracker:
         self.best_res = torch.where(better, res_b, self.best_res)
         self.best_abs = torch.where(better, abs_b, self.best_abs)
         self.best_fnorm = torch.where(better, fnorm_b, self.best_fnorm)
-        blown = ~finite | (res_b > self.div_factor * self.best_res)
+        # the absolute residual is watched too: a relative one can shrink while z runs off to infinity
+        self.min_abs = torch.minimum(self.min_abs, torch.nan_to_num(abs_b, nan=float("inf")))
+        blown = ~finite | (res_b > self.div_factor * self.best_res) | (abs_b > self.div_factor * self.min_abs)
         self.diverged |= blown & self.active
         self.active = self.active & ~blown & (self.best_res >= self.eps)
         self.updates += 1

@@ -1,0 +1,1 @@
+"""Utilities: checkpoints, logging, distributed training, optimisers."""

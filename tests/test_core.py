@@ -1,0 +1,241 @@
+"""The equilibrium core on configurations other than the reference: gradients, solvers, dropout."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdeq.config import load_config
+from mdeq.models import get_cls_net, get_seg_net
+from mdeq.modules import VariationalDropout2d, WeightNormConv2d, anderson, broyden, fixed_point
+
+SMALL_OVERRIDES = {
+    # 4 scales, 2 downsamplings (ImageNet-style), shrunk for a CPU test
+    "imagenet4": ("experiments/imagenet/cls_mdeq_SMALL_paper.yaml", get_cls_net, (6, 3, 32, 32), [
+        "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16, 16, 16]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[4, 4, 4, 4]",
+        "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "16", "MODEL.NUM_CLASSES", "10", "MODEL.EXPANSION_FACTOR", "2"]),
+    "segmentation": ("experiments/cityscapes/seg_mdeq_SMALL_paper.yaml", get_seg_net, (6, 3, 32, 48), [
+        "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16, 16, 16]", "MODEL.EXPANSION_FACTOR", "2"]),
+    "cifar_small_paper": ("experiments/cifar/cls_mdeq_SMALL_paper.yaml", get_cls_net, (6, 3, 8, 8), []),
+}
+
+
+def _build(repo, key, extra=()):
+    path, build, shape, opts = SMALL_OVERRIDES[key]
+    cfg = load_config(repo / path, opts + ["MODEL.DROPOUT", "0.0", *extra])
+    torch.manual_seed(0)
+    return build(cfg).double(), torch.randn(*shape, dtype=torch.float64)
+
+
+def _loss(model, out):
+    if out.dim() == 4:  # segmentation: per-pixel targets from a fixed pattern
+        target = torch.arange(out.shape[2] * out.shape[3]).remainder(out.shape[1]).view(1, *out.shape[2:])
+        return F.cross_entropy(out, target.expand(out.shape[0], -1, -1))
+    return F.cross_entropy(out, torch.arange(out.shape[0]) % out.shape[1])
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _warm_up(model, x, steps):
+    """A few Adam steps in the unrolled mode, as the paper's warm-up: a randomly initialised MDEQ
+    has no attracting equilibrium (its gradient is not defined), a briefly trained one has."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, model(x, train_step=0)).backward()
+        opt.step()
+
+
+def _dense_implicit_gradient(model, x, f_thres):
+    """The implicit-function-theorem gradient with the adjoint system solved exactly.
+
+    At the equilibrium z* of the forward solver, J = df/dz is formed densely (D VJPs per sample),
+    w = (I - J^T)^{-1} dl/dz by a direct solve, and w is pushed through f to the parameters.
+    """
+    problem = model.equilibrium_problem(model.injection(x))
+    with torch.no_grad():
+        z_star = model.f_solver(problem.f, problem.z0, f_thres, **model.f_solver_kwargs).z
+    z_leaf = z_star.clone().requires_grad_()
+    fz = problem.f(z_leaf)
+    z_out = fz.detach().requires_grad_()
+    (dl_dz,) = torch.autograd.grad(_loss(model, model.head(problem.unflatten(z_out))), z_out)
+    bsz, dim = z_star.shape
+    eye = torch.eye(dim, dtype=z_star.dtype)
+    w = torch.empty_like(dl_dz)
+    for i in range(bsz):
+        basis = torch.zeros(dim, bsz, dim, dtype=z_star.dtype)
+        basis[:, i] = eye
+        (rows,) = torch.autograd.grad(fz, z_leaf, basis, retain_graph=True, is_grads_batched=True)
+        w[i] = torch.linalg.solve(eye - rows[:, i].T, dl_dz[i])      # rows[:, i] is J of sample i
+    model.zero_grad()
+    out = problem.f(z_star)
+    out.register_hook(lambda _: w)
+    _loss(model, model.head(problem.unflatten(out))).backward()
+    return _grads(model)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL_OVERRIDES))
+def test_implicit_gradient_equals_the_exact_ift_gradient(repo, key):
+    model, x = _build(repo, key, ["MODEL.F_EPS", "1e-12", "MODEL.B_EPS", "1e-12"])
+    model.train()
+    _warm_up(model, x, 60)
+    model.zero_grad()
+    _loss(model, model(x[:2], train_step=-1, f_thres=60, b_thres=60)).backward()
+    ours = _grads(model)
+    assert model.solver_stats["f_rel"] < 1e-4 and not model.solver_stats["b_fallback"]
+    exact = _dense_implicit_gradient(model, x[:2], 60)
+    cos = F.cosine_similarity(ours, exact, dim=0).item()
+    rel = ((ours - exact).norm() / exact.norm()).item()
+    assert cos >= 0.999 and rel <= 1e-2, (cos, rel)
+
+
+def test_failed_backward_solve_falls_back_to_a_descent_direction(repo):
+    model, x = _build(repo, "cifar_small_paper")
+    model.train()
+    _loss(model, model(x, train_step=-1, f_thres=30, b_thres=1)).backward()
+    assert model.solver_stats["b_fallback"] is True
+    grads = _grads(model)
+    assert torch.isfinite(grads).all()
+    # unlike the original (exact zeros), f's weights and the stem still get a gradient
+    assert model.fullstage.branches[0].blocks[0].conv1.weight_v.grad.abs().sum() > 0
+    assert model.downsample[0].weight.grad.abs().sum() > 0
+
+
+def test_unrolled_warmup_runs_num_layers_and_switches_at_pretrain_steps(repo):
+    model, x = _build(repo, "cifar_small_paper", ["TRAIN.PRETRAIN_STEPS", "5", "MODEL.NUM_LAYERS", "3"])
+    model.eval()
+    with torch.no_grad():
+        model(x, train_step=4)
+        assert model.solver_stats == {"mode": "unrolled", "f_steps": 3}
+        model(x, train_step=5)
+        assert model.solver_stats["mode"] == "equilibrium"
+
+
+def test_softplus_warmup_changes_f_and_switches_back(repo):
+    model, x = _build(repo, "cifar_small_paper")
+    model.eval()
+    with torch.no_grad():
+        relu_out = model(x, train_step=0)
+        model.set_softplus(True)
+        soft_out = model(x, train_step=0)
+        model.set_softplus(False)
+        again = model(x, train_step=0)
+    assert not torch.allclose(relu_out, soft_out)
+    assert torch.equal(relu_out, again)
+
+
+def test_variational_dropout_keeps_one_mask_per_solve():
+    drop = VariationalDropout2d(0.5).train()
+    x = torch.ones(4, 6, 5, 5)
+    drop.reset_mask(x)
+    a, b = drop(x), drop(x)
+    assert torch.equal(a, b)                                # the same mask at every iteration
+    assert torch.equal(a[:, :, :1, :1].expand_as(a), a)       # and at every pixel
+    assert set(a.unique().tolist()) <= {0.0, 2.0}
+    drop.reset_mask(x)
+    masks = {tuple(drop(x)[:, :, 0, 0].flatten().tolist()) for _ in range(1)}
+    assert masks  # a fresh draw is possible
+    with pytest.raises(RuntimeError, match="reset_mask"):
+        VariationalDropout2d(0.3).train()(x)
+
+
+def test_weight_norm_parameters_and_recomputation():
+    conv = WeightNormConv2d(3, 4, 3, padding=1)
+    assert {n for n, _ in conv.named_parameters()} == {"weight_g", "weight_v"}
+    assert conv.weight_g.shape == (4, 1, 1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    y = conv(x)
+    with torch.no_grad():
+        conv.weight_g.mul_(2.0)       # a change of g shows at once in the next forward
+    assert torch.allclose(conv(x), 2 * y, atol=1e-5)
+    norms = conv.weight.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, conv.weight_g.flatten(), atol=1e-5)
+
+
+def _contractive_problem(bsz=3, dim=40):
+    torch.manual_seed(1)
+    a = torch.randn(bsz, dim, dim) * 0.6 / dim ** 0.5
+    b = torch.randn(bsz, dim)
+    return lambda z: torch.tanh(torch.bmm(a, z.unsqueeze(-1)).squeeze(-1)) + b, torch.zeros(bsz, dim)
+
+
+@pytest.mark.parametrize("solver", [broyden, anderson, fixed_point])
+def test_solvers_converge_and_report_stats(solver):
+    f, z0 = _contractive_problem()
+    res = solver(f, z0, 200, eps=1e-7)
+    assert res.converged and res.rel_residual < 1e-7 and res.steps < 200
+    assert len(res.trace) == res.steps and res.trace[0] == pytest.approx(1.0)
+    assert torch.allclose(f(res.z), res.z, atol=1e-5)
+
+
+def test_broyden_beats_fixed_point_at_equal_evaluations():
+    f, z0 = _contractive_problem()
+    assert broyden(f, z0, 20, eps=0).rel_residual < fixed_point(f, z0, 20, eps=0).rel_residual
+
+
+def test_fixed_point_iteration_on_a_repelling_map_is_stopped_and_returns_its_best_iterate():
+    f = lambda z: 3.0 * z + 1.0  # noqa: E731  (fixed point -0.5, repelling for plain iteration)
+    res = fixed_point(f, torch.zeros(2, 5), 60, eps=1e-8, stop_mode="abs")
+    assert res.diverged and not res.converged and res.steps < 60
+    assert torch.equal(res.z, torch.zeros(2, 5))          # the start had the lowest residual
+    rel = fixed_point(f, torch.zeros(2, 5), 60, eps=1e-8, stop_mode="rel")
+    assert rel.diverged and rel.steps < 60 and torch.isfinite(rel.z).all()
+    # a root finder is not fooled by the repulsion
+    assert torch.allclose(broyden(f, torch.zeros(2, 5), 60, eps=1e-8).z, torch.full((2, 5), -0.5))
+
+
+@pytest.mark.parametrize("solver", [broyden, anderson, fixed_point])
+def test_non_finite_values_stop_the_solver_with_a_finite_result(solver):
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return z * 0.5 + 1.0 if len(calls) < 3 else z * float("nan")
+
+    res = solver(f, torch.ones(2, 5), 20, eps=1e-12)
+    assert res.diverged and res.steps < 20 and torch.isfinite(res.z).all()
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch, torch.nn.functional as F
+    from mdeq.config import load_config
+    from mdeq.models import get_cls_net
+    torch.set_num_threads(1)
+    thres, unrolled = int(sys.argv[1]), sys.argv[2] == "unrolled"
+    cfg = load_config("experiments/cifar/cls_mdeq_SMALL_paper.yaml",
+                      ["MODEL.DROPOUT", 0.0, "MODEL.F_EPS", 0.0, "MODEL.B_EPS", 0.0, "MODEL.NUM_LAYERS", thres,
+                       "TRAIN.PRETRAIN_STEPS", 10 if unrolled else 0])
+    model = get_cls_net(cfg).train()
+    x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
+    step = lambda: F.cross_entropy(model(x, train_step=0 if unrolled else -1, f_thres=thres, b_thres=thres), y).backward()
+    step()                                   # warm up allocator and kernels
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_kb": peak, "base_kb": base, "stats": {k: v for k, v in model.solver_stats.items()
+                                                               if not k.endswith("trace")}}))
+""")
+
+
+def _peak_kb(repo, thres, mode="implicit"):
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(thres), mode], cwd=repo, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_training_step_memory_does_not_grow_with_thresholds(repo):
+    low, high = _peak_kb(repo, 10), _peak_kb(repo, 40)
+    assert high["stats"]["f_steps"] == 40 and high["stats"]["b_steps"] == 40 and low["stats"]["f_steps"] == 10
+    unrolled = _peak_kb(repo, 40, "unrolled")  # backprop through 40 layers: what growth looks like
+    growth_unrolled = unrolled["peak_kb"] - low["peak_kb"]
+    assert growth_unrolled > 100_000, "the measurement cannot see memory growth"
+    assert high["peak_kb"] - low["peak_kb"] < 0.05 * growth_unrolled + 8_000, (low, high, unrolled)
