@@ -263,12 +263,19 @@ class MDEQNet(nn.Module):
     def equilibrium_problem(self, inj: Tensor) -> EquilibriumProblem:
         """z = f(z; x) on flattened states for the injection ``inj``; draws new dropout masks."""
         shapes = self.state_shapes(inj)
-        z0 = inj.new_zeros(inj.shape[0], sum(int(torch.Size(s).numel()) for s in shapes))
+        # solvers work in at least float32, also when f runs under autocast
+        dtype = torch.promote_types(inj.dtype, torch.float32)
+        z0 = inj.new_zeros(inj.shape[0], sum(int(torch.Size(s).numel()) for s in shapes), dtype=dtype)
         problem = EquilibriumProblem(f=None, z0=z0, shapes=shapes)  # type: ignore[arg-type]
         self.fullstage.reset_dropout(problem.unflatten(z0))
 
+        # f keeps the caller's autocast setting; the solvers' own linear algebra runs without it
+        device = inj.device.type
+        amp, amp_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
         def f(z: Tensor) -> Tensor:
-            return problem.flatten(self.fullstage(problem.unflatten(z), inj))
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                return problem.flatten(self.fullstage(problem.unflatten(z), inj)).to(dtype)
 
         problem.f = f
         return problem
@@ -292,7 +299,7 @@ class MDEQNet(nn.Module):
 
         f_thres = self.f_thres if f_thres is None else f_thres
         b_thres = self.b_thres if b_thres is None else b_thres
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             result = self.f_solver(problem.f, problem.z0, f_thres, **self.f_solver_kwargs)
         stats = {"mode": "equilibrium", **result.stats("f"), "f_trace": result.trace}
         self.solver_stats = stats

@@ -61,7 +61,8 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
 
         busy[0] = True
         try:
-            result = solver(adjoint_map, grad.detach(), threshold, **solver_kwargs)
+            with torch.autocast(grad.device.type, enabled=False):
+                result = solver(adjoint_map, grad.detach().float(), threshold, **solver_kwargs)
         finally:
             busy[0] = False
         w = result.z
