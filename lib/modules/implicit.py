@@ -62,7 +62,8 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
         busy[0] = True
         try:
             with torch.autocast(grad.device.type, enabled=False):
-                result = solver(adjoint_map, grad.detach().float(), threshold, **solver_kwargs)
+                w0 = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
+                result = solver(adjoint_map, w0, threshold, **solver_kwargs)
         finally:
             busy[0] = False
         w = result.z
