@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from ..utils.distributed import all_reduce_sum
 from .criterion import resize_logits
 from .seg_metrics import confusion_matrix, scores_from_confusion
 
@@ -51,26 +51,6 @@ def _dist_on() -> bool:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if _dist_on():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-class ShardSampler(Sampler):
-    """Evaluation sampler: rank r gets indices r, r + W, r + 2W, ... — every sample exactly once
-    over the ranks (DistributedSampler pads with repeats, which would bias the metrics)."""
-
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0) -> None:
-        self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
 
 
 def _scalar(v) -> Optional[float]:
@@ -141,6 +121,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                                        f"(epoch {epoch}, step {step}); stopping (TRAIN.MAX_BAD_STEPS)")
             continue
         state.bad_steps = 0
+        lr = optimizer.param_groups[0]["lr"]  # the rate of this step, before the scheduler moves it
         if amp:
             scaler.scale(loss).backward()
             if cfg.TRAIN.CLIP > 0:
@@ -161,7 +142,6 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         loss_sum += loss_value
         stats = solver_scalars(net.solver_stats)
         if rank == 0:
-            lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_value:.4f}", mode=net.solver_stats.get("mode", "?"),
                             f=stats.get("f_steps", 0))
             if writer is not None:
@@ -178,7 +158,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     bar.close()
     mean_loss = loss_sum / max(n_steps, 1)
     totals = torch.tensor([loss_sum, float(n_steps)], dtype=torch.float64, device=device)
-    _all_reduce_sum(totals)
+    totals = all_reduce_sum(totals)
     if totals[1] > 0:
         mean_loss = float(totals[0] / totals[1])
     return {"loss": mean_loss, "steps": n_steps, "skipped": n_skipped}
@@ -238,8 +218,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, i
             pred_np = pred.to(torch.uint8).cpu().numpy()
             for p, name in zip(pred_np, names):
                 on_prediction(p, name)
-    _all_reduce_sum(conf)
-    _all_reduce_sum(steps)
+    conf = all_reduce_sum(conf)
+    steps = all_reduce_sum(steps)
     scores = scores_from_confusion(conf, class_names)
     scores["confusion"] = conf.cpu().tolist()
     scores["mean_f_steps"] = float(steps[0] / steps[1]) if steps[1] > 0 else float("nan")

@@ -1,0 +1,350 @@
+"""What ``tools/seg_train.py`` and ``tools/seg_test.py`` run: argument parsing, set-up (config,
+distributed, logging, model, weights), the epoch loop with checkpoints, and the test pass.
+
+Checkpoints (written by rank 0 alone, atomically) under the output folder
+``OUTPUT_DIR/cityscapes/<config name>/``:
+
+* ``checkpoint.pth.tar`` every epoch: model, optimizer, scheduler, epoch, global step, best mIoU
+  (what ``TRAIN.RESUME`` continues from);
+* ``best.pth``: the model of the best validation mIoU so far;
+* ``final_state.pth``: the model at the end of training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from ..config import load_config
+from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, train_ids_to_label_ids
+from ..models import count_parameters, get_seg_net
+from ..utils.checkpoint import load_checkpoint, load_pretrained, load_weights, save_checkpoint
+from ..utils.distributed import ShardSampler, cleanup, init_distributed
+from ..utils.logger import create_logger
+from ..utils.optim import build_optimizer, build_scheduler
+from ..utils.rng import seed_everything
+from .criterion import build_criterion
+from .seg_function import TrainState, TrainingDiverged, evaluate, format_scores, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """``--cfg`` plus trailing ``KEY VALUE`` overrides, ``--modelDir --logDir --dataDir --testModel``,
+    and ``--local_rank`` / ``--local-rank`` (``torch.distributed.launch``; also read from the
+    environment, as ``torchrun`` sets it)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cfg", required=True, help="experiment file (yaml)")
+    p.add_argument("--modelDir", default="", help="output folder (OUTPUT_DIR)")
+    p.add_argument("--logDir", default="", help="tensorboard / log folder (LOG_DIR)")
+    p.add_argument("--dataDir", default="", help="DATA_DIR: prefix of DATASET.ROOT and MODEL.PRETRAINED")
+    p.add_argument("--testModel", default="", help="model to evaluate (overrides TEST.MODEL_FILE)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                   default=int(os.environ.get("LOCAL_RANK", 0)))
+    if test:
+        p.add_argument("--no-pictures", dest="pictures", action="store_false",
+                       help="do not write prediction pictures of a labelled list")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.01")
+    # the options may come before, between or after the KEY VALUE pairs
+    args, extra = p.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("--")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.opts = list(args.opts) + extra
+    if not test:
+        args.pictures = False
+    return args
+
+
+def config_from_args(args: argparse.Namespace):
+    """The frozen config: file, directory options (as the original: DATA_DIR prefixes the dataset
+    root, the pretrained file and the test model), then the ``KEY VALUE`` overrides."""
+    opts = list(args.opts)
+    if args.modelDir:
+        opts += ["OUTPUT_DIR", args.modelDir]
+    if args.logDir:
+        opts += ["LOG_DIR", args.logDir]
+    if args.dataDir:
+        opts += ["DATA_DIR", args.dataDir]
+    if args.testModel:
+        opts += ["TEST.MODEL_FILE", args.testModel]
+    cfg = load_config(args.cfg, opts)
+    if cfg.DATA_DIR:
+        cfg.defrost()
+        cfg.DATASET.ROOT = os.path.join(cfg.DATA_DIR, cfg.DATASET.ROOT)
+        if cfg.MODEL.PRETRAINED:
+            cfg.MODEL.PRETRAINED = os.path.join(cfg.DATA_DIR, cfg.MODEL.PRETRAINED)
+        cfg.freeze()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+class Context:
+    """Rank, world size, device and output folders of this process."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, out_dir: str,
+                 tb_dir: str) -> None:
+        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+        self.out_dir, self.tb_dir = out_dir, tb_dir
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(args: argparse.Namespace, cfg, phase: str) -> Context:
+    """Initialise the process group (from RANK / WORLD_SIZE / LOCAL_RANK, as set by torchrun or
+    torch.distributed.launch), seeds, logging and output folders."""
+    info = init_distributed(args.local_rank)
+    rank, world_size, local_rank, device = info.rank, info.world_size, info.local_rank, info.device
+    _, out_dir, tb_dir = create_logger(cfg, args.cfg, phase, rank=rank)
+    seed_everything(cfg.SEED + rank, deterministic=cfg.DETERMINISTIC)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
+        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
+        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
+    logger.info("rank %d/%d on %s; output %s", rank, world_size, device, out_dir)
+    return Context(rank, world_size, local_rank, device, out_dir, tb_dir)
+
+
+def _worker_init(worker_id: int) -> None:
+    # python's random drives the augmentation: give every worker of every rank its own stream
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, cfg, ctx: Context, train: bool) -> DataLoader:
+    if train:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=cfg.TRAIN.SHUFFLE,
+                                     seed=cfg.SEED, drop_last=True) if ctx.distributed else None
+        shuffle = cfg.TRAIN.SHUFFLE if sampler is None else False
+        batch = cfg.TRAIN.BATCH_SIZE_PER_GPU
+    else:
+        sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size) if ctx.distributed else None
+        shuffle, batch = False, cfg.TEST.BATCH_SIZE_PER_GPU
+    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, sampler=sampler, num_workers=cfg.WORKERS,
+                      pin_memory=cfg.PIN_MEMORY and ctx.device.type == "cuda", drop_last=train,
+                      worker_init_fn=_worker_init, persistent_workers=False)
+
+
+def load_backbone(model: nn.Module, path: str) -> Dict[str, List[str]]:
+    """Initialise the stem and f_theta from a classification checkpoint (ours or the original's
+    ``.pkl``): the classification head (``incre_modules``, ``downsamp_modules``, ``final_layer``,
+    ``classifier``) is dropped, the segmentation head keeps its initialisation, and the modules not
+    found on either side are logged. A missing stem or f_theta weight is an error."""
+    logger.info("MODEL.PRETRAINED: loading the backbone of %s", path)
+    report = load_pretrained(model, path, required_prefixes=("downsample.", "stage0.", "fullstage."))
+    if report["shape"]:
+        logger.warning("shape mismatches, kept at initialisation: %s", report["shape"])
+    return report
+
+
+def build_model(cfg, ctx: Context, for_training: bool) -> nn.Module:
+    model = get_seg_net(cfg)
+    logger.info("segmentation MDEQ: %s trainable parameters", f"{count_parameters(model):,}")
+    if for_training:
+        if cfg.MODEL.PRETRAINED:
+            load_backbone(model, cfg.MODEL.PRETRAINED)
+        if cfg.TRAIN.MODEL_FILE:
+            logger.info("TRAIN.MODEL_FILE: loading every weight of %s", cfg.TRAIN.MODEL_FILE)
+            load_weights(model, cfg.TRAIN.MODEL_FILE, strict=True)
+    model.to(ctx.device)
+    if for_training and ctx.distributed:
+        if ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            logger.info("batch norm: SyncBatchNorm over %d processes", ctx.world_size)
+        else:
+            logger.info("batch norm: SyncBatchNorm needs CUDA; each of the %d CPU processes keeps its own "
+                        "BatchNorm2d statistics (rank 0's are broadcast every step)", ctx.world_size)
+    return model
+
+
+def _checkpoint_state(model: nn.Module, optimizer, scheduler, scaler, epoch: int, state: TrainState,
+                      best_miou: float, cfg) -> Dict:
+    net = model.module if hasattr(model, "module") else model
+    out = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+           "global_step": state.global_step, "best_miou": best_miou, "config": cfg.dump()}
+    if scheduler is not None:
+        out["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        out["scaler"] = scaler.state_dict()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_main(args: argparse.Namespace) -> Dict:
+    cfg = config_from_args(args)
+    ctx = setup(args, cfg, "train")
+    try:
+        return _train(cfg, ctx)
+    finally:
+        cleanup()
+
+
+def _train(cfg, ctx: Context) -> Dict:
+    train_set = CityscapesDataset.from_config(cfg, "train")
+    val_set = CityscapesDataset.from_config(cfg, "val") if cfg.DATASET.TEST_SET else None
+    train_loader = make_loader(train_set, cfg, ctx, train=True)
+    if len(train_loader) == 0:
+        raise ValueError(f"{cfg.DATASET.TRAIN_SET}: {len(train_set)} images give no full batch of "
+                         f"{cfg.TRAIN.BATCH_SIZE_PER_GPU} per process on {ctx.world_size} processes")
+    val_loader = make_loader(val_set, cfg, ctx, train=False) if val_set is not None else None
+
+    model = build_model(cfg, ctx, for_training=True)
+    net = model
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg, net)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # stepped after every optimizer step
+    per_iter = True
+    scaler = torch.amp.GradScaler("cuda") if cfg.TRAIN.AMP and ctx.device.type == "cuda" else None
+    criterion = build_criterion(cfg).to(ctx.device)
+
+    state = TrainState()
+    begin, best_miou = cfg.TRAIN.BEGIN_EPOCH, -1.0
+    ckpt_path = os.path.join(ctx.out_dir, "checkpoint.pth.tar")
+    if cfg.TRAIN.RESUME and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, map_location=ctx.device)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and "scheduler" in ckpt:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        begin, best_miou = int(ckpt["epoch"]), float(ckpt.get("best_miou", -1.0))
+        state.global_step = int(ckpt.get("global_step", 0))
+        logger.info("resumed from %s: epoch %d, step %d, best mIoU %.4f", ckpt_path, begin, state.global_step,
+                    best_miou)
+    elif cfg.TRAIN.RESUME:
+        logger.info("TRAIN.RESUME: no %s yet, starting from scratch", ckpt_path)
+
+    writer = None
+    if ctx.main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(ctx.tb_dir)
+    ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
+    last_scores: Dict = {}
+    epoch = begin
+    try:
+        for epoch in range(begin, cfg.TRAIN.END_EPOCH):
+            if 0 <= cfg.TRAIN.MAX_ITERS <= state.global_step:
+                break
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            result = train_one_epoch(model, train_loader, criterion, optimizer, epoch, cfg, ctx.device, state,
+                                     scheduler=scheduler, scheduler_per_iter=per_iter, scaler=scaler,
+                                     writer=writer, rank=ctx.rank, max_iters=cfg.TRAIN.MAX_ITERS)
+            if scheduler is not None and not per_iter:
+                scheduler.step()
+            logger.info("epoch %d: mean loss %.4f over %d steps (%d skipped), global step %d", epoch,
+                        result["loss"], result["steps"], result["skipped"], state.global_step)
+            if val_loader is not None:
+                last_scores = evaluate(net, val_loader, cfg.DATASET.NUM_CLASSES, ctx.device, ignore, rank=ctx.rank,
+                                       class_names=CLASS_NAMES)
+                logger.info("epoch %d validation:\n%s", epoch, format_scores(last_scores))
+                if writer is not None:
+                    writer.add_scalar("val/miou", last_scores["miou"], epoch)
+                    writer.add_scalar("val/pixel_acc", last_scores["pixel_acc"], epoch)
+                    writer.add_scalar("val/mean_f_steps", last_scores["mean_f_steps"], epoch)
+            miou = last_scores.get("miou", float("nan"))
+            if ctx.main:
+                save_checkpoint(_checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, state,
+                                                  max(best_miou, miou if miou == miou else -1.0), cfg), ckpt_path)
+                if miou == miou and miou > best_miou:
+                    save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "miou": miou},
+                                    os.path.join(ctx.out_dir, "best.pth"))
+                    logger.info("new best mIoU %.4f (epoch %d) -> best.pth", miou, epoch)
+            if miou == miou:
+                best_miou = max(best_miou, miou)
+    except TrainingDiverged as e:
+        logger.error("%s", e)
+        if writer is not None:
+            writer.close()
+        raise SystemExit(2)
+    if ctx.main:
+        save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "global_step": state.global_step},
+                        os.path.join(ctx.out_dir, "final_state.pth"))
+        logger.info("done: %d steps; final_state.pth in %s; best mIoU %.4f", state.global_step, ctx.out_dir,
+                    best_miou)
+    if writer is not None:
+        writer.close()
+    return {"best_miou": best_miou, "global_step": state.global_step, "scores": last_scores}
+
+
+# ---------------------------------------------------------------------------------------------- testing
+def _write_png(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(path, array):
+        raise OSError(f"could not write {path}")
+
+
+def test_main(args: argparse.Namespace) -> Dict:
+    cfg = config_from_args(args)
+    ctx = setup(args, cfg, "test")
+    try:
+        return _test(cfg, ctx, pictures=args.pictures)
+    finally:
+        cleanup()
+
+
+def _test(cfg, ctx: Context, pictures: bool = True) -> Dict:
+    model_file = cfg.TEST.MODEL_FILE or os.path.join(ctx.out_dir, "final_state.pth")
+    model = build_model(cfg, ctx, for_training=False)
+    load_weights(model, model_file, strict=True)
+    logger.info("evaluating %s", model_file)
+    dataset = CityscapesDataset.from_config(cfg, "test")
+    loader = make_loader(dataset, cfg, ctx, train=False)
+    list_name = os.path.splitext(os.path.basename(cfg.DATASET.TEST_SET))[0]
+    pic_dir = os.path.join(ctx.out_dir, f"{list_name}_results")
+    by_name = {f["name"]: i for i, f in enumerate(dataset.files)}
+    ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
+    scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
+
+    def write(pred: np.ndarray, name: str) -> None:
+        # label ids: the benchmark's format and name (same base name as the input image)
+        _write_png(os.path.join(pic_dir, "label_ids", f"{name}.png"), train_ids_to_label_ids(pred))
+        if dataset.labeled and not pictures:
+            return
+        color = colorize(pred)
+        _write_png(os.path.join(pic_dir, "color", f"{name}.png"), color)
+        if dataset.labeled:
+            image = dataset.load_image(by_name[name])
+            _write_png(os.path.join(pic_dir, "overlay", f"{name}.png"),
+                       cv2.addWeighted(image, 0.5, color, 0.5, 0.0))
+
+    scores = evaluate(model, loader, cfg.DATASET.NUM_CLASSES, ctx.device, ignore, scales=scales,
+                      flip=cfg.TEST.FLIP_TEST, rank=ctx.rank, class_names=CLASS_NAMES, on_prediction=write)
+    if not dataset.labeled:
+        logger.info("%d predictions (label ids, benchmark format) written to %s; mean solver steps %.2f",
+                    scores["images"], os.path.join(pic_dir, "label_ids"), scores["mean_f_steps"])
+        return {"images": scores["images"], "mean_f_steps": scores["mean_f_steps"], "output": pic_dir}
+    logger.info("%s (%d images, scales %s, flip %s):\n%s", cfg.DATASET.TEST_SET, scores["images"], scales,
+                cfg.TEST.FLIP_TEST, format_scores(scores))
+    if ctx.main:
+        report = {k: scores[k] for k in ("miou", "pixel_acc", "mean_class_acc", "mean_f_steps", "iou_per_class",
+                                         "images", "pixels", "confusion")}
+        report.update(model_file=model_file, list=cfg.DATASET.TEST_SET, scales=scales, flip=cfg.TEST.FLIP_TEST)
+        json_path = os.path.join(ctx.out_dir, f"{list_name}_results.json")
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=True)
+        logger.info("results written to %s, pictures to %s", json_path, pic_dir)
+    return scores

@@ -1,0 +1,62 @@
+"""Turn an ImageNet classification checkpoint into the backbone state dict MODEL.PRETRAINED expects.
+
+    python pretrained_models/convert_cls_to_seg.py pretrained_models/cls_mdeq_SMALL.pkl \
+        pretrained_models/MDEQ_SMALL_Cls.pth --cfg experiments/cityscapes/seg_mdeq_SMALL.yaml
+
+The input is one of our checkpoints (``output/.../final_state.pth``, ``checkpoint.pth.tar``, a
+bare state dict) or the original release's ``.pkl`` (read with ``weights_only=True``; its
+duplicated equilibrium stage is reduced to ``fullstage``). The output holds the stem
+(``downsample.*``, ``stage0.*``) and f_theta (``fullstage.*``) only: the classification head is
+dropped. With ``--cfg`` the result is checked against the segmentation net of that config
+(every stem and f_theta weight present, with the right shape).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mdeq.utils.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
+
+BACKBONE = ("downsample.", "stage0.", "fullstage.")
+logger = logging.getLogger("convert_cls_to_seg")
+
+
+def convert(src: str, dst: str, cfg_path: str = "", opts=()) -> dict:
+    sd = extract_state_dict(load_checkpoint(src))
+    backbone = {k: v for k, v in sd.items() if k.startswith(BACKBONE)}
+    dropped = sorted({k.split(".")[0] for k in sd if not k.startswith(BACKBONE)})
+    if not any(k.startswith("fullstage.") for k in backbone):
+        raise SystemExit(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ checkpoint?")
+    if cfg_path:
+        from mdeq.config import load_config
+        from mdeq.models import get_seg_net
+        want = {k: v for k, v in get_seg_net(load_config(cfg_path, list(opts))).state_dict().items()
+                if k.startswith(BACKBONE)}
+        missing = sorted(k for k in want if k not in backbone)
+        shapes = sorted(f"{k}: {tuple(backbone[k].shape)} vs {tuple(want[k].shape)}"
+                        for k in want if k in backbone and backbone[k].shape != want[k].shape)
+        if missing or shapes:
+            raise SystemExit(f"{src} does not fit the segmentation net of {cfg_path}:\n  missing: {missing[:20]}"
+                             f"\n  shape mismatches: {shapes[:20]}")
+        extra = sorted(k for k in backbone if k not in want)
+        if extra:
+            raise SystemExit(f"{src} has backbone weights the segmentation net of {cfg_path} lacks: {extra[:20]}")
+    save_checkpoint(backbone, dst)
+    logger.info("%s -> %s: %d backbone tensors kept; dropped modules: %s", src, dst, len(backbone), dropped)
+    return backbone
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src", help="classification checkpoint (ours or the original's .pkl)")
+    p.add_argument("dst", help="output file for MODEL.PRETRAINED")
+    p.add_argument("--cfg", default="", help="segmentation experiment file to check the result against")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of --cfg")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    convert(args.src, args.dst, args.cfg, args.opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Evaluate a Cityscapes MDEQ, or write benchmark predictions for the test list.
+
+    python tools/seg_test.py --cfg experiments/cityscapes/seg_mdeq_SMALL.yaml --testModel path/to/final_state.pth
+    python tools/seg_test.py --cfg ... --testModel ... DATASET.TEST_SET list/cityscapes/test.lst
+
+A labelled list (val) gives per-class IoU, mIoU, pixel accuracy and mean solver steps (logged and
+written to ``<output>/<list>_results.json``) and, under ``<output>/<list>_results/``, colour-coded
+predictions (``color/``), overlays on the input (``overlay/``) and label-id images
+(``label_ids/``). An unlabelled list (test) gives the label-id images the benchmark server
+expects, named like the input images (``<city>_<seq>_<frame>_leftImg8bit.png``), and colour images.
+"""
+from __future__ import annotations
+
+from mdeq.core.seg_runner import parse_seg_args, test_main
+
+
+def main() -> None:
+    test_main(parse_seg_args("Evaluate a Cityscapes MDEQ", test=True))
+
+
+if __name__ == "__main__":
+    main()

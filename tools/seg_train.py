@@ -1,0 +1,22 @@
+"""Train an MDEQ for Cityscapes semantic segmentation.
+
+    python tools/seg_train.py --cfg experiments/cityscapes/seg_mdeq_SMALL.yaml [KEY VALUE ...]
+    torchrun --nproc_per_node=4 tools/seg_train.py --cfg experiments/cityscapes/seg_mdeq_SMALL.yaml
+    python -m torch.distributed.launch --nproc_per_node=4 tools/seg_train.py --cfg ...
+
+``MODEL.PRETRAINED``: an ImageNet classification checkpoint (ours or the original's ``.pkl``) whose
+stem and equilibrium stage initialise the net (its classification head is dropped);
+``TRAIN.MODEL_FILE``: a segmentation checkpoint loaded in full; ``TRAIN.RESUME``: continue from
+``<output>/checkpoint.pth.tar``.
+"""
+from __future__ import annotations
+
+from mdeq.core.seg_runner import parse_seg_args, train_main
+
+
+def main() -> None:
+    train_main(parse_seg_args("Train an MDEQ on Cityscapes"))
+
+
+if __name__ == "__main__":
+    main()
