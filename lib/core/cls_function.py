@@ -1,0 +1,271 @@
+"""Training and validation loops for MDEQ image classification.
+
+The model is called as ``model(x, train_step=global_step)``: for ``global_step <
+TRAIN.PRETRAIN_STEPS`` it runs the unrolled weight-tied warm-up, afterwards the equilibrium
+solver with the implicit backward. Solver statistics (``model.solver_stats``: forward / backward
+steps and residuals) are averaged, shown in the progress bar and written to TensorBoard.
+
+A step whose loss or gradient is not finite is skipped (no parameter update), logged with the
+solver's statistics, and counted; ``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps stop the run
+with a :class:`TrainingDiverged` error. Skipped steps still advance the global step and the LR
+schedule, so the schedule stays tied to the number of batches seen (and to exact resumption).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..utils.distributed import all_reduce_sum, is_initialized
+from .metrics import AverageMeter, topk_correct
+
+logger = logging.getLogger(__name__)
+
+SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """What the loop carries across epochs (and checkpoints): the optimiser step count, the current
+    run of consecutive bad steps and the total number of skipped steps."""
+
+    global_step: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    stop: bool = False  # set when TRAIN.MAX_ITERS is reached
+    history: Dict[str, Any] = field(default_factory=dict)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _stats(model: nn.Module) -> Dict[str, Any]:
+    return dict(getattr(unwrap(model), "solver_stats", {}) or {})
+
+
+def _num(v: Any) -> Optional[float]:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().mean().item() if v.numel() else None
+    if isinstance(v, bool) or v is None:
+        return None if v is None else float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_stats(stats: Dict[str, Any]) -> str:
+    parts = [f"mode={stats.get('mode', '?')}"]
+    for k in SOLVER_KEYS + ("b_fallback",):
+        v = _num(stats.get(k))
+        if v is not None:
+            parts.append(f"{k}={v:.4g}")
+    return " ".join(parts)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True if ``flag`` is set on any process (so that every rank takes the same branch)."""
+    if not is_initialized():
+        return flag
+    return all_reduce_sum(float(flag)) > 0
+
+
+def _use_amp(cfg, device: torch.device) -> bool:
+    return bool(cfg.TRAIN.AMP) and device.type == "cuda"
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, epoch: int, state: TrainState, cfg, device: torch.device,
+                    writer: Any = None, scaler: Optional[torch.amp.GradScaler] = None,
+                    is_main: bool = True) -> Dict[str, float]:
+    """One pass over ``loader``; returns the epoch's averages (reduced over processes).
+
+    Args:
+        model: the (possibly DDP-wrapped) classification MDEQ, in train mode on return.
+        scheduler: stepped after every batch (see :mod:`mdeq.utils.optim`); may be None.
+        state: updated in place (global step, bad-step counters, ``stop`` when TRAIN.MAX_ITERS is hit).
+        writer: a tensorboardX ``SummaryWriter`` (rank 0) or None.
+        scaler: a GradScaler when AMP runs (CUDA and TRAIN.AMP).
+
+    Raises:
+        TrainingDiverged: TRAIN.MAX_BAD_STEPS consecutive steps had a non-finite loss or gradient.
+    """
+    model.train()
+    amp = _use_amp(cfg, device)
+    meters = {k: AverageMeter(k) for k in ("loss", "top1", "top5", "batch_time") + SOLVER_KEYS}
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    max_iters = cfg.TRAIN.MAX_ITERS
+    print_freq = max(1, cfg.PRINT_FREQ)
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(loader, total=total, desc=f"train {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
+    end = time.time()
+    for i, (images, target) in enumerate(bar):
+        if 0 <= max_iters <= state.global_step:
+            state.stop = True
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        step = state.global_step
+        warmup = 0 <= step < cfg.TRAIN.PRETRAIN_STEPS
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(images, train_step=step)
+            loss = criterion(logits.float(), target)
+        bad_reason = "loss" if _any_rank(not bool(torch.isfinite(loss.detach()).item())) else None
+        grad_norm = None
+        if bad_reason is None:
+            if scaler is not None and amp:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            params = [p for p in model.parameters() if p.grad is not None]
+            max_norm = cfg.TRAIN.CLIP if cfg.TRAIN.CLIP > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            if not math.isfinite(grad_norm) and not (scaler is not None and amp):
+                bad_reason = "gradient"  # with AMP, the scaler skips such steps itself
+        stats = _stats(model)
+        if bad_reason is None:
+            if scaler is not None and amp:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            state.bad_steps = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            state.bad_steps += 1
+            state.skipped_steps += 1
+            logger.warning("epoch %d step %d: non-finite %s (loss %s, grad norm %s), update skipped "
+                           "(%d in a row, limit TRAIN.MAX_BAD_STEPS=%d); solver: %s", epoch, step, bad_reason,
+                           f"{loss.item():.4g}", "n/a" if grad_norm is None else f"{grad_norm:.4g}",
+                           state.bad_steps, cfg.TRAIN.MAX_BAD_STEPS, _fmt_stats(stats))
+            if state.bad_steps >= cfg.TRAIN.MAX_BAD_STEPS:
+                raise TrainingDiverged(
+                    f"training diverged: {state.bad_steps} consecutive steps with a non-finite {bad_reason} "
+                    f"(epoch {epoch}, global step {step}, phase {'warm-up' if warmup else 'equilibrium'}; "
+                    f"last solver stats: {_fmt_stats(stats)}). Lower TRAIN.LR, set TRAIN.CLIP, raise "
+                    f"TRAIN.PRETRAIN_STEPS or MODEL.F_THRES, or raise TRAIN.MAX_BAD_STEPS.")
+        if scheduler is not None:
+            scheduler.step()
+        state.global_step += 1
+
+        n = target.shape[0]
+        c1, c5 = topk_correct(logits.detach().float(), target, (1, 5))
+        if bad_reason is None:
+            meters["loss"].update(loss.item(), n)
+            loss_sum += loss.item() * n
+        correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + n
+        meters["top1"].update(100.0 * c1 / n, n)
+        meters["top5"].update(100.0 * c5 / n, n)
+        for k in SOLVER_KEYS:
+            v = _num(stats.get(k))
+            if v is not None:
+                meters[k].update(v)
+        meters["batch_time"].update(time.time() - end)
+        end = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        if is_main:
+            post = {"loss": f"{meters['loss'].avg:.3f}", "acc": f"{meters['top1'].avg:.1f}",
+                    "f": f"{meters['f_steps'].val:.0f}", "lr": f"{lr:.2e}"}
+            if meters["b_steps"].count:
+                post["b"] = f"{meters['b_steps'].val:.0f}"
+            bar.set_postfix(post, refresh=False)
+        if writer is not None and (step % print_freq == 0 or i == (total or 0) - 1):
+            writer.add_scalar("train/loss", loss.item() if bad_reason is None else float("nan"), step)
+            writer.add_scalar("train/top1", 100.0 * c1 / n, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/phase", 0 if warmup else 1, step)
+            if grad_norm is not None:
+                writer.add_scalar("train/grad_norm", grad_norm, step)
+            for k in SOLVER_KEYS:
+                v = _num(stats.get(k))
+                if v is not None:
+                    writer.add_scalar(f"solver/{k}", v, step)
+        if i % print_freq == 0:
+            logger.debug("epoch %d [%d/%s] loss %.4f top1 %.2f lr %.3g %s", epoch, i, total, meters["loss"].val,
+                         meters["top1"].val, lr, _fmt_stats(stats))
+    bar.close()
+
+    # exact epoch averages over all processes
+    good = meters["loss"].count
+    tot_loss, tot_good = all_reduce_sum(loss_sum), all_reduce_sum(float(good))
+    tot_c1, tot_c5, tot_n = all_reduce_sum(float(correct1)), all_reduce_sum(float(correct5)), all_reduce_sum(float(seen))
+    result = {
+        "loss": tot_loss / tot_good if tot_good else float("nan"),
+        "top1": 100.0 * tot_c1 / tot_n if tot_n else 0.0,
+        "top5": 100.0 * tot_c5 / tot_n if tot_n else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+        "global_step": state.global_step,
+        "batch_time": meters["batch_time"].avg,
+    }
+    for k in SOLVER_KEYS:
+        if meters[k].count:
+            result[k] = meters[k].avg
+    if writer is not None:
+        writer.add_scalar("train_epoch/loss", result["loss"], epoch)
+        writer.add_scalar("train_epoch/top1", result["top1"], epoch)
+    return result
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: Iterable, criterion: nn.Module, cfg, device: torch.device,
+             writer: Any = None, step: int = 0, is_main: bool = True, train_step: int = -1,
+             f_thres: Optional[int] = None, desc: str = "valid") -> Dict[str, float]:
+    """Evaluate on ``loader`` (each process its shard); returns loss, top1, top5 and solver stats.
+
+    ``train_step=-1`` (default) evaluates at the equilibrium; a value in ``[0, PRETRAIN_STEPS)``
+    evaluates the unrolled warm-up network. Sums are reduced over processes, so with
+    :class:`mdeq.utils.distributed.ShardSampler` the numbers are exact for the whole set.
+    """
+    net = unwrap(model)
+    net.eval()
+    amp = _use_amp(cfg, device)
+    loss_sum = c1_sum = c5_sum = n_sum = 0.0
+    solver = {k: AverageMeter(k) for k in ("f_steps", "f_abs", "f_rel")}
+    bar = tqdm(loader, desc=desc, disable=not is_main, leave=False, dynamic_ncols=True)
+    for images, target in bar:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = net(images, train_step=train_step, f_thres=f_thres)
+        logits = logits.float()
+        n = target.shape[0]
+        loss_sum += criterion(logits, target).item() * n
+        c1, c5 = topk_correct(logits, target, (1, 5))
+        c1_sum, c5_sum, n_sum = c1_sum + c1, c5_sum + c5, n_sum + n
+        stats = _stats(net)
+        for k in solver:
+            v = _num(stats.get(k))
+            if v is not None:
+                solver[k].update(v, n)
+        if is_main:
+            bar.set_postfix({"acc": f"{100.0 * c1_sum / max(1, n_sum):.1f}", "f": f"{solver['f_steps'].avg:.1f}"},
+                            refresh=False)
+    bar.close()
+    tot = {k: all_reduce_sum(v) for k, v in (("loss", loss_sum), ("c1", c1_sum), ("c5", c5_sum), ("n", n_sum))}
+    n = tot["n"]
+    result = {"loss": tot["loss"] / n if n else float("nan"), "top1": 100.0 * tot["c1"] / n if n else 0.0,
+              "top5": 100.0 * tot["c5"] / n if n else 0.0, "num_samples": int(n)}
+    for k, m in solver.items():
+        s, c = all_reduce_sum(m.sum), all_reduce_sum(float(m.count))
+        if c:
+            result[k] = s / c
+    if writer is not None:
+        for k in ("loss", "top1", "top5", "f_steps", "f_rel"):
+            if k in result:
+                writer.add_scalar(f"{desc}/{k}", result[k], step)
+    return result

@@ -1,0 +1,348 @@
+"""The classification training and evaluation programs (``tools/cls_train.py``, ``tools/cls_valid.py``).
+
+Training writes to ``OUTPUT_DIR/<dataset>/<cfg stem>/``:
+
+* ``checkpoint.pth.tar`` after every epoch: model, optimizer, scheduler (and AMP scaler) states,
+  ``epoch`` (the next epoch to run), ``global_step``, ``best_acc``, the config, every rank's RNG
+  states; ``TRAIN.RESUME True`` continues from it (or from ``TRAIN.CHECKPOINT``) at that epoch,
+  step and learning rate.
+* ``model_best.pth.tar`` (the weights with the best held-out top-1), ``final_state.pth`` (the final
+  weights) and ``results.json`` (final held-out metrics, wall time).
+
+Under ``torchrun`` every process trains on its share of each epoch (``DistributedSampler``) with
+DistributedDataParallel; metrics are reduced over processes and only rank 0 writes files and logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..config import load_config
+from ..datasets import build_cls_datasets, build_cls_val_dataset
+from ..models import count_parameters, get_cls_net
+from ..utils.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..utils.distributed import DistInfo, ShardSampler, all_gather_object, barrier, cleanup, init_distributed
+from ..utils.logger import create_logger
+from ..utils.optim import build_optimizer, build_scheduler, load_scheduler_state
+from ..utils.rng import get_rng_state, seed_everything, set_rng_state
+from .cls_function import TrainState, TrainingDiverged, train_one_epoch, unwrap, validate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+FINAL = "final_state.pth"
+
+
+# ---------------------------------------------------------------------------------------- arguments
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
+    """The options of the original MDEQ scripts: ``--cfg FILE`` then ``KEY VALUE`` overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cfg", required=True, help="experiment file (yaml), e.g. experiments/digits/cls_mdeq_digits.yaml")
+    p.add_argument("--modelDir", default="", help="overrides OUTPUT_DIR")
+    p.add_argument("--logDir", default="", help="overrides LOG_DIR")
+    p.add_argument("--dataDir", default="", help="overrides DATA_DIR (a relative DATASET.ROOT is taken under it)")
+    p.add_argument("--testModel", default="", help="checkpoint to evaluate (ours or the original .pkl)")
+    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help="set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace):
+    """Load ``args.cfg`` with the command-line directory options and ``KEY VALUE`` overrides."""
+    opts: List[Any] = list(args.opts or [])
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if args.modelDir:
+        opts += ["OUTPUT_DIR", args.modelDir]
+    if args.logDir:
+        opts += ["LOG_DIR", args.logDir]
+    if args.dataDir:
+        opts += ["DATA_DIR", args.dataDir]
+    if args.testModel:
+        opts += ["TEST.MODEL_FILE", args.testModel]
+    if args.percent != 1.0:
+        opts += ["PERCENT", float(args.percent)]
+    cfg = load_config(args.cfg, opts)
+    if cfg.DATA_DIR and cfg.DATASET.ROOT and not os.path.isabs(cfg.DATASET.ROOT):
+        cfg = load_config(args.cfg, opts + ["DATASET.ROOT", os.path.join(cfg.DATA_DIR, cfg.DATASET.ROOT)])
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def setup(args: argparse.Namespace, phase: str):
+    """Config, process group, logging, seeds. Returns (cfg, DistInfo, output dir, TensorBoard dir)."""
+    cfg = config_from_args(args)
+    info = init_distributed(args.local_rank)
+    _, out_dir, tb_dir = create_logger(cfg, args.cfg, phase, info.rank)
+    seed_everything(cfg.SEED + info.rank, cfg.DETERMINISTIC)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
+        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK and not cfg.DETERMINISTIC
+        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC or cfg.DETERMINISTIC
+    logger.info("%s: %s %s", phase, args.cfg, " ".join(map(str, args.opts or [])))
+    logger.info("rank %d of %d on %s", info.rank, info.world_size, info.device)
+    return cfg, info, out_dir, tb_dir
+
+
+def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
+    """FLOPs of one evaluation of f_theta for one image (None if they cannot be counted)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        try:
+            p = next(net.parameters())
+            x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
+            with torch.no_grad():
+                inj = net.injection(x)
+                z = [inj.new_zeros(1, *s) for s in net.state_shapes(inj)]
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    net.fullstage(z, inj)
+            return int(counter.get_total_flops())
+        finally:
+            net.train(was_training)
+    except Exception as e:  # the summary is informative only
+        logger.debug("FLOP count skipped: %s", e)
+        return None
+
+
+def log_model_summary(model: nn.Module, cfg) -> Dict[str, Any]:
+    """Log the parameter count and the FLOPs of one f evaluation; return them."""
+    n = count_parameters(unwrap(model))
+    size = list(cfg.MODEL.IMAGE_SIZE) if len(cfg.MODEL.IMAGE_SIZE) == 2 else [32, 32]
+    flops = f_flops(model, size)
+    logger.info("model: %s, %s trainable parameters; one f evaluation: %s (input %dx%d)",
+                type(unwrap(model)).__name__, f"{n:,}", "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs",
+                size[0], size[1])
+    return {"parameters": n, "f_flops": flops}
+
+
+def _loader(ds: Dataset, batch: int, sampler, cfg, info: DistInfo, train: bool) -> DataLoader:
+    workers = max(0, int(cfg.WORKERS))
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=bool(cfg.PIN_MEMORY) and info.device.type == "cuda",
+                      drop_last=False, persistent_workers=workers > 0 and train)
+
+
+def _check_classes(ds: Dataset, cfg) -> None:
+    base = getattr(ds, "dataset", ds)
+    classes = getattr(base, "classes", None)
+    if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
+        raise ValueError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but DATASET.DATASET "
+                         f"{cfg.DATASET.DATASET!r} has {len(classes)} classes")
+
+
+def param_checksum(model: nn.Module) -> float:
+    """Sum of all parameters in float64, to compare replicas across ranks (buffers such as batch-norm
+    running statistics are left out: each rank updates them from its own batches)."""
+    return float(sum(p.detach().double().sum().item() for p in unwrap(model).parameters()))
+
+
+# ---------------------------------------------------------------------------------------- training
+def _resume_path(cfg, out_dir: str) -> str:
+    return cfg.TRAIN.CHECKPOINT or os.path.join(out_dir, CHECKPOINT)
+
+
+def _prune_epoch_copies(out_dir: str, keep: int) -> None:
+    copies = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint_ep") and f.endswith(".pth.tar"))
+    for f in copies[:max(0, len(copies) - keep)]:
+        os.remove(os.path.join(out_dir, f))
+
+
+def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
+    args = parse_args(argv, "Train an MDEQ image classifier")
+    cfg, info, out_dir, tb_dir = setup(args, "train")
+    start_time = time.time()
+    try:
+        return _train(cfg, info, out_dir, tb_dir, start_time)
+    finally:
+        cleanup()
+
+
+def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) -> Dict[str, Any]:
+    device = info.device
+    if info.is_main:
+        logger.info("config:\n%s", cfg.dump())
+    model = get_cls_net(cfg).to(device)
+    if cfg.TRAIN.MODEL_FILE:
+        load_weights(model, cfg.TRAIN.MODEL_FILE)
+        logger.info("initialised from %s", cfg.TRAIN.MODEL_FILE)
+    summary = log_model_summary(model, cfg)
+
+    train_ds, val_ds = build_cls_datasets(cfg)
+    _check_classes(val_ds, cfg)
+    logger.info("dataset %s: %d training, %d held-out images", cfg.DATASET.DATASET, len(train_ds), len(val_ds))
+    # the same sampler with one replica or many: the shuffling depends only on SEED and the epoch
+    train_sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                       shuffle=bool(cfg.TRAIN.SHUFFLE), seed=cfg.SEED, drop_last=False)
+    train_loader = _loader(train_ds, cfg.TRAIN.BATCH_SIZE_PER_GPU, train_sampler, cfg, info, True)
+    val_loader = _loader(val_ds, cfg.TEST.BATCH_SIZE_PER_GPU, ShardSampler(len(val_ds), info.rank, info.world_size),
+                         cfg, info, False)
+    iters_per_epoch = len(train_loader)
+
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
+    amp = bool(cfg.TRAIN.AMP) and device.type == "cuda"
+    if cfg.TRAIN.AMP and not amp:
+        logger.warning("TRAIN.AMP is set but the device is %s: training in float32", device)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    criterion = nn.CrossEntropyLoss().to(device)
+
+    state = TrainState()
+    begin_epoch, best_acc = cfg.TRAIN.BEGIN_EPOCH, 0.0
+    if cfg.TRAIN.RESUME:
+        path = _resume_path(cfg, out_dir)
+        if os.path.isfile(path):
+            ckpt = load_checkpoint(path, map_location=device)
+            unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            load_scheduler_state(scheduler, ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            begin_epoch, best_acc = int(ckpt["epoch"]), float(ckpt.get("best_acc", 0.0))
+            state.global_step = int(ckpt.get("global_step", begin_epoch * iters_per_epoch))
+            state.skipped_steps = int(ckpt.get("skipped_steps", 0))
+            rng = ckpt.get("rng")
+            if isinstance(rng, list) and len(rng) == info.world_size:
+                set_rng_state(rng[info.rank])
+            elif rng:
+                logger.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored",
+                               len(rng) if isinstance(rng, list) else 1, info.world_size)
+            logger.info("resumed from %s: epoch %d, global step %d, lr %.6g, best top-1 %.2f%%", path,
+                        begin_epoch, state.global_step, optimizer.param_groups[0]["lr"], best_acc)
+        else:
+            logger.warning("TRAIN.RESUME is set but %s does not exist: starting from scratch", path)
+
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+
+    writer = None
+    if info.is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(log_dir=tb_dir)
+
+    end_epoch = cfg.TRAIN.END_EPOCH
+    logger.info("training epochs %d..%d, %d steps per epoch (global batch %d), warm-up for the first %d steps",
+                begin_epoch, end_epoch - 1, iters_per_epoch, cfg.TRAIN.BATCH_SIZE_PER_GPU * info.world_size,
+                cfg.TRAIN.PRETRAIN_STEPS)
+    val_res: Dict[str, Any] = {}
+    epoch = begin_epoch
+    try:
+        for epoch in range(begin_epoch, end_epoch):
+            softplus = bool(cfg.MODEL.SOFTPLUS_WARMUP) and epoch < cfg.TRAIN.SOFTPLUS_EPOCHS
+            unwrap(model).set_softplus(softplus)
+            train_sampler.set_epoch(epoch)
+            t0 = time.time()
+            tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, epoch, state, cfg, device,
+                                 writer=writer, scaler=scaler, is_main=info.is_main)
+            val_res = validate(model, val_loader, criterion, cfg, device, writer=writer, step=state.global_step,
+                               is_main=info.is_main)
+            phase = "warm-up" if state.global_step <= cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
+            logger.info("epoch %d (%s%s, %.0fs): train loss %.4f top-1 %.2f%% | held-out loss %.4f top-1 %.2f%% "
+                        "top-5 %.2f%% | f steps %.1f (val %.1f), b steps %s, lr %.3g", epoch, phase,
+                        ", softplus" if softplus else "", time.time() - t0, tr["loss"], tr["top1"], val_res["loss"],
+                        val_res["top1"], val_res["top5"], tr.get("f_steps", float("nan")),
+                        val_res.get("f_steps", float("nan")),
+                        f"{tr['b_steps']:.1f}" if "b_steps" in tr else "-", tr["lr"])
+            is_best = val_res["top1"] > best_acc
+            best_acc = max(best_acc, val_res["top1"])
+            rng_all = all_gather_object(get_rng_state())
+            if info.is_main:
+                net = unwrap(model)
+                ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "global_step": state.global_step,
+                        "best_acc": best_acc, "config": cfg.dump(), "rng": rng_all,
+                        "skipped_steps": state.skipped_steps, "lr": optimizer.param_groups[0]["lr"],
+                        "world_size": info.world_size}
+                if scaler is not None:
+                    ckpt["scaler"] = scaler.state_dict()
+                save_checkpoint(ckpt, os.path.join(out_dir, CHECKPOINT))
+                if cfg.TRAIN.KEEP_CHECKPOINTS > 1:
+                    save_checkpoint(ckpt, os.path.join(out_dir, f"checkpoint_ep{epoch + 1:04d}.pth.tar"))
+                    _prune_epoch_copies(out_dir, cfg.TRAIN.KEEP_CHECKPOINTS)
+                if is_best:
+                    save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                                     "config": cfg.dump()}, os.path.join(out_dir, BEST))
+                writer.add_scalar("valid/best_top1", best_acc, epoch)
+            barrier()
+            if state.stop:
+                logger.info("TRAIN.MAX_ITERS = %d reached at epoch %d", cfg.TRAIN.MAX_ITERS, epoch)
+                break
+    except TrainingDiverged:
+        logger.error("stopping: training diverged (see the warnings above); the last checkpoint is %s",
+                     os.path.join(out_dir, CHECKPOINT))
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+    if not val_res:  # nothing left to train (resumed at END_EPOCH): evaluate the weights as they are
+        val_res = validate(model, val_loader, criterion, cfg, device, is_main=info.is_main)
+    checksums = all_gather_object(param_checksum(model))
+    if info.distributed:
+        same = all(abs(c - checksums[0]) <= 1e-9 * max(1.0, abs(checksums[0])) for c in checksums)
+        (logger.info if same else logger.error)("parameter checksums per rank: %s (%s)", checksums,
+                                                "identical" if same else "REPLICAS DIFFER")
+    wall = time.time() - start_time
+    results = {"top1": val_res["top1"], "top5": val_res["top5"], "loss": val_res["loss"],
+               "f_steps": val_res.get("f_steps"), "f_rel": val_res.get("f_rel"), "best_acc": best_acc,
+               "epochs": epoch + 1, "global_step": state.global_step, "skipped_steps": state.skipped_steps,
+               "wall_time_s": wall, "world_size": info.world_size, "rank_checksums": checksums, **summary}
+    if info.is_main:
+        save_checkpoint(unwrap(model).state_dict(), os.path.join(out_dir, FINAL))
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    logger.info("final held-out top-1: %.2f%% (top-5 %.2f%%, loss %.4f, %d images, mean f steps %.1f); "
+                "best %.2f%%; wall time %.1fs", val_res["top1"], val_res["top5"], val_res["loss"],
+                val_res["num_samples"], val_res.get("f_steps", float("nan")), best_acc, wall)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
+    args = parse_args(argv, "Evaluate an MDEQ image classifier")
+    cfg, info, out_dir, _ = setup(args, "valid")
+    try:
+        device = info.device
+        model = get_cls_net(cfg).to(device)
+        path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
+                                    f"TEST.MODEL_FILE, or train first so that {FINAL} exists)")
+        load_weights(model, path)
+        logger.info("weights: %s", path)
+        summary = log_model_summary(model, cfg)
+        val_ds = build_cls_val_dataset(cfg)
+        _check_classes(val_ds, cfg)
+        loader = _loader(val_ds, cfg.TEST.BATCH_SIZE_PER_GPU, ShardSampler(len(val_ds), info.rank, info.world_size),
+                         cfg, info, False)
+        t0 = time.time()
+        res = validate(model, loader, nn.CrossEntropyLoss(), cfg, device, is_main=info.is_main)
+        res.update(model_file=path, time_s=time.time() - t0, **summary)
+        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, mean f steps %.2f, "
+                    "final residual rel %.3g abs %.3g", cfg.DATASET.DATASET, res["num_samples"], res["top1"],
+                    res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
+                    res.get("f_abs", float("nan")))
+        if info.is_main:
+            with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
+                json.dump(res, f, indent=2)
+        return res
+    finally:
+        cleanup()

@@ -1,0 +1,42 @@
+"""Helpers shared by the classification datasets: subsets and folder checks."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+logger = logging.getLogger(__name__)
+
+
+def subset_fraction(ds: Dataset, percent: float, seed: int = 0, name: str = "PERCENT") -> Dataset:
+    """A fixed random ``percent`` of ``ds`` (``percent`` in (0, 1]; 1 returns ``ds`` unchanged).
+
+    The subset depends only on ``seed`` and ``len(ds)``, so every process and every restart of a
+    run sees the same samples.
+    """
+    if not 0.0 < percent <= 1.0:
+        raise ValueError(f"{name} = {percent} must lie in (0, 1]")
+    if percent >= 1.0:
+        return ds
+    n = len(ds)  # type: ignore[arg-type]
+    k = max(1, int(round(n * percent)))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[:k].sort().values.tolist()
+    logger.info("using %d of %d training samples (%s = %g)", k, n, name, percent)
+    return Subset(ds, idx)
+
+
+def require_dir(path: str, what: str, hint: str) -> None:
+    """Raise FileNotFoundError naming ``path`` and how to get the data when it is not a folder."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: folder {os.path.abspath(path)} does not exist. {hint}")
+
+
+def require_files(folder: str, names: Sequence[str], what: str, hint: str) -> None:
+    """Raise FileNotFoundError listing the files of ``names`` that are missing in ``folder``."""
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"{what}: {os.path.abspath(folder)} lacks {', '.join(missing)}. {hint}")

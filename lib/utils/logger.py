@@ -1,0 +1,57 @@
+"""Logging set-up and output folders for training / evaluation scripts.
+
+Layout (as the original MDEQ): ``OUTPUT_DIR/<dataset>/<cfg file stem>/`` holds checkpoints and the
+log file ``<stem>_<phase>_<time>.log``; TensorBoard events go to
+``LOG_DIR/<dataset>/<stem>_<phase>_<time>/``. Only rank 0 creates folders and writes the log file;
+other ranks log warnings and errors to the console only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def output_dirs(cfg, cfg_path: Optional[str], phase: str, timestamp: Optional[str] = None) -> Tuple[Path, Path, str]:
+    """(final output folder, TensorBoard folder, run name) for ``cfg`` loaded from ``cfg_path``."""
+    stem = Path(cfg_path).stem if cfg_path else "default"
+    dataset = str(cfg.DATASET.DATASET or "dataset").replace("/", "_")
+    stamp = timestamp or time.strftime("%Y-%m-%d-%H-%M-%S")
+    out_dir = Path(cfg.OUTPUT_DIR) / dataset / stem
+    tb_dir = Path(cfg.LOG_DIR) / dataset / f"{stem}_{phase}_{stamp}"
+    return out_dir, tb_dir, f"{stem}_{phase}_{stamp}"
+
+
+def create_logger(cfg, cfg_path: Optional[str], phase: str = "train", rank: Optional[int] = None,
+                  level: int = logging.INFO) -> Tuple[logging.Logger, str, str]:
+    """Configure the root logger and create the output folders.
+
+    Args:
+        cfg: the config (reads OUTPUT_DIR, LOG_DIR, DATASET.DATASET).
+        cfg_path: the experiment file; its stem names the output folder.
+        phase: e.g. ``'train'``, ``'valid'``, ``'test'``; part of the log-file and TensorBoard names.
+        rank: this process's rank; default from the ``RANK`` environment variable (0 if unset).
+        level: the console / file level on rank 0 (other ranks use WARNING).
+
+    Returns:
+        ``(logger, final_output_dir, tb_log_dir)``; the folders exist on rank 0.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    out_dir, tb_dir, run_name = output_dirs(cfg, cfg_path, phase)
+    handlers: list = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tb_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / f"{run_name}.log"))
+    fmt = LOG_FORMAT if rank == 0 else f"[rank {rank}] " + LOG_FORMAT
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True)
+    log = logging.getLogger()
+    if rank == 0:
+        log.info("output folder %s, TensorBoard folder %s", out_dir, tb_dir)
+    return log, str(out_dir), str(tb_dir)
