@@ -237,5 +237,5 @@ def test_training_step_memory_does_not_grow_with_thresholds(repo):
     assert high["stats"]["f_steps"] == 40 and high["stats"]["b_steps"] == 40 and low["stats"]["f_steps"] == 10
     unrolled = _peak_kb(repo, 40, "unrolled")  # backprop through 40 layers: what growth looks like
     growth_unrolled = unrolled["peak_kb"] - low["peak_kb"]
-    assert growth_unrolled > 100_000, "the measurement cannot see memory growth"
+    assert growth_unrolled > 100_000, ("the measurement cannot see memory growth", low, high, unrolled)
     assert high["peak_kb"] - low["peak_kb"] < 0.05 * growth_unrolled + 8_000, (low, high, unrolled)
