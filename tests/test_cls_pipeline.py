@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 TINY_CFG = "experiments/cifar/cls_mdeq_TINY.yaml"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# CPU processes even on a GPU machine: the multi-process tests start more ranks than one GPU holds
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 
 
 # ------------------------------------------------------------------------------------------ data

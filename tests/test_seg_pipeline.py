@@ -255,7 +255,7 @@ SEG_CFG = "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 
 def _run(cmd, cwd=REPO, timeout=240):
     """Run a command in its own process group (killed whole on timeout: launchers leave workers behind)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks
     t0 = time.time()
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
