@@ -205,6 +205,15 @@ def test_non_finite_values_stop_the_solver_with_a_finite_result(solver):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch, torch.nn.functional as F
+
+    def peak_rss_kb():
+        # VmHWM belongs to this process image; ru_maxrss would also count the forking parent's
+        # peak (Linux carries it over exec), which hides everything under a large pytest process.
+        try:
+            with open("/proc/self/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     from mdeq.config import load_config
     from mdeq.models import get_cls_net
     torch.set_num_threads(1)
@@ -216,11 +225,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
     step = lambda: F.cross_entropy(model(x, train_step=0 if unrolled else -1, f_thres=thres, b_thres=thres), y).backward()
     step()                                   # warm up allocator and kernels
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_kb()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     print(json.dumps({"peak_kb": peak, "base_kb": base, "stats": {k: v for k, v in model.solver_stats.items()
                                                                if not k.endswith("trace")}}))
 """)

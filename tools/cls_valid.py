@@ -1,12 +1,16 @@
 """Evaluate an MDEQ image classifier (our checkpoint or the original authors' .pkl) on the held-out set.
 
     python tools/cls_valid.py --cfg experiments/cifar/cls_mdeq_TINY.yaml --testModel pretrained_models/x.pkl
+
+Checkpoints are read with ``weights_only=True``: a file that would run code when unpickled is
+refused (exit status 2, one-line message), never executed.
 """
+from mdeq.core.cli import tool_main
 from mdeq.core.cls_runner import valid
 
 
 def main() -> None:
-    valid()
+    tool_main(valid)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,22 @@ written to ``<output>/<list>_results.json``) and, under ``<output>/<list>_result
 predictions (``color/``), overlays on the input (``overlay/``) and label-id images
 (``label_ids/``). An unlabelled list (test) gives the label-id images the benchmark server
 expects, named like the input images (``<city>_<seq>_<frame>_leftImg8bit.png``), and colour images.
+
+Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
+(see :mod:`mdeq.core.cli`).
 """
 from __future__ import annotations
 
+from mdeq.core.cli import tool_main
 from mdeq.core.seg_runner import parse_seg_args, test_main
 
 
+def _run(argv=None) -> None:
+    test_main(parse_seg_args("Evaluate a Cityscapes MDEQ", test=True, argv=argv))
+
+
 def main() -> None:
-    test_main(parse_seg_args("Evaluate a Cityscapes MDEQ", test=True))
+    tool_main(_run)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,22 @@
 stem and equilibrium stage initialise the net (its classification head is dropped);
 ``TRAIN.MODEL_FILE``: a segmentation checkpoint loaded in full; ``TRAIN.RESUME``: continue from
 ``<output>/checkpoint.pth.tar``.
+
+Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
+(see :mod:`mdeq.core.cli`).
 """
 from __future__ import annotations
 
+from mdeq.core.cli import tool_main
 from mdeq.core.seg_runner import parse_seg_args, train_main
 
 
+def _run(argv=None) -> None:
+    train_main(parse_seg_args("Train an MDEQ on Cityscapes", argv=argv))
+
+
 def main() -> None:
-    train_main(parse_seg_args("Train an MDEQ on Cityscapes"))
+    tool_main(_run)
 
 
 if __name__ == "__main__":

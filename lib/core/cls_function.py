@@ -5,50 +5,37 @@ TRAIN.PRETRAIN_STEPS`` it runs the unrolled weight-tied warm-up, afterwards the 
 solver with the implicit backward. Solver statistics (``model.solver_stats``: forward / backward
 steps and residuals) are averaged, shown in the progress bar and written to TensorBoard.
 
-A step whose loss or gradient is not finite is skipped (no parameter update), logged with the
-solver's statistics, and counted; ``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps stop the run
-with a :class:`TrainingDiverged` error. Skipped steps still advance the global step and the LR
-schedule, so the schedule stays tied to the number of batches seen (and to exact resumption).
+A step whose loss or gradient is not finite, or whose forward solver hit its divergence guard
+(``solver_stats['f_diverged']``), is skipped (no parameter update), logged with the solver's
+statistics, and counted (:class:`mdeq.core.checkpointing.StepGuard`); ``TRAIN.MAX_BAD_STEPS``
+consecutive skipped steps stop the run with a :class:`TrainingDiverged` error. Skipped steps still
+advance the global step and the LR schedule, so the schedule stays tied to the number of batches
+seen (and to exact resumption).
+
+A stop signal (:class:`mdeq.core.checkpointing.GracefulStop`) ends the epoch at the next step
+boundary with ``state.interrupted`` set and ``state.batch_in_epoch`` the batches consumed, which is
+where a resumed run starts (``start_batch``).
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..utils.distributed import all_reduce_sum, is_initialized
+from ..utils.distributed import all_reduce_sum
+from .checkpointing import (GracefulStop, StepGuard, TrainingDiverged, TrainState, format_solver_stats,
+                            grad_norm_of, unwrap)
 from .metrics import AverageMeter, topk_correct
 
 logger = logging.getLogger(__name__)
 
 SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel")
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class TrainState:
-    """What the loop carries across epochs (and checkpoints): the optimiser step count, the current
-    run of consecutive bad steps and the total number of skipped steps."""
-
-    global_step: int = 0
-    bad_steps: int = 0
-    skipped_steps: int = 0
-    stop: bool = False  # set when TRAIN.MAX_ITERS is reached
-    history: Dict[str, Any] = field(default_factory=dict)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return model.module if hasattr(model, "module") else model
+__all__ = ["TrainState", "TrainingDiverged", "train_one_epoch", "validate", "unwrap", "SOLVER_KEYS"]
 
 
 def _stats(model: nn.Module) -> Dict[str, Any]:
@@ -66,20 +53,7 @@ def _num(v: Any) -> Optional[float]:
         return None
 
 
-def _fmt_stats(stats: Dict[str, Any]) -> str:
-    parts = [f"mode={stats.get('mode', '?')}"]
-    for k in SOLVER_KEYS + ("b_fallback",):
-        v = _num(stats.get(k))
-        if v is not None:
-            parts.append(f"{k}={v:.4g}")
-    return " ".join(parts)
-
-
-def _any_rank(flag: bool) -> bool:
-    """True if ``flag`` is set on any process (so that every rank takes the same branch)."""
-    if not is_initialized():
-        return flag
-    return all_reduce_sum(float(flag)) > 0
+_fmt_stats = format_solver_stats
 
 
 def _use_amp(cfg, device: torch.device) -> bool:
@@ -89,30 +63,38 @@ def _use_amp(cfg, device: torch.device) -> bool:
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, epoch: int, state: TrainState, cfg, device: torch.device,
                     writer: Any = None, scaler: Optional[torch.amp.GradScaler] = None,
-                    is_main: bool = True) -> Dict[str, float]:
+                    is_main: bool = True, start_batch: int = 0,
+                    stopper: Optional[GracefulStop] = None) -> Dict[str, float]:
     """One pass over ``loader``; returns the epoch's averages (reduced over processes).
 
     Args:
         model: the (possibly DDP-wrapped) classification MDEQ, in train mode on return.
         scheduler: stepped after every batch (see :mod:`mdeq.utils.optim`); may be None.
-        state: updated in place (global step, bad-step counters, ``stop`` when TRAIN.MAX_ITERS is hit).
+        state: updated in place (global step, bad-step counters, ``batch_in_epoch``, ``stop`` when
+            TRAIN.MAX_ITERS is hit, ``interrupted`` when ``stopper`` asked to stop).
         writer: a tensorboardX ``SummaryWriter`` (rank 0) or None.
         scaler: a GradScaler when AMP runs (CUDA and TRAIN.AMP).
+        start_batch: the index of the loader's first batch within the epoch (a resumed epoch; the
+            loader already skips the batches before it).
+        stopper: checked after every step; when it asks to stop, the epoch ends there.
 
     Raises:
-        TrainingDiverged: TRAIN.MAX_BAD_STEPS consecutive steps had a non-finite loss or gradient.
+        TrainingDiverged: TRAIN.MAX_BAD_STEPS consecutive steps were skipped.
     """
     model.train()
     amp = _use_amp(cfg, device)
+    guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
     meters = {k: AverageMeter(k) for k in ("loss", "top1", "top5", "batch_time") + SOLVER_KEYS}
     correct1 = correct5 = seen = 0
     loss_sum = 0.0
     max_iters = cfg.TRAIN.MAX_ITERS
     print_freq = max(1, cfg.PRINT_FREQ)
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(loader, total=total, desc=f"train {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
+    total = start_batch + len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    state.batch_in_epoch = start_batch
+    bar = tqdm(loader, total=None if total is None else total - start_batch, desc=f"train {epoch}",
+               disable=not is_main, leave=False, dynamic_ncols=True)
     end = time.time()
-    for i, (images, target) in enumerate(bar):
+    for i, (images, target) in enumerate(bar, start=start_batch):
         if 0 <= max_iters <= state.global_step:
             state.stop = True
             break
@@ -124,7 +106,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         with torch.autocast(device.type, enabled=amp):
             logits = model(images, train_step=step)
             loss = criterion(logits.float(), target)
-        bad_reason = "loss" if _any_rank(not bool(torch.isfinite(loss.detach()).item())) else None
+        stats = _stats(model)
+        bad_reason = guard.forward_problem(loss, stats)
         grad_norm = None
         if bad_reason is None:
             if scaler is not None and amp:
@@ -132,36 +115,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            max_norm = cfg.TRAIN.CLIP if cfg.TRAIN.CLIP > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-            if not math.isfinite(grad_norm) and not (scaler is not None and amp):
-                bad_reason = "gradient"  # with AMP, the scaler skips such steps itself
-        stats = _stats(model)
+            grad_norm = grad_norm_of(model, cfg.TRAIN.CLIP)
+            if not (scaler is not None and amp):  # with AMP, the scaler skips such steps itself
+                bad_reason = guard.gradient_problem(grad_norm)
+            stats = _stats(model)
         if bad_reason is None:
             if scaler is not None and amp:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            state.bad_steps = 0
+            guard.good()
         else:
             optimizer.zero_grad(set_to_none=True)
-            state.bad_steps += 1
-            state.skipped_steps += 1
-            logger.warning("epoch %d step %d: non-finite %s (loss %s, grad norm %s), update skipped "
-                           "(%d in a row, limit TRAIN.MAX_BAD_STEPS=%d); solver: %s", epoch, step, bad_reason,
-                           f"{loss.item():.4g}", "n/a" if grad_norm is None else f"{grad_norm:.4g}",
-                           state.bad_steps, cfg.TRAIN.MAX_BAD_STEPS, _fmt_stats(stats))
-            if state.bad_steps >= cfg.TRAIN.MAX_BAD_STEPS:
-                raise TrainingDiverged(
-                    f"training diverged: {state.bad_steps} consecutive steps with a non-finite {bad_reason} "
-                    f"(epoch {epoch}, global step {step}, phase {'warm-up' if warmup else 'equilibrium'}; "
-                    f"last solver stats: {_fmt_stats(stats)}). Lower TRAIN.LR, set TRAIN.CLIP, raise "
-                    f"TRAIN.PRETRAIN_STEPS or MODEL.F_THRES, or raise TRAIN.MAX_BAD_STEPS.")
+            guard.bad(bad_reason, epoch, step, loss, grad_norm, stats, "warm-up" if warmup else "equilibrium")
         if scheduler is not None:
             scheduler.step()
         state.global_step += 1
+        state.batch_in_epoch = i + 1
 
         n = target.shape[0]
         c1, c5 = topk_correct(logits.detach().float(), target, (1, 5))
@@ -195,9 +166,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                 v = _num(stats.get(k))
                 if v is not None:
                     writer.add_scalar(f"solver/{k}", v, step)
-        if i % print_freq == 0:
-            logger.debug("epoch %d [%d/%s] loss %.4f top1 %.2f lr %.3g %s", epoch, i, total, meters["loss"].val,
-                         meters["top1"].val, lr, _fmt_stats(stats))
+        if is_main and step % print_freq == 0:
+            logger.info("epoch %d [%d/%s] step %d loss %.6f top1 %.2f lr %.4g %s", epoch, i, total, step,
+                        loss.item(), 100.0 * c1 / n, lr, _fmt_stats(stats))
+        if stopper is not None and stopper.should_stop():
+            state.interrupted = True
+            break
     bar.close()
 
     # exact epoch averages over all processes

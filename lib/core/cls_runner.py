@@ -2,10 +2,12 @@
 
 Training writes to ``OUTPUT_DIR/<dataset>/<cfg stem>/``:
 
-* ``checkpoint.pth.tar`` after every epoch: model, optimizer, scheduler (and AMP scaler) states,
-  ``epoch`` (the next epoch to run), ``global_step``, ``best_acc``, the config, every rank's RNG
-  states; ``TRAIN.RESUME True`` continues from it (or from ``TRAIN.CHECKPOINT``) at that epoch,
-  step and learning rate.
+* ``checkpoint.pth.tar`` after every epoch and when SIGTERM / SIGINT stops the run (mid-epoch, at a
+  step boundary): model, optimizer, scheduler (and AMP scaler) states, ``epoch`` and
+  ``batch_in_epoch`` (where to continue), ``global_step``, ``best_acc``, the config, every rank's RNG
+  states and the sampler's seed (see :mod:`mdeq.core.checkpointing`); ``TRAIN.RESUME True``
+  continues from it (or from ``TRAIN.CHECKPOINT``) exactly. ``checkpoint_ep{N:04d}.pth.tar``: the
+  last ``TRAIN.KEEP_CHECKPOINTS`` epoch copies (when > 1).
 * ``model_best.pth.tar`` (the weights with the best held-out top-1), ``final_state.pth`` (the final
   weights) and ``results.json`` (final held-out metrics, wall time).
 
@@ -24,17 +26,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..datasets import build_cls_datasets, build_cls_val_dataset
 from ..models import count_parameters, get_cls_net
-from ..utils.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..utils.checkpoint import load_weights, save_checkpoint
 from ..utils.distributed import DistInfo, ShardSampler, all_gather_object, barrier, cleanup, init_distributed
 from ..utils.logger import create_logger
 from ..utils.optim import build_optimizer, build_scheduler, load_scheduler_state
-from ..utils.rng import get_rng_state, seed_everything, set_rng_state
-from .cls_function import TrainState, TrainingDiverged, train_one_epoch, unwrap, validate
+from ..utils.rng import seed_everything
+from .checkpointing import (CheckpointManager, GracefulStop, ResumableSampler, TrainingDiverged, TrainState,
+                            loader_generator, start_epoch)
+from .cls_function import train_one_epoch, unwrap, validate
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +138,15 @@ def _loader(ds: Dataset, batch: int, sampler, cfg, info: DistInfo, train: bool) 
     workers = max(0, int(cfg.WORKERS))
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=bool(cfg.PIN_MEMORY) and info.device.type == "cuda",
-                      drop_last=False, persistent_workers=workers > 0 and train)
+                      drop_last=False, persistent_workers=False,
+                      generator=loader_generator(cfg.SEED, info.rank) if train else None)
 
 
 def _check_classes(ds: Dataset, cfg) -> None:
     base = getattr(ds, "dataset", ds)
     classes = getattr(base, "classes", None)
     if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
-        raise ValueError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but DATASET.DATASET "
+        raise ConfigError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but DATASET.DATASET "
                          f"{cfg.DATASET.DATASET!r} has {len(classes)} classes")
 
 
@@ -153,16 +157,6 @@ def param_checksum(model: nn.Module) -> float:
 
 
 # ---------------------------------------------------------------------------------------- training
-def _resume_path(cfg, out_dir: str) -> str:
-    return cfg.TRAIN.CHECKPOINT or os.path.join(out_dir, CHECKPOINT)
-
-
-def _prune_epoch_copies(out_dir: str, keep: int) -> None:
-    copies = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint_ep") and f.endswith(".pth.tar"))
-    for f in copies[:max(0, len(copies) - keep)]:
-        os.remove(os.path.join(out_dir, f))
-
-
 def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
     args = parse_args(argv, "Train an MDEQ image classifier")
@@ -176,6 +170,9 @@ def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) -> Dict[str, Any]:
     device = info.device
+    manager = CheckpointManager(out_dir, cfg.TRAIN.KEEP_CHECKPOINTS, info.is_main, "best_acc", cfg.TRAIN.CHECKPOINT)
+    resume = manager.check_start(cfg.TRAIN.RESUME, cfg.AUTO_RESUME)  # before anything is written
+    ckpt = manager.load(device) if resume else None  # a bad file fails here, before the data is read
     if info.is_main:
         logger.info("config:\n%s", cfg.dump())
     model = get_cls_net(cfg).to(device)
@@ -188,8 +185,8 @@ def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) ->
     _check_classes(val_ds, cfg)
     logger.info("dataset %s: %d training, %d held-out images", cfg.DATASET.DATASET, len(train_ds), len(val_ds))
     # the same sampler with one replica or many: the shuffling depends only on SEED and the epoch
-    train_sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                       shuffle=bool(cfg.TRAIN.SHUFFLE), seed=cfg.SEED, drop_last=False)
+    train_sampler = ResumableSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=bool(cfg.TRAIN.SHUFFLE), seed=cfg.SEED, drop_last=False)
     train_loader = _loader(train_ds, cfg.TRAIN.BATCH_SIZE_PER_GPU, train_sampler, cfg, info, True)
     val_loader = _loader(val_ds, cfg.TEST.BATCH_SIZE_PER_GPU, ShardSampler(len(val_ds), info.rank, info.world_size),
                          cfg, info, False)
@@ -204,29 +201,12 @@ def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) ->
     criterion = nn.CrossEntropyLoss().to(device)
 
     state = TrainState()
-    begin_epoch, best_acc = cfg.TRAIN.BEGIN_EPOCH, 0.0
-    if cfg.TRAIN.RESUME:
-        path = _resume_path(cfg, out_dir)
-        if os.path.isfile(path):
-            ckpt = load_checkpoint(path, map_location=device)
-            unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            load_scheduler_state(scheduler, ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            begin_epoch, best_acc = int(ckpt["epoch"]), float(ckpt.get("best_acc", 0.0))
-            state.global_step = int(ckpt.get("global_step", begin_epoch * iters_per_epoch))
-            state.skipped_steps = int(ckpt.get("skipped_steps", 0))
-            rng = ckpt.get("rng")
-            if isinstance(rng, list) and len(rng) == info.world_size:
-                set_rng_state(rng[info.rank])
-            elif rng:
-                logger.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored",
-                               len(rng) if isinstance(rng, list) else 1, info.world_size)
-            logger.info("resumed from %s: epoch %d, global step %d, lr %.6g, best top-1 %.2f%%", path,
-                        begin_epoch, state.global_step, optimizer.param_groups[0]["lr"], best_acc)
-        else:
-            logger.warning("TRAIN.RESUME is set but %s does not exist: starting from scratch", path)
+    begin_epoch, start_batch, best_acc = cfg.TRAIN.BEGIN_EPOCH, 0, 0.0
+    if ckpt is not None:
+        begin_epoch, start_batch, best_acc = manager.restore(
+            ckpt, model, optimizer, scheduler, scaler, state, info.rank, info.world_size, cfg.SEED,
+            load_scheduler=load_scheduler_state)
+        del ckpt
 
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -243,51 +223,54 @@ def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) ->
                 cfg.TRAIN.PRETRAIN_STEPS)
     val_res: Dict[str, Any] = {}
     epoch = begin_epoch
+
+    def checkpoint(epoch_: int, batch_: int, epoch_end: bool) -> Optional[str]:
+        ckpt_ = manager.build(model, optimizer, scheduler, scaler, state, epoch_, batch_, best_acc, cfg,
+                              train_sampler, info.world_size)
+        return manager.save(ckpt_, model, state, epoch_end)
+
     try:
-        for epoch in range(begin_epoch, end_epoch):
-            softplus = bool(cfg.MODEL.SOFTPLUS_WARMUP) and epoch < cfg.TRAIN.SOFTPLUS_EPOCHS
-            unwrap(model).set_softplus(softplus)
-            train_sampler.set_epoch(epoch)
-            t0 = time.time()
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, epoch, state, cfg, device,
-                                 writer=writer, scaler=scaler, is_main=info.is_main)
-            val_res = validate(model, val_loader, criterion, cfg, device, writer=writer, step=state.global_step,
-                               is_main=info.is_main)
-            phase = "warm-up" if state.global_step <= cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
-            logger.info("epoch %d (%s%s, %.0fs): train loss %.4f top-1 %.2f%% | held-out loss %.4f top-1 %.2f%% "
-                        "top-5 %.2f%% | f steps %.1f (val %.1f), b steps %s, lr %.3g", epoch, phase,
-                        ", softplus" if softplus else "", time.time() - t0, tr["loss"], tr["top1"], val_res["loss"],
-                        val_res["top1"], val_res["top5"], tr.get("f_steps", float("nan")),
-                        val_res.get("f_steps", float("nan")),
-                        f"{tr['b_steps']:.1f}" if "b_steps" in tr else "-", tr["lr"])
-            is_best = val_res["top1"] > best_acc
-            best_acc = max(best_acc, val_res["top1"])
-            rng_all = all_gather_object(get_rng_state())
-            if info.is_main:
-                net = unwrap(model)
-                ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "global_step": state.global_step,
-                        "best_acc": best_acc, "config": cfg.dump(), "rng": rng_all,
-                        "skipped_steps": state.skipped_steps, "lr": optimizer.param_groups[0]["lr"],
-                        "world_size": info.world_size}
-                if scaler is not None:
-                    ckpt["scaler"] = scaler.state_dict()
-                save_checkpoint(ckpt, os.path.join(out_dir, CHECKPOINT))
-                if cfg.TRAIN.KEEP_CHECKPOINTS > 1:
-                    save_checkpoint(ckpt, os.path.join(out_dir, f"checkpoint_ep{epoch + 1:04d}.pth.tar"))
-                    _prune_epoch_copies(out_dir, cfg.TRAIN.KEEP_CHECKPOINTS)
-                if is_best:
-                    save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                                     "config": cfg.dump()}, os.path.join(out_dir, BEST))
-                writer.add_scalar("valid/best_top1", best_acc, epoch)
-            barrier()
-            if state.stop:
-                logger.info("TRAIN.MAX_ITERS = %d reached at epoch %d", cfg.TRAIN.MAX_ITERS, epoch)
-                break
-    except TrainingDiverged:
-        logger.error("stopping: training diverged (see the warnings above); the last checkpoint is %s",
-                     os.path.join(out_dir, CHECKPOINT))
-        raise
+        with GracefulStop() as stopper:
+            for epoch in range(begin_epoch, end_epoch):
+                softplus = bool(cfg.MODEL.SOFTPLUS_WARMUP) and epoch < cfg.TRAIN.SOFTPLUS_EPOCHS
+                unwrap(model).set_softplus(softplus)
+                start_epoch(train_loader, train_sampler, epoch, start_batch, cfg.TRAIN.BATCH_SIZE_PER_GPU,
+                            cfg.SEED, info.rank)
+                t0 = time.time()
+                tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, epoch, state, cfg,
+                                     device, writer=writer, scaler=scaler, is_main=info.is_main,
+                                     start_batch=start_batch, stopper=stopper)
+                start_batch = 0
+                train_sampler.set_start(0)
+                if state.interrupted:  # SIGTERM / SIGINT: save where we are and leave
+                    saved = checkpoint(epoch, state.batch_in_epoch, False)
+                    barrier()
+                    raise manager.interrupted(stopper, saved)
+                val_res = validate(model, val_loader, criterion, cfg, device, writer=writer,
+                                   step=state.global_step, is_main=info.is_main)
+                phase = "warm-up" if state.global_step <= cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
+                logger.info("epoch %d (%s%s, %.0fs): train loss %.4f top-1 %.2f%% | held-out loss %.4f top-1 "
+                            "%.2f%% top-5 %.2f%% | f steps %.1f (val %.1f), b steps %s, lr %.3g, skipped steps %d",
+                            epoch, phase, ", softplus" if softplus else "", time.time() - t0, tr["loss"],
+                            tr["top1"], val_res["loss"], val_res["top1"], val_res["top5"],
+                            tr.get("f_steps", float("nan")), val_res.get("f_steps", float("nan")),
+                            f"{tr['b_steps']:.1f}" if "b_steps" in tr else "-", tr["lr"], state.skipped_steps)
+                is_best = val_res["top1"] > best_acc
+                best_acc = max(best_acc, val_res["top1"])
+                saved = checkpoint(epoch + 1, 0, True)
+                if info.is_main:
+                    if is_best and saved:
+                        save_checkpoint({"model": unwrap(model).state_dict(), "epoch": epoch + 1,
+                                         "best_acc": best_acc, "config": cfg.dump()}, os.path.join(out_dir, BEST))
+                    writer.add_scalar("valid/best_top1", best_acc, epoch)
+                barrier()
+                if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
+                    raise manager.interrupted(stopper, saved)
+                if state.stop:
+                    logger.info("TRAIN.MAX_ITERS = %d reached at epoch %d", cfg.TRAIN.MAX_ITERS, epoch)
+                    break
+    except TrainingDiverged as e:
+        raise manager.diverged(e) from e
     finally:
         if writer is not None:
             writer.close()

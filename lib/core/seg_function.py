@@ -1,9 +1,12 @@
 """Segmentation training and evaluation loops (single process or DistributedDataParallel).
 
 * :func:`train_one_epoch` — one pass over the training loader: warm-up (unrolled) steps while
-  the global step is below ``TRAIN.PRETRAIN_STEPS``, equilibrium steps after; a step whose loss is
-  not finite on any rank is skipped by every rank (the ranks agree, so DDP stays in step), and
-  ``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps stop the run with :class:`TrainingDiverged`.
+  the global step is below ``TRAIN.PRETRAIN_STEPS``, equilibrium steps after; a step whose loss or
+  gradient is not finite, or whose forward solver hit its divergence guard, on any rank is skipped
+  by every rank (the ranks agree, so DDP stays in step; :class:`mdeq.core.checkpointing.StepGuard`),
+  logged with the solver statistics, and ``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps stop the
+  run with :class:`TrainingDiverged`. Skipped steps do not advance the global step (it counts
+  optimizer updates). A stop signal ends the epoch at the next step boundary (``state.interrupted``).
 * :func:`evaluate` — full-resolution evaluation: confusion matrix summed over the ranks, per-class
   IoU, mIoU, pixel accuracy (conventions of the official Cityscapes evaluation, see
   :mod:`mdeq.core.seg_metrics`) and the mean number of forward solver steps; optional flip and
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..utils.distributed import all_reduce_sum
+from .checkpointing import GracefulStop, StepGuard, TrainingDiverged, TrainState, grad_norm_of, unwrap
 from .criterion import resize_logits
 from .seg_metrics import confusion_matrix, scores_from_confusion
 
@@ -32,25 +35,15 @@ logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss."""
-
-
-@dataclass
-class TrainState:
-    """What the loop carries across epochs (and checkpoints): optimizer steps taken, the current
-    run of skipped steps."""
-
-    global_step: int = 0
-    bad_steps: int = 0
+__all__ = ["TrainState", "TrainingDiverged", "train_one_epoch", "evaluate", "predict", "format_scores",
+           "solver_scalars"]
 
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+_unwrap = unwrap
 
 
 def _scalar(v) -> Optional[float]:
@@ -77,11 +70,18 @@ def solver_scalars(stats: Dict) -> Dict[str, float]:
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, cfg, device: torch.device, state: TrainState, scheduler=None,
                     scheduler_per_iter: bool = False, scaler=None, writer=None, rank: int = 0,
-                    max_iters: int = -1) -> Dict[str, float]:
+                    max_iters: int = -1, start_batch: int = 0,
+                    stopper: Optional[GracefulStop] = None) -> Dict[str, float]:
     """Train for one epoch (or until ``state.global_step`` reaches ``max_iters`` >= 0).
 
     ``scheduler`` is stepped after every optimizer step when ``scheduler_per_iter`` (else the
-    caller steps it per epoch). Returns the mean loss and the counts of steps taken and skipped.
+    caller steps it per epoch). ``start_batch``: the index of the loader's first batch within the
+    epoch (a resumed epoch). ``stopper`` is checked after every batch; when it asks to stop, the
+    epoch ends there with ``state.interrupted`` set. Returns the mean loss and the counts of steps
+    taken and skipped.
+
+    Raises:
+        TrainingDiverged: TRAIN.MAX_BAD_STEPS consecutive steps were skipped.
     """
     model.train()
     net = _unwrap(model)
@@ -90,71 +90,80 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
     print_freq = max(1, cfg.PRINT_FREQ)
     amp = scaler is not None
+    guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
     loss_sum, n_steps, n_skipped = 0.0, 0, 0
     start = time.time()
+    total = start_batch + len(loader)
+    state.batch_in_epoch = start_batch
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True, leave=False)
-    for i, (images, labels, _) in enumerate(bar):
+    for i, (images, labels, _) in enumerate(bar, start=start_batch):
         if 0 <= max_iters <= state.global_step:
+            state.stop = True
             break
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         step = state.global_step
+        phase = "warm-up" if 0 <= step < pretrain_steps else "equilibrium"
         with torch.autocast(device_type=device.type, enabled=amp):
             logits = model(images, train_step=step)
             loss = criterion(logits.float(), labels)
-        finite = torch.isfinite(loss.detach()).float()
-        if _dist_on():  # every rank must take the same branch, or DDP's all-reduce would hang
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        stats = dict(getattr(net, "solver_stats", {}) or {})
         optimizer.zero_grad(set_to_none=True)
-        if finite.item() < 1.0:
-            n_skipped += 1
-            state.bad_steps += 1
-            logger.warning("epoch %d iter %d (step %d): non-finite loss %s on some rank, step skipped "
-                           "(%d in a row, limit TRAIN.MAX_BAD_STEPS = %d)", epoch, i, step, loss.item(),
-                           state.bad_steps, cfg.TRAIN.MAX_BAD_STEPS)
+        reason = guard.forward_problem(loss, stats)
+        grad_norm = None
+        if reason is not None:
             if _dist_on():  # a zero gradient through every parameter keeps DDP's reducer in step
                 zero = sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
                 zero.backward()
                 optimizer.zero_grad(set_to_none=True)
-            if state.bad_steps >= cfg.TRAIN.MAX_BAD_STEPS:
-                raise TrainingDiverged(f"{state.bad_steps} consecutive steps with a non-finite loss "
-                                       f"(epoch {epoch}, step {step}); stopping (TRAIN.MAX_BAD_STEPS)")
-            continue
-        state.bad_steps = 0
-        lr = optimizer.param_groups[0]["lr"]  # the rate of this step, before the scheduler moves it
-        if amp:
-            scaler.scale(loss).backward()
-            if cfg.TRAIN.CLIP > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
-            scaler.step(optimizer)
-            scaler.update()
         else:
-            loss.backward()
-            if cfg.TRAIN.CLIP > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
-            optimizer.step()
-        if scheduler is not None and scheduler_per_iter:
-            scheduler.step()
-        state.global_step += 1
-        n_steps += 1
-        loss_value = loss.item()
-        loss_sum += loss_value
-        stats = solver_scalars(net.solver_stats)
-        if rank == 0:
-            bar.set_postfix(loss=f"{loss_value:.4f}", mode=net.solver_stats.get("mode", "?"),
-                            f=stats.get("f_steps", 0))
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_value, state.global_step)
-                writer.add_scalar("train/lr", lr, state.global_step)
-                writer.add_scalar("train/equilibrium", float(step >= pretrain_steps), state.global_step)
-                for k, v in stats.items():
-                    writer.add_scalar(f"solver/{k}", v, state.global_step)
-            if i % print_freq == 0:
-                extra = " ".join(f"{k}={v:.4g}" for k, v in stats.items())
-                logger.info("epoch %d iter %d/%d step %d: loss %.4f lr %.3g mode %s %s (%.2fs/iter)", epoch, i,
-                            len(loader), step, loss_value, lr, net.solver_stats.get("mode", "?"), extra,
-                            (time.time() - start) / (i + 1))
+            lr = optimizer.param_groups[0]["lr"]  # the rate of this step, before the scheduler moves it
+            if amp:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = grad_norm_of(model, cfg.TRAIN.CLIP)  # the scaler skips non-finite steps itself
+            else:
+                loss.backward()
+                grad_norm = grad_norm_of(model, cfg.TRAIN.CLIP)
+                reason = guard.gradient_problem(grad_norm)
+            stats = dict(getattr(net, "solver_stats", {}) or {})
+        state.batch_in_epoch = i + 1
+        if reason is not None:
+            optimizer.zero_grad(set_to_none=True)
+            n_skipped += 1
+            guard.bad(reason, epoch, step, loss, grad_norm, stats, phase)
+        else:
+            guard.good()
+            if amp:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if scheduler is not None and scheduler_per_iter:
+                scheduler.step()
+            state.global_step += 1
+            n_steps += 1
+            loss_value = loss.item()
+            loss_sum += loss_value
+            scalars = solver_scalars(stats)
+            if rank == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", mode=stats.get("mode", "?"), f=scalars.get("f_steps", 0))
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_value, state.global_step)
+                    writer.add_scalar("train/lr", lr, state.global_step)
+                    writer.add_scalar("train/equilibrium", float(step >= pretrain_steps), state.global_step)
+                    if grad_norm is not None:
+                        writer.add_scalar("train/grad_norm", grad_norm, state.global_step)
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"solver/{k}", v, state.global_step)
+                if i % print_freq == 0:
+                    extra = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+                    logger.info("epoch %d iter %d/%d step %d: loss %.6f lr %.3g mode %s %s (%.2fs/iter)", epoch,
+                                i, total, step, loss_value, lr, stats.get("mode", "?"), extra,
+                                (time.time() - start) / (i - start_batch + 1))
+        if stopper is not None and stopper.should_stop():
+            state.interrupted = True
+            break
     bar.close()
     mean_loss = loss_sum / max(n_steps, 1)
     totals = torch.tensor([loss_sum, float(n_steps)], dtype=torch.float64, device=device)

@@ -4,8 +4,11 @@ distributed, logging, model, weights), the epoch loop with checkpoints, and the 
 Checkpoints (written by rank 0 alone, atomically) under the output folder
 ``OUTPUT_DIR/cityscapes/<config name>/``:
 
-* ``checkpoint.pth.tar`` every epoch: model, optimizer, scheduler, epoch, global step, best mIoU
-  (what ``TRAIN.RESUME`` continues from);
+* ``checkpoint.pth.tar`` every epoch and when SIGTERM / SIGINT stops the run (mid-epoch, at a step
+  boundary): model, optimizer, scheduler, AMP scaler, epoch and batch within it, global step, best
+  mIoU, RNG states, sampler seed (what ``TRAIN.RESUME`` continues from exactly, see
+  :mod:`mdeq.core.checkpointing`); ``checkpoint_ep{N:04d}.pth.tar``: the last
+  ``TRAIN.KEEP_CHECKPOINTS`` epoch copies (when > 1);
 * ``best.pth``: the model of the best validation mIoU so far;
 * ``final_state.pth``: the model at the end of training.
 """
@@ -23,18 +26,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, train_ids_to_label_ids
 from ..models import count_parameters, get_seg_net
-from ..utils.checkpoint import load_checkpoint, load_pretrained, load_weights, save_checkpoint
-from ..utils.distributed import ShardSampler, cleanup, init_distributed
+from ..utils.checkpoint import load_pretrained, load_weights, save_checkpoint
+from ..utils.distributed import ShardSampler, barrier, cleanup, init_distributed
 from ..utils.logger import create_logger
 from ..utils.optim import build_optimizer, build_scheduler
 from ..utils.rng import seed_everything
 from .criterion import build_criterion
-from .seg_function import TrainState, TrainingDiverged, evaluate, format_scores, train_one_epoch
+from .checkpointing import (CheckpointManager, GracefulStop, ResumableSampler, TrainingDiverged, TrainState,
+                            loader_generator, start_epoch)
+from .seg_function import evaluate, format_scores, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +134,19 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset, cfg, ctx: Context, train: bool) -> DataLoader:
+    """Training: a :class:`ResumableSampler` (seeded by SEED and the epoch, one process or many) and a
+    private generator (exact resumption); evaluation: each rank its shard, in order."""
     if train:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=cfg.TRAIN.SHUFFLE,
-                                     seed=cfg.SEED, drop_last=True) if ctx.distributed else None
-        shuffle = cfg.TRAIN.SHUFFLE if sampler is None else False
+        sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, shuffle=cfg.TRAIN.SHUFFLE, seed=cfg.SEED,
+                                   drop_last=True)
         batch = cfg.TRAIN.BATCH_SIZE_PER_GPU
     else:
         sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size) if ctx.distributed else None
-        shuffle, batch = False, cfg.TEST.BATCH_SIZE_PER_GPU
-    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, sampler=sampler, num_workers=cfg.WORKERS,
+        batch = cfg.TEST.BATCH_SIZE_PER_GPU
+    return DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler, num_workers=cfg.WORKERS,
                       pin_memory=cfg.PIN_MEMORY and ctx.device.type == "cuda", drop_last=train,
-                      worker_init_fn=_worker_init, persistent_workers=False)
+                      worker_init_fn=_worker_init, persistent_workers=False,
+                      generator=loader_generator(cfg.SEED, ctx.rank) if train else None)
 
 
 def load_backbone(model: nn.Module, path: str) -> Dict[str, List[str]]:
@@ -175,18 +181,6 @@ def build_model(cfg, ctx: Context, for_training: bool) -> nn.Module:
     return model
 
 
-def _checkpoint_state(model: nn.Module, optimizer, scheduler, scaler, epoch: int, state: TrainState,
-                      best_miou: float, cfg) -> Dict:
-    net = model.module if hasattr(model, "module") else model
-    out = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-           "global_step": state.global_step, "best_miou": best_miou, "config": cfg.dump()}
-    if scheduler is not None:
-        out["scheduler"] = scheduler.state_dict()
-    if scaler is not None:
-        out["scaler"] = scaler.state_dict()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- training
 def train_main(args: argparse.Namespace) -> Dict:
     cfg = config_from_args(args)
@@ -198,11 +192,14 @@ def train_main(args: argparse.Namespace) -> Dict:
 
 
 def _train(cfg, ctx: Context) -> Dict:
+    manager = CheckpointManager(ctx.out_dir, cfg.TRAIN.KEEP_CHECKPOINTS, ctx.main, "best_miou", cfg.TRAIN.CHECKPOINT)
+    resume = manager.check_start(cfg.TRAIN.RESUME, cfg.AUTO_RESUME)  # before anything is written
+    ckpt = manager.load(ctx.device) if resume else None  # a bad file fails here, before the data is read
     train_set = CityscapesDataset.from_config(cfg, "train")
     val_set = CityscapesDataset.from_config(cfg, "val") if cfg.DATASET.TEST_SET else None
     train_loader = make_loader(train_set, cfg, ctx, train=True)
     if len(train_loader) == 0:
-        raise ValueError(f"{cfg.DATASET.TRAIN_SET}: {len(train_set)} images give no full batch of "
+        raise ConfigError(f"{cfg.DATASET.TRAIN_SET}: {len(train_set)} images give no full batch of "
                          f"{cfg.TRAIN.BATCH_SIZE_PER_GPU} per process on {ctx.world_size} processes")
     val_loader = make_loader(val_set, cfg, ctx, train=False) if val_set is not None else None
 
@@ -218,22 +215,14 @@ def _train(cfg, ctx: Context) -> Dict:
     criterion = build_criterion(cfg).to(ctx.device)
 
     state = TrainState()
-    begin, best_miou = cfg.TRAIN.BEGIN_EPOCH, -1.0
-    ckpt_path = os.path.join(ctx.out_dir, "checkpoint.pth.tar")
-    if cfg.TRAIN.RESUME and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, map_location=ctx.device)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and "scheduler" in ckpt:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        begin, best_miou = int(ckpt["epoch"]), float(ckpt.get("best_miou", -1.0))
-        state.global_step = int(ckpt.get("global_step", 0))
-        logger.info("resumed from %s: epoch %d, step %d, best mIoU %.4f", ckpt_path, begin, state.global_step,
-                    best_miou)
-    elif cfg.TRAIN.RESUME:
-        logger.info("TRAIN.RESUME: no %s yet, starting from scratch", ckpt_path)
+    begin, start_batch, best_miou = cfg.TRAIN.BEGIN_EPOCH, 0, -1.0
+    if ckpt is not None:
+        begin, start_batch, best_miou = manager.restore(ckpt, net, optimizer, scheduler, scaler,
+                                                        state, ctx.rank, ctx.world_size, cfg.SEED)
+        logger.info("continuing at epoch %d, step %d (batch %d of the epoch), best mIoU %.4f", begin,
+                    state.global_step, start_batch, best_miou)
+        del ckpt
+    sampler = train_loader.sampler
 
     writer = None
     if ctx.main:
@@ -242,49 +231,63 @@ def _train(cfg, ctx: Context) -> Dict:
     ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
     last_scores: Dict = {}
     epoch = begin
+
+    def checkpoint(epoch_: int, batch_: int, epoch_end: bool) -> Optional[str]:
+        ckpt = manager.build(model, optimizer, scheduler, scaler, state, epoch_, batch_, best_miou, cfg, sampler,
+                             ctx.world_size)
+        return manager.save(ckpt, model, state, epoch_end)
+
     try:
-        for epoch in range(begin, cfg.TRAIN.END_EPOCH):
-            if 0 <= cfg.TRAIN.MAX_ITERS <= state.global_step:
-                break
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)
-            result = train_one_epoch(model, train_loader, criterion, optimizer, epoch, cfg, ctx.device, state,
-                                     scheduler=scheduler, scheduler_per_iter=per_iter, scaler=scaler,
-                                     writer=writer, rank=ctx.rank, max_iters=cfg.TRAIN.MAX_ITERS)
-            if scheduler is not None and not per_iter:
-                scheduler.step()
-            logger.info("epoch %d: mean loss %.4f over %d steps (%d skipped), global step %d", epoch,
-                        result["loss"], result["steps"], result["skipped"], state.global_step)
-            if val_loader is not None:
-                last_scores = evaluate(net, val_loader, cfg.DATASET.NUM_CLASSES, ctx.device, ignore, rank=ctx.rank,
-                                       class_names=CLASS_NAMES)
-                logger.info("epoch %d validation:\n%s", epoch, format_scores(last_scores))
-                if writer is not None:
-                    writer.add_scalar("val/miou", last_scores["miou"], epoch)
-                    writer.add_scalar("val/pixel_acc", last_scores["pixel_acc"], epoch)
-                    writer.add_scalar("val/mean_f_steps", last_scores["mean_f_steps"], epoch)
-            miou = last_scores.get("miou", float("nan"))
-            if ctx.main:
-                save_checkpoint(_checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, state,
-                                                  max(best_miou, miou if miou == miou else -1.0), cfg), ckpt_path)
-                if miou == miou and miou > best_miou:
+        with GracefulStop() as stopper:
+            for epoch in range(begin, cfg.TRAIN.END_EPOCH):
+                if 0 <= cfg.TRAIN.MAX_ITERS <= state.global_step:
+                    break
+                start_epoch(train_loader, sampler, epoch, start_batch, cfg.TRAIN.BATCH_SIZE_PER_GPU, cfg.SEED,
+                            ctx.rank)
+                result = train_one_epoch(model, train_loader, criterion, optimizer, epoch, cfg, ctx.device, state,
+                                         scheduler=scheduler, scheduler_per_iter=per_iter, scaler=scaler,
+                                         writer=writer, rank=ctx.rank, max_iters=cfg.TRAIN.MAX_ITERS,
+                                         start_batch=start_batch, stopper=stopper)
+                start_batch = 0
+                sampler.set_start(0)
+                if state.interrupted:  # SIGTERM / SIGINT: save where we are and leave
+                    saved = checkpoint(epoch, state.batch_in_epoch, False)
+                    barrier()
+                    raise manager.interrupted(stopper, saved)
+                if scheduler is not None and not per_iter:
+                    scheduler.step()
+                logger.info("epoch %d: mean loss %.4f over %d steps (%d skipped), global step %d", epoch,
+                            result["loss"], result["steps"], result["skipped"], state.global_step)
+                if val_loader is not None:
+                    last_scores = evaluate(net, val_loader, cfg.DATASET.NUM_CLASSES, ctx.device, ignore,
+                                           rank=ctx.rank, class_names=CLASS_NAMES)
+                    logger.info("epoch %d validation:\n%s", epoch, format_scores(last_scores))
+                    if writer is not None:
+                        writer.add_scalar("val/miou", last_scores["miou"], epoch)
+                        writer.add_scalar("val/pixel_acc", last_scores["pixel_acc"], epoch)
+                        writer.add_scalar("val/mean_f_steps", last_scores["mean_f_steps"], epoch)
+                miou = last_scores.get("miou", float("nan"))
+                is_best = miou == miou and miou > best_miou
+                if miou == miou:
+                    best_miou = max(best_miou, miou)
+                saved = checkpoint(epoch + 1, 0, True)
+                if ctx.main and is_best and saved:
                     save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "miou": miou},
                                     os.path.join(ctx.out_dir, "best.pth"))
                     logger.info("new best mIoU %.4f (epoch %d) -> best.pth", miou, epoch)
-            if miou == miou:
-                best_miou = max(best_miou, miou)
+                barrier()
+                if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
+                    raise manager.interrupted(stopper, saved)
     except TrainingDiverged as e:
-        logger.error("%s", e)
+        raise manager.diverged(e) from e
+    finally:
         if writer is not None:
             writer.close()
-        raise SystemExit(2)
     if ctx.main:
         save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "global_step": state.global_step},
                         os.path.join(ctx.out_dir, "final_state.pth"))
         logger.info("done: %d steps; final_state.pth in %s; best mIoU %.4f", state.global_step, ctx.out_dir,
                     best_miou)
-    if writer is not None:
-        writer.close()
     return {"best_miou": best_miou, "global_step": state.global_step, "scores": last_scores}
 
 

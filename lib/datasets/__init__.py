@@ -9,7 +9,8 @@ from typing import Tuple
 
 from torch.utils.data import Dataset
 
-from .common import subset_fraction
+from ..config.loader import ConfigError
+from .common import DatasetError, subset_fraction
 
 CLS_DATASETS = ("cifar10", "imagenet", "digits")
 
@@ -23,7 +24,7 @@ def _builder(cfg):
     elif name == "digits":
         from .digits import build_digits as build
     else:
-        raise ValueError(f"DATASET.DATASET = {cfg.DATASET.DATASET!r}: classification supports {CLS_DATASETS}")
+        raise ConfigError(f"DATASET.DATASET = {cfg.DATASET.DATASET!r}: classification supports {CLS_DATASETS}")
     return build
 
 
@@ -44,4 +45,4 @@ def build_cls_datasets(cfg) -> Tuple[Dataset, Dataset]:
     return train, val
 
 
-__all__ = ["build_cls_datasets", "build_cls_val_dataset", "subset_fraction", "CLS_DATASETS"]
+__all__ = ["build_cls_datasets", "build_cls_val_dataset", "subset_fraction", "CLS_DATASETS", "DatasetError"]

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .common import require_dir, require_files
+from .common import DatasetError, require_dir, require_files
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ def read_batch(path: str) -> dict:
         with open(path, "rb") as f:
             entry = _SafeUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise RuntimeError(f"cannot read CIFAR batch {path}: {e}") from e
+        raise DatasetError(f"cannot read CIFAR batch {path}: {e} (truncated or tampered? extract "
+                           f"cifar-10-python.tar.gz again)") from e
     if not isinstance(entry, dict):
-        raise RuntimeError(f"CIFAR batch {path} holds a {type(entry).__name__}, expected a dict")
+        raise DatasetError(f"CIFAR batch {path} holds a {type(entry).__name__}, expected a dict")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
 
 
@@ -90,17 +91,17 @@ class CIFAR10(Dataset):
         for name in files:
             entry = read_batch(os.path.join(folder, name))
             if "data" not in entry or not ("labels" in entry or "fine_labels" in entry):
-                raise RuntimeError(f"CIFAR batch {os.path.join(folder, name)} lacks 'data' or 'labels' "
+                raise DatasetError(f"CIFAR batch {os.path.join(folder, name)} lacks 'data' or 'labels' "
                                    f"(keys: {sorted(entry)})")
             arr = np.asarray(entry["data"], dtype=np.uint8)
             if arr.ndim != 2 or arr.shape[1] != 3072:
-                raise RuntimeError(f"CIFAR batch {name}: 'data' has shape {arr.shape}, expected (N, 3072)")
+                raise DatasetError(f"CIFAR batch {name}: 'data' has shape {arr.shape}, expected (N, 3072)")
             data.append(arr)
             labels.extend(int(v) for v in entry.get("labels", entry.get("fine_labels")))
         self.data = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NHWC
         self.targets = labels
         if len(self.targets) != len(self.data):
-            raise RuntimeError(f"CIFAR-10 in {folder}: {len(self.data)} images but {len(self.targets)} labels")
+            raise DatasetError(f"CIFAR-10 in {folder}: {len(self.data)} images but {len(self.targets)} labels")
         meta = os.path.join(folder, "batches.meta")
         names = read_batch(meta).get("label_names", []) if os.path.isfile(meta) else []
         self.classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in names]

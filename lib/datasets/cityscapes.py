@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .common import DatasetError
+
 logger = logging.getLogger(__name__)
 
 # one thread per worker: OpenCV's own thread pool fights the DataLoader workers
@@ -95,7 +97,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CityscapesError(RuntimeError):
+class CityscapesError(DatasetError):
     """A problem with the Cityscapes files (list, image or label), naming the file."""
 
 

@@ -11,6 +11,11 @@ from torch.utils.data import Dataset, Subset
 logger = logging.getLogger(__name__)
 
 
+class DatasetError(RuntimeError):
+    """Data that cannot be used (an unreadable, truncated or tampered file, an image without its
+    label, an empty list); the message names the file and what to do."""
+
+
 def subset_fraction(ds: Dataset, percent: float, seed: int = 0, name: str = "PERCENT") -> Dataset:
     """A fixed random ``percent`` of ``ds`` (``percent`` in (0, 1]; 1 returns ``ds`` unchanged).
 
@@ -18,7 +23,8 @@ def subset_fraction(ds: Dataset, percent: float, seed: int = 0, name: str = "PER
     run sees the same samples.
     """
     if not 0.0 < percent <= 1.0:
-        raise ValueError(f"{name} = {percent} must lie in (0, 1]")
+        from ..config.loader import ConfigError
+        raise ConfigError(f"{name} = {percent} must lie in (0, 1]")
     if percent >= 1.0:
         return ds
     n = len(ds)  # type: ignore[arg-type]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Tuple
 
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .common import require_dir
+from .common import DatasetError, require_dir
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -25,10 +26,22 @@ def imagenet_transforms(size: int = 224) -> Tuple[Callable, Callable]:
     return train, val
 
 
+def pil_loader(path: str) -> Image.Image:
+    """Open ``path`` as an RGB PIL image; an unreadable or truncated file is a :class:`DatasetError`
+    naming it (instead of PIL's error from inside a DataLoader worker)."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise DatasetError(f"cannot read image {path}: {e} (unreadable or truncated: replace or remove the "
+                           f"file)") from e
+
+
 def _folder(path: str, transform: Callable, split: str) -> Dataset:
     require_dir(path, f"ImageNet {split} split not found", HINT)
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path, transform=transform, loader=pil_loader)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise FileNotFoundError(f"ImageNet {split} split at {os.path.abspath(path)} is empty or malformed: {e}. "
                                 f"{HINT}") from e

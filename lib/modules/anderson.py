@@ -1,10 +1,17 @@
 """Anderson acceleration (type II) for z = f(z), batched per sample.
 
-With the last n <= m iterates x_i and their images f_i = f(x_i), residuals G = F - X, the next
-iterate mixes the images with weights alpha that minimise ||G^T alpha|| subject to sum(alpha) = 1
-(Tikhonov-regularised by ``lam``):
+With the last n <= m iterates x_i, their images f_i = f(x_i) and residuals g_i = f_i - x_i, the
+next iterate mixes the images with weights alpha that minimise ||G^T alpha|| subject to
+sum(alpha) = 1 (Tikhonov-regularised by ``lam``):
 
-    x_next = beta * F^T alpha + (1 - beta) * X^T alpha.
+    [[0, 1^T], [1, G G^T + lam I]] [b; alpha] = [1; 0],
+    x_next = beta * F^T alpha + (1 - beta) * X^T alpha = F^T alpha - (1 - beta) G^T alpha.
+
+Implementation: F and G live in preallocated (B, m, D) ring buffers and the Gram matrix G G^T in
+a (B, m, m) one that is updated by one row per step (G g_new, a single pass over G), so a step costs
+two passes over the history (three when beta != 1) and an (n+1) x (n+1) solve, not the O(n^2 D)
+of forming G G^T afresh. Samples that converged or diverged are frozen by a per-sample mask; the
+weights do not depend on the order of the slots, so no reordering is needed.
 """
 from __future__ import annotations
 
@@ -12,43 +19,65 @@ import torch
 
 from .residuals import FixedPointFn, IterateTracker, SolverResult
 
+Tensor = torch.Tensor
+
 
 @torch.no_grad()
-def anderson(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
+def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
              memory: int = 5, beta: float = 1.0, lam: float = 1e-4, **_unused) -> SolverResult:
-    """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f."""
+    """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
+
+    Args:
+        f: maps (B, D) -> (B, D).
+        z0: (B, D) the starting point.
+        threshold: the largest number of f evaluations.
+        eps: tolerance on the per-sample residual (see ``stop_mode``).
+        stop_mode: ``'rel'`` or ``'abs'``.
+        memory: m, the number of past iterates mixed (at least 2; ``<= 0``: m = threshold).
+        beta: the mixing (damping) parameter; 1 mixes the images f_i only.
+        lam: Tikhonov regularisation of the Gram matrix G G^T.
+
+    Returns:
+        :class:`SolverResult` with the lowest-residual iterate of each sample.
+    """
     bsz, dim = z0.shape
-    m = max(2, int(memory))
-    xs = z0.new_zeros(bsz, m, dim)
-    fs = z0.new_zeros(bsz, m, dim)
+    m = max(2, int(memory) if memory > 0 else int(threshold))
+    fs = z0.new_empty(bsz, m, dim)         # images f_i; only filled slots are read
+    gs = z0.new_empty(bsz, m, dim)         # residuals g_i = f_i - x_i
+    gram = z0.new_zeros(bsz, m, m)         # g_i . g_j, slot order
     tracker = IterateTracker(z0, eps, stop_mode)
-    # the bordered system [[0, 1^T], [1, G G^T + lam I]] [b; alpha] = [1; 0]
-    hmat = z0.new_zeros(bsz, m + 1, m + 1)
-    hmat[:, 0, 1:] = hmat[:, 1:, 0] = 1
+    # the bordered system, (B, m+1, m+1): row/column 0 carry the constraint sum(alpha) = 1
+    border = z0.new_zeros(m + 1, m + 1)
+    border[0, 1:] = border[1:, 0] = 1
+    border[1:, 1:] = lam * torch.eye(m, dtype=z0.dtype, device=z0.device)
     rhs = z0.new_zeros(bsz, m + 1, 1)
     rhs[:, 0] = 1
-    eye = torch.eye(m, dtype=z0.dtype, device=z0.device)
 
     x = z0
     steps = 0
     while steps < threshold:
         fx = f(x)
-        slot = steps % m
-        xs[:, slot], fs[:, slot] = x, fx
         steps += 1
         if not tracker.update(x, fx) or steps >= threshold:
             break
+        slot = (steps - 1) % m
         n = min(steps, m)
+        g = fx - x
+        fs[:, slot] = fx
+        gs[:, slot] = g
+        row = torch.bmm(g.unsqueeze(1), gs[:, :n].transpose(1, 2)).squeeze(1)   # (B, n): g_new . g_i
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
         if n == 1:
-            x_next = beta * fx + (1 - beta) * x
+            x_next = fx - (1 - beta) * g
         else:
-            g = fs[:, :n] - xs[:, :n]
-            h = hmat[:, : n + 1, : n + 1].clone()
-            h[:, 1:, 1:] = torch.bmm(g, g.transpose(1, 2)) + lam * eye[:n, :n]
-            alpha = torch.linalg.solve(h, rhs[:, : n + 1])[:, 1:, 0]      # (B, n)
-            mixed_f = torch.bmm(alpha.unsqueeze(1), fs[:, :n]).squeeze(1)
-            mixed_x = torch.bmm(alpha.unsqueeze(1), xs[:, :n]).squeeze(1)
-            x_next = beta * mixed_f + (1 - beta) * mixed_x
-            x_next = torch.where(torch.isfinite(x_next).all(dim=1, keepdim=True), x_next, fx)
+            h = border[: n + 1, : n + 1] + torch.nn.functional.pad(gram[:, :n, :n], (1, 0, 1, 0))
+            sol, info = torch.linalg.solve_ex(h, rhs[:, : n + 1])
+            alpha = sol[:, 1:].transpose(1, 2)                              # (B, 1, n)
+            x_next = torch.bmm(alpha, fs[:, :n]).squeeze(1)
+            if beta != 1:
+                x_next = x_next - (1 - beta) * torch.bmm(alpha, gs[:, :n]).squeeze(1)
+            ok = (info == 0)[:, None] & torch.isfinite(x_next).all(dim=1, keepdim=True)
+            x_next = torch.where(ok, x_next, fx)
         x = torch.where(tracker.active[:, None], x_next, tracker.restore_diverged(x))
     return tracker.result(steps)

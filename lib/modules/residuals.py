@@ -63,13 +63,20 @@ class IterateTracker:
         eps: tolerance on the residual chosen by ``stop_mode``.
         stop_mode: ``'rel'`` or ``'abs'``.
         div_factor: a sample whose residual exceeds ``div_factor`` times its best is stopped.
+        restart: if > 0, :attr:`lost` marks the active samples whose residual exceeds ``restart``
+            times their best, and the diverged ones (a solver puts them back at their best iterate).
+
+    After each :meth:`update`: ``last_g`` (B, D) is ``f(z) - z`` in z's dtype, ``any_lost`` and
+    ``any_diverged`` are host booleans fetched with the one stopping test, so that a solver can
+    skip its restore work without waiting on the device again.
     """
 
-    def __init__(self, z0: Tensor, eps: float, stop_mode: str = "rel", div_factor: float = 1e3) -> None:
+    def __init__(self, z0: Tensor, eps: float, stop_mode: str = "rel", div_factor: float = 1e3,
+                 restart: float = 0.0) -> None:
         if stop_mode not in ("rel", "abs"):
             raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
         bsz = z0.shape[0]
-        self.eps, self.stop_mode, self.div_factor = eps, stop_mode, div_factor
+        self.eps, self.stop_mode, self.div_factor, self.restart = eps, stop_mode, div_factor, restart
         self.best_z = z0.detach().clone()
         self.best_fz = z0.detach().clone()
         inf = torch.full((bsz,), float("inf"), device=z0.device, dtype=torch.float32)
@@ -83,11 +90,14 @@ class IterateTracker:
         self.abs_trace: List[float] = []
         self.updates = 0
         self.improved_after_start = torch.zeros_like(self.diverged)
+        self.lost = torch.zeros_like(self.diverged)
+        self.any_lost = self.any_diverged = False
+        self.last_g = z0
 
     def update(self, z: Tensor, fz: Tensor) -> bool:
         """Record the residual of ``z`` (with ``fz = f(z)``); returns True while some sample is active."""
-        g = (fz - z).float()
-        abs_b = g.norm(dim=1)
+        self.last_g = g = fz - z
+        abs_b = g.float().norm(dim=1)
         fnorm_b = fz.float().norm(dim=1)
         rel_b = abs_b / (fnorm_b + _TINY)
         res_b = rel_b if self.stop_mode == "rel" else abs_b
@@ -95,8 +105,9 @@ class IterateTracker:
         better = finite & (res_b < self.best_res)
         if self.updates > 0:
             self.improved_after_start |= better
-        self.best_z.copy_(torch.where(better[:, None], z.detach(), self.best_z))
-        self.best_fz.copy_(torch.where(better[:, None], fz.detach(), self.best_fz))
+        # in place: no (B, D) temporaries (``out`` aliasing the input is exact for elementwise ops)
+        torch.where(better[:, None], z.detach(), self.best_z, out=self.best_z)
+        torch.where(better[:, None], fz.detach(), self.best_fz, out=self.best_fz)
         self.last_res = res_b
         self.best_res = torch.where(better, res_b, self.best_res)
         self.best_abs = torch.where(better, abs_b, self.best_abs)
@@ -109,13 +120,21 @@ class IterateTracker:
         self.updates += 1
         cur_abs = torch.nan_to_num(abs_b, nan=float("inf")).square().sum().sqrt()
         cur_rel = cur_abs / (torch.nan_to_num(fnorm_b).square().sum().sqrt() + _TINY)
-        cur_abs, cur_rel, any_active = torch.stack([cur_abs, cur_rel, self.active.any().float()]).tolist()
+        flags = [cur_abs, cur_rel, self.active.any().float(), self.diverged.any().float()]
+        if self.restart > 0:
+            self.lost = (self.active & (res_b > self.restart * self.best_res)) | self.diverged
+            flags.append(self.lost.any().float())
+        values = torch.stack(flags).tolist()           # the one wait for the device per step
+        cur_abs, cur_rel, any_active, self.any_diverged = values[0], values[1], values[2] > 0, values[3] > 0
+        self.any_lost = self.restart > 0 and values[4] > 0
         self.abs_trace.append(cur_abs)
         self.trace.append(cur_rel)
         return bool(any_active)
 
     def restore_diverged(self, z: Tensor) -> Tensor:
         """Put diverged samples back at their best iterate (so that they stay finite and frozen)."""
+        if not self.any_diverged:
+            return z
         return torch.where(self.diverged[:, None], self.best_z.to(z.dtype), z)
 
     def result(self, steps: int) -> SolverResult:

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -26,6 +27,28 @@ _ORIGINAL_ALIASES = ("fullstage_copy.", "deq.func_copy.", "deq.func.")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class OutputDirError(OSError):
+    """An output folder that cannot be created or written."""
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Raises:
+        OutputDirError: naming the folder, the reason and what to do.
+    """
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputDirError(f"{what} {os.path.abspath(folder)} cannot be written ({e.strerror or e}): choose a "
+                             f"writable folder (OUTPUT_DIR / --modelDir, LOG_DIR / --logDir) or fix its "
+                             f"permissions / free disk space") from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -45,17 +68,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({e})") from e
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: test hook: seconds to sleep between writing the temporary file and renaming it (crash tests)
+SAVE_DELAY_ENV = "MDEQ_TEST_SAVE_DELAY"
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+
+    The temporary file is ``.tmp-<name>-XXXX`` in the same folder; it is removed if the write fails.
+    A process killed at any moment leaves ``path`` either old or new, never partial.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
+        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            logger.warning("%s=%s: sleeping before renaming %s to %s", SAVE_DELAY_ENV, delay, tmp, path)
+            time.sleep(delay)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

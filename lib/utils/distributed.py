@@ -42,6 +42,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+class DeviceError(RuntimeError):
+    """More processes than devices, or a device that was asked for but is missing."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -63,7 +67,8 @@ def init_distributed(local_rank_arg: int = -1, backend: Optional[str] = None,
         device: force ``'cpu'`` or ``'cuda'``; default CUDA when available.
 
     Raises:
-        RuntimeError: more processes on this node than visible GPUs, or a malformed environment.
+        DeviceError: more processes on this node than visible GPUs.
+        RuntimeError: a malformed environment.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -73,10 +78,10 @@ def init_distributed(local_rank_arg: int = -1, backend: Optional[str] = None,
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+            raise DeviceError("device 'cuda' was requested but CUDA is not available")
         n_gpus = torch.cuda.device_count()
         if local_rank >= n_gpus:
-            raise RuntimeError(
+            raise DeviceError(
                 f"process with LOCAL_RANK={local_rank} has no GPU: only {n_gpus} visible "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
                 f"launch at most {n_gpus} processes per node (torchrun --nproc_per_node={n_gpus})")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .checkpoint import check_writable
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -40,14 +42,17 @@ def create_logger(cfg, cfg_path: Optional[str], phase: str = "train", rank: Opti
 
     Returns:
         ``(logger, final_output_dir, tb_log_dir)``; the folders exist on rank 0.
+
+    Raises:
+        OutputDirError: a folder cannot be created or written (checked before any file is written).
     """
     if rank is None:
         rank = int(os.environ.get("RANK", "0") or 0)
     out_dir, tb_dir, run_name = output_dirs(cfg, cfg_path, phase)
     handlers: list = [logging.StreamHandler(sys.stdout)]
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tb_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir, "output folder")  # before anything is written
+        check_writable(tb_dir, "TensorBoard folder")
         handlers.append(logging.FileHandler(out_dir / f"{run_name}.log"))
     fmt = LOG_FORMAT if rank == 0 else f"[rank {rank}] " + LOG_FORMAT
     logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True)

@@ -15,6 +15,8 @@ from typing import Callable, Iterable, List, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..config.loader import ConfigError
+
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
@@ -36,11 +38,11 @@ def build_optimizer(cfg, params: Union[nn.Module, Iterable]) -> torch.optim.Opti
     t = cfg.TRAIN
     if name == "sgd":
         if t.NESTEROV and t.MOMENTUM <= 0:
-            raise ValueError(f"TRAIN.NESTEROV is true but TRAIN.MOMENTUM = {t.MOMENTUM}; Nesterov needs momentum > 0")
+            raise ConfigError(f"TRAIN.NESTEROV is true but TRAIN.MOMENTUM = {t.MOMENTUM}; Nesterov needs momentum > 0")
         return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=bool(t.NESTEROV))
     if name == "adam":
         return torch.optim.Adam(params, lr=t.LR, weight_decay=t.WD)
-    raise ValueError(f"TRAIN.OPTIMIZER = {cfg.TRAIN.OPTIMIZER!r}; choose one of {OPTIMIZERS}")
+    raise ConfigError(f"TRAIN.OPTIMIZER = {cfg.TRAIN.OPTIMIZER!r}; choose one of {OPTIMIZERS}")
 
 
 def cosine_factor(total_steps: int, eta_min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -87,7 +89,7 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
         ValueError: an unknown schedule name, or ``iters_per_epoch < 1``.
     """
     if iters_per_epoch < 1:
-        raise ValueError(f"iters_per_epoch = {iters_per_epoch}: the training set yields no batch "
+        raise ConfigError(f"iters_per_epoch = {iters_per_epoch}: the training set yields no batch "
                          f"(dataset smaller than TRAIN.BATCH_SIZE_PER_GPU with drop_last?)")
     name = str(cfg.TRAIN.LR_SCHEDULER).lower()
     if name == "cosine":
@@ -100,7 +102,7 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
         def fn(step: int) -> float:
             return 1.0
     else:
-        raise ValueError(f"TRAIN.LR_SCHEDULER = {cfg.TRAIN.LR_SCHEDULER!r}; choose one of {SCHEDULERS}")
+        raise ConfigError(f"TRAIN.LR_SCHEDULER = {cfg.TRAIN.LR_SCHEDULER!r}; choose one of {SCHEDULERS}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

@@ -1,0 +1,72 @@
+"""What the ``tools/*.py`` programs share: known failures become one clear line and an exit status.
+
+Exit statuses:
+
+* 0 — done;
+* 2 — bad input, nothing was run or the run stopped before touching earlier output: a config error
+  (unknown / mistyped key or value), a missing config file, missing or unreadable data, a checkpoint
+  that is refused / truncated / of another architecture, an output folder that cannot be written,
+  more processes than devices;
+* 3 — training diverged (``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps); the message names the
+  last checkpoint from before the trouble;
+* 128 + signal number (143 for SIGTERM, 130 for SIGINT) — stopped by a signal after saving a
+  checkpoint; the message says how to resume.
+
+Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from ..config.loader import ConfigError
+from ..datasets.common import DatasetError
+from ..utils.checkpoint import CheckpointError, OutputDirError
+from ..utils.distributed import DeviceError
+from .checkpointing import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, TrainingInterrupted
+
+logger = logging.getLogger("mdeq")
+
+#: exceptions that mean "the input is wrong": reported as one line, exit status 2
+BAD_INPUT = (ConfigError, FileNotFoundError, CheckpointError, DatasetError, OutputDirError, DeviceError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` without a DataLoader worker's traceback (its last line is the message)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _report(msg: str) -> None:
+    if not logging.getLogger().handlers:  # failed before create_logger: log to stderr
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    logger.error("%s", msg)
+
+
+def run_tool(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; return the exit status (see the module docstring) after logging one line."""
+    try:
+        main(argv)
+        return 0
+    except BAD_INPUT as e:
+        _report(f"error: {type(e).__name__}: {one_line(e)}")
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        _report(f"error: {one_line(e)}")
+        return EXIT_DIVERGED
+    except TrainingInterrupted as e:
+        return 128 + e.signum  # the runner logged how to resume
+    except KeyboardInterrupt as e:
+        _report(f"abandoned ({e or 'interrupted'}): the last checkpoint written stays intact; resume with "
+                f"TRAIN.RESUME True")
+        return 128 + signal.SIGINT
+
+
+def tool_main(main: Callable[[Optional[Sequence[str]]], Any]) -> None:
+    """``sys.exit(run_tool(main))`` for the ``if __name__ == '__main__'`` blocks."""
+    sys.exit(run_tool(main))

@@ -1,0 +1,400 @@
+"""Solver speed against the physical limit: f-evaluation time, solves, training steps, peak memory.
+
+The physical limit of an implicit training step is the work it cannot avoid: ``T_f`` forward
+evaluations of f, ``T_b`` vector-Jacobian products of the adjoint solve, one differentiable
+application of f with its backward, and the stem and head. Everything else is solver overhead.
+Three figures are reported:
+
+* ``overhead`` (the project's headline figure): ``t_step / ((T_f + T_b + 2) * t_f) - 1``. It
+  counts a VJP as one f evaluation and the stem/head as free, so it also contains
+  ``T_b * (t_vjp - t_f)`` and the head; the measured ratio ``t_vjp / t_f`` is printed with it.
+* ``vs limit``: ``t_step / (T_f t_f + T_b t_vjp + t_f,graph+bwd + t_stem+head) - 1`` with every
+  term measured separately.
+* ``in solver``: wall time spent inside the solvers but outside f (and outside the VJPs), as a
+  share of the step: the part the solver code controls, measured directly by wrapping the solver.
+
+Peak memory is CUDA's ``max_memory_allocated`` or, on the CPU, the growth of the peak resident set
+size during one step, measured in a fresh process per setting so that the peaks are comparable.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config import load_config
+from ..models import get_cls_net
+from ..modules.residuals import SolverResult
+from .checkpoint import load_weights
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------- setup
+@dataclass
+class BenchSpec:
+    """What to benchmark: one config and batch on one device (picklable, for the memory worker)."""
+
+    cfg: str
+    opts: List[Any] = field(default_factory=list)
+    batch_size: int = 32
+    image_size: int = 32
+    test_model: str = ""
+    device: str = "cpu"
+    threads: int = 0          # torch.set_num_threads in workers (0: leave as is)
+    seed: int = 0
+
+
+def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
+    """The classification model of ``spec`` (weights from ``test_model`` if given) on its device,
+    a random batch x (N, 3, S, S) and labels y (N,)."""
+    cfg = load_config(spec.cfg, list(spec.opts))
+    torch.manual_seed(spec.seed)
+    model = get_cls_net(cfg)
+    if spec.test_model:
+        load_weights(model, spec.test_model)
+    device = torch.device(spec.device)
+    model.to(device)
+    gen = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    y = (torch.arange(spec.batch_size) % cfg.MODEL.NUM_CLASSES).to(device)
+    return model, x, y
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on CUDA (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: torch.device | str, warmup: int = 1) -> float:
+    """Median wall time (s) of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class TimedSolver:
+    """Wraps a solver to split its wall time into time inside ``f`` and time in the solver itself.
+
+    On CUDA each f call is bracketed by synchronisations, which serialises the solver's own
+    kernels with f's; this measures, it does not change what is computed.
+    """
+
+    def __init__(self, solver: Callable[..., SolverResult], device: torch.device | str) -> None:
+        self.solver, self.device = solver, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.in_f = 0.0
+        self.calls = 0
+
+    def __call__(self, f: Callable[[Tensor], Tensor], z0: Tensor, threshold: int, **kwargs) -> SolverResult:
+        def timed_f(z: Tensor) -> Tensor:
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = f(z)
+            synchronize(self.device)
+            self.in_f += time.perf_counter() - start
+            self.calls += 1
+            return out
+
+        synchronize(self.device)
+        start = time.perf_counter()
+        result = self.solver(timed_f, z0, threshold, **kwargs)
+        synchronize(self.device)
+        self.total += time.perf_counter() - start
+        return result
+
+
+def _set_solvers(model, f_name: str, b_name: str) -> None:
+    from ..modules import get_solver
+    model.f_solver, model.b_solver = get_solver(f_name), get_solver(b_name)
+
+
+# ------------------------------------------------------------------------------ measurements
+def time_components(model, x: Tensor, y: Tensor, repeats: int) -> Dict[str, float]:
+    """Times (s) of the pieces a training step cannot avoid, at a realistic state.
+
+    Returns ``f`` (one no-grad evaluation of f, (B, D) -> (B, D)), ``vjp`` (one J^T w through the
+    retained graph of f, as in the adjoint solve), ``f_graph_bwd`` (f with autograd plus its full
+    backward to the parameters and the injection) and ``stem_head`` (stem and head, forward and
+    backward).
+    """
+    device = x.device
+    repeats = max(5, repeats)        # cheap pieces: more repeats, the overhead figures divide by them
+    model.train()
+    inj = model.injection(x).detach()
+    problem = model.equilibrium_problem(inj)
+    with torch.no_grad():
+        z = problem.z0
+        for _ in range(5):                       # a state of realistic scale
+            z = problem.f(z)
+        t_f = median_time(lambda: problem.f(z), repeats, device, warmup=2)
+    z_leaf = z.detach().requires_grad_()
+    out = problem.f(z_leaf)
+    w = torch.randn_like(out)
+    t_vjp = median_time(lambda: torch.autograd.grad(out, z_leaf, w, retain_graph=True), repeats, device)
+
+    def f_graph_bwd() -> None:
+        inj_leaf = inj.detach().requires_grad_()
+        prob = model.equilibrium_problem(inj_leaf)
+        zl = z.detach().requires_grad_()
+        prob.f(zl).backward(w)
+
+    t_fgb = median_time(f_graph_bwd, repeats, device)
+
+    def stem_head() -> None:
+        inj_x = model.injection(x)
+        states = [s.detach().requires_grad_() for s in problem.unflatten(z)]
+        loss = F.cross_entropy(model.head(states), y)
+        loss.backward()
+        inj_x.backward(torch.ones_like(inj_x))
+
+    t_sh = median_time(stem_head, repeats, device)
+    model.zero_grad(set_to_none=True)
+    return {"f": t_f, "vjp": t_vjp, "f_graph_bwd": t_fgb, "stem_head": t_sh}
+
+
+def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Dict[str, float]:
+    """An eval-mode forward solve with exactly ``evals`` evaluations of f (tolerance 0).
+
+    Returns time (s), steps, relative and absolute residual reached, and the time inside f.
+    """
+    device = x.device
+    model.eval()
+    from ..modules import get_solver
+    timed = TimedSolver(get_solver(solver), device)
+    kwargs = dict(model.f_solver_kwargs, eps=0.0)
+    with torch.no_grad():
+        inj = model.injection(x)
+        problem = model.equilibrium_problem(inj)
+        result_box: List[SolverResult] = []
+
+        def solve() -> None:
+            result_box[:] = [timed(problem.f, problem.z0, evals, **kwargs)]
+
+        solve()
+        timed.reset()
+        t = median_time(solve, repeats, device, warmup=0)
+    res = result_box[0]
+    return {"time": t, "steps": res.steps, "rel": res.rel_residual, "abs": res.abs_residual,
+            "in_f": timed.in_f / max(1, repeats), "solver": (timed.total - timed.in_f) / max(1, repeats)}
+
+
+def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats: int,
+               solver: Optional[str] = None, unrolled_depth: int = 0) -> Dict[str, Any]:
+    """A full training step (forward solve, head, loss, backward with the implicit backward solve).
+
+    With ``unrolled_depth > 0``: the warm-up mode instead, ``unrolled_depth`` weight-tied layers
+    differentiated by backprop. ``solver`` (if given) is used forward and backward.
+    Returns the median time (s), the solver statistics of the last step and the time spent inside
+    the solvers but outside f (``solver_own``, s per step).
+    """
+    device = x.device
+    model.train()
+    saved = (model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps)
+    if solver:
+        _set_solvers(model, solver, solver)
+    f_timer, b_timer = TimedSolver(model.f_solver, device), TimedSolver(model.b_solver, device)
+    model.f_solver, model.b_solver = f_timer, b_timer
+    if unrolled_depth:
+        model.num_layers, model.pretrain_steps = unrolled_depth, 1
+    step_id = 0 if unrolled_depth else -1
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+        loss.backward()
+
+    try:
+        step()
+        f_timer.reset(), b_timer.reset()
+        t = median_time(step, repeats, device, warmup=0)
+    finally:
+        model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps = saved
+    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
+    model.zero_grad(set_to_none=True)
+    return {"time": t, "stats": stats, "solver_own": own}
+
+
+def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
+    """The three overhead figures (see the module docstring) for a training step ``step``."""
+    s = step["stats"]
+    t_f, t_vjp = comp["f"], comp["vjp"]
+    fs, bs = s.get("f_steps", 0), s.get("b_steps", 0)
+    headline = step["time"] / ((fs + bs + 2) * t_f) - 1
+    limit = fs * t_f + bs * t_vjp + comp["f_graph_bwd"] + comp["stem_head"]
+    return {"overhead": headline, "limit": limit, "vs_limit": step["time"] / limit - 1,
+            "in_solver": step["solver_own"] / step["time"]}
+
+
+# ------------------------------------------------------------------------------ peak memory
+def _current_rss_kb() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        import os
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_kb() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak   # bytes on macOS, KiB on Linux
+
+
+def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int) -> Dict[str, Any]:
+    """Peak memory (MiB) of one training step; run it in a fresh process on the CPU.
+
+    CUDA: ``max_memory_allocated`` during the step minus what was allocated before it. CPU: the
+    peak RSS after the step minus the RSS before it (the process first runs a small no-grad
+    solve, so kernels and thread pools exist before the measured step).
+    """
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model, x, y = build(spec)
+    device = x.device
+    model.train()
+    if unrolled_depth:
+        model.num_layers, model.pretrain_steps = unrolled_depth, 1
+    step_id = 0 if unrolled_depth else -1
+    # tolerance 0: every setting runs its full thresholds
+    model.f_solver_kwargs = dict(model.f_solver_kwargs, eps=0.0)
+    model.b_solver_kwargs = dict(model.b_solver_kwargs, eps=0.0)
+    with torch.no_grad():
+        model(x, train_step=-1, f_thres=2)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = (_current_rss_kb() or _peak_kb()) * 1024
+    loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+    loss.backward()
+    synchronize(device)
+    if device.type == "cuda":
+        peak, total = torch.cuda.max_memory_allocated(device) - before, torch.cuda.max_memory_allocated(device)
+    else:
+        total = _peak_kb() * 1024
+        peak = total - before
+    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    return {"step_peak_mib": peak / 2 ** 20, "process_peak_mib": total / 2 ** 20, "stats": stats}
+
+
+def peak_memory(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int = 0) -> Dict[str, Any]:
+    """:func:`peak_memory_worker` in a fresh (spawned) process, so every setting starts alike."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(peak_memory_worker, (spec, f_thres, b_thres, unrolled_depth))
+
+
+# ------------------------------------------------------------------------------ the whole run
+def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int], solvers: Sequence[str],
+                  repeats: int, mem_thres: Sequence[int] = (10, 40)) -> Dict[str, Any]:
+    """Every measurement of the benchmark; returns a JSON-able dict (see :func:`format_report`)."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model, x, y = build(spec)
+    f_thres = model.f_thres if f_thres is None else f_thres
+    b_thres = model.b_thres if b_thres is None else b_thres
+    out: Dict[str, Any] = {"spec": spec.__dict__, "f_thres": f_thres, "b_thres": b_thres,
+                           "device_name": _device_name(x.device), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__}
+    logger.info("timing the components")
+    comp = time_components(model, x, y, repeats)
+    out["components"] = comp
+    logger.info("forward solves at %d evaluations", f_thres)
+    out["forward"] = {s: forward_solve(model, x, s, f_thres, repeats) for s in solvers}
+    out["train"] = {}
+    for s in solvers:
+        logger.info("training step with %s", s)
+        st = train_step(model, x, y, f_thres, b_thres, repeats, solver=s)
+        st.update(overheads(st, comp))
+        out["train"][s] = st
+    logger.info("unrolled training step at depth %d", f_thres)
+    out["unrolled"] = train_step(model, x, y, f_thres, b_thres, repeats, unrolled_depth=f_thres)
+    out["memory"] = []
+    for thres in mem_thres:
+        for depth in (0, thres):
+            logger.info("peak memory at threshold %d (%s)", thres, "unrolled" if depth else "implicit")
+            m = peak_memory(spec, thres, thres, unrolled_depth=depth)
+            m.update({"thres": thres, "mode": "unrolled" if depth else "implicit"})
+            out["memory"].append(m)
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    """Markdown tables of a :func:`run_benchmark` result."""
+    spec, comp = r["spec"], r["components"]
+    ms = lambda t: f"{1e3 * t:.1f}"  # noqa: E731
+    lines = [f"**{Path(spec['cfg']).name}**, batch {spec['batch_size']}, {spec['image_size']}x{spec['image_size']}, "
+             f"{spec['device']} ({r['device_name']}, {r['threads']} threads), torch {r['torch']}, "
+             f"weights: {Path(spec['test_model']).name if spec['test_model'] else 'random init'}, "
+             f"T_f={r['f_thres']}, T_b={r['b_thres']}", "",
+             "| component | time (ms) |", "|---|---:|",
+             f"| one f evaluation (no grad) | {ms(comp['f'])} |",
+             f"| one VJP J^T w (adjoint step) | {ms(comp['vjp'])} (VJP/f = {comp['vjp'] / comp['f']:.2f}) |",
+             f"| f with autograd + its backward | {ms(comp['f_graph_bwd'])} |",
+             f"| stem + head, forward + backward | {ms(comp['stem_head'])} |", "",
+             f"Forward solve (eval mode), exactly {r['f_thres']} f evaluations each (tolerance 0):", "",
+             "| solver | rel. residual | abs. residual | time (ms) | ms / eval | solver's own time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, fw in r["forward"].items():
+        lines.append(f"| {name} | {fw['rel']:.2e} | {fw['abs']:.2e} | {ms(fw['time'])} | "
+                     f"{ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% |")
+    lines += ["", "Training step (forward solve + head + loss + implicit backward; same solver forward and backward):",
+              "", "| solver | step (ms) | T_f used | T_b used | f rel | b rel | overhead | vs limit | in solver |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, st in r["train"].items():
+        s = st["stats"]
+        lines.append(f"| {name} | {ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | "
+                     f"{s.get('f_rel', float('nan')):.1e} | {s.get('b_rel', float('nan')):.1e} | "
+                     f"{100 * st['overhead']:.1f}% | {100 * st['vs_limit']:.1f}% | {100 * st['in_solver']:.1f}% |")
+    un = r["unrolled"]
+    lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {ms(un['time'])} | {r['f_thres']} | - | - | - "
+                 f"| {100 * (un['time'] / ((2 * r['f_thres']) * comp['f']) - 1):.1f}%* | - | - |")
+    lines += ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
+              "t_f,graph+bwd + t_stem+head) - 1; in solver = time inside the solvers outside f / step. "
+              "*unrolled: step / (2 x depth x t_f) - 1.", "",
+              "Peak memory of one training step (fresh process per row):", "",
+              "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | process peak (MiB) |",
+              "|---|---:|---:|---:|---:|"]
+    for m in r["memory"]:
+        s = m["stats"]
+        used = f"{s.get('f_steps')} / {s.get('b_steps', '-')}"
+        lines.append(f"| {m['mode']} | {m['thres']} | {used} | {m['step_peak_mib']:.0f} | {m['process_peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def dump_json(r: Dict[str, Any], path: str | Path) -> None:
+    """Write a :func:`run_benchmark` result as JSON."""
+    Path(path).write_text(json.dumps(r, indent=1, default=str))

@@ -1,0 +1,387 @@
+"""Reliability: crashes lose nothing, resumed runs continue exactly, downloaded files run no code,
+bad inputs give one clear line (exit status 2) without touching earlier output, divergence stops
+cleanly (exit status 3) and leaves the last good checkpoint.
+
+The training runs are tools/cls_train.py subprocesses on the embedded digits (6 steps per epoch,
+2 epochs, a 4-step warm-up then the equilibrium solver), deterministic, one log line per step.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+
+from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
+SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+STEPS_PER_EPOCH = 6
+FOLDER = ("digits", "cls_mdeq_digits")
+
+
+def _opts(out: Path, **extra: str) -> List[str]:
+    opts = {"OUTPUT_DIR": str(out / "output"), "LOG_DIR": str(out / "log"), "PERCENT": "0.06",
+            "TRAIN.BATCH_SIZE_PER_GPU": "16", "TRAIN.END_EPOCH": "2", "TRAIN.PRETRAIN_STEPS": "4",
+            "MODEL.F_THRES": "4", "MODEL.B_THRES": "4", "DETERMINISTIC": "True", "PRINT_FREQ": "1",
+            "DATASET.AUGMENT": "True", "TRAIN.OPTIMIZER": "sgd", "TRAIN.LR": "0.05", "TRAIN.KEEP_CHECKPOINTS": "2",
+            "TEST.BATCH_SIZE_PER_GPU": "150"}
+    opts.update(extra)
+    return [s for kv in opts.items() for s in kv]
+
+
+def _train_cmd(out: Path, **extra: str) -> List[str]:
+    return [sys.executable, str(REPO / "tools/cls_train.py"), "--cfg", CFG, *_opts(out, **extra)]
+
+
+def _run_many(cmds: List[List[str]], expect: Optional[int] = None) -> List[subprocess.CompletedProcess]:
+    """Run independent commands concurrently (they mostly wait on imports)."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(lambda c: _run(c, expect=expect), cmds))
+
+
+def _run(cmd: List[str], expect: Optional[int] = 0, cwd: Path = REPO, env: Optional[dict] = None,
+         timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    if expect is not None and proc.returncode != expect:
+        raise AssertionError(f"exit status {proc.returncode}, expected {expect}:\n{proc.stdout[-5000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def _out_dir(base: Path) -> Path:
+    return base / "output" / FOLDER[0] / FOLDER[1]
+
+
+def _losses(text: str) -> Dict[int, str]:
+    """global step -> the loss logged for it (as printed, 6 decimals)."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"\] step (\d+) loss (\S+)", text)}
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: its per-step losses and final checkpoints."""
+    base = tmp_path_factory.mktemp("reference")
+    proc = _run(_train_cmd(base))
+    losses = _losses(proc.stdout)
+    assert sorted(losses) == list(range(2 * STEPS_PER_EPOCH))
+    out = _out_dir(base)
+    return {"losses": losses, "out": out, "final": load_checkpoint(out / "checkpoint.pth.tar"),
+            "epoch1": out / "checkpoint_ep0001.pth.tar"}
+
+
+def _start(cmd: List[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or ENV, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before the kill point:\n{log.read_text()[-4000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"kill point not reached in {timeout}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.02)
+
+
+def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
+    """Resume in ``base``; the resumed run logs the reference's loss at every step it runs, runs no
+    step before ``min_step`` and ends with the reference's weights, bit for bit."""
+    proc = _run(_train_cmd(base, **{"TRAIN.RESUME": "True"}))
+    got = _losses(proc.stdout)
+    assert got, proc.stdout[-3000:]
+    assert min(got) >= min_step and max(got) == 2 * STEPS_PER_EPOCH - 1
+    for step, loss in got.items():
+        assert loss == reference["losses"][step], f"step {step}: resumed {loss} vs uninterrupted " \
+                                                  f"{reference['losses'][step]}"
+    final = load_checkpoint(_out_dir(base) / "checkpoint.pth.tar")
+    assert final["global_step"] == reference["final"]["global_step"]
+    _assert_same_weights(final["model"], reference["final"]["model"])
+    _assert_same_weights(final["optimizer"]["state"][0], reference["final"]["optimizer"]["state"][0])
+    return proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ crashes
+@pytest.mark.parametrize("point", ["step", "checkpoint-write"])
+def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp_path):
+    log = tmp_path / "killed.log"
+    out = _out_dir(tmp_path)
+    env = dict(ENV)
+    if point == "step":  # in the middle of epoch 1, after the epoch-0 checkpoint
+        proc = _start(_train_cmd(tmp_path), log)
+        _wait_for(lambda: "] step 8 loss" in log.read_text(), proc, log)
+    else:  # while the epoch-1 checkpoint is being written: the temporary file exists, not yet renamed
+        env["MDEQ_TEST_SAVE_DELAY"] = "1.5"
+        proc = _start(_train_cmd(tmp_path), log, env)
+        _wait_for(lambda: "checkpoint saved" in log.read_text() and "] step 11 loss" in log.read_text()
+                  and any(p.name.startswith(".tmp-checkpoint.pth.tar") for p in out.iterdir()), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the newest checkpoint loads and is the epoch-0 one
+    ckpt = load_checkpoint(out / "checkpoint.pth.tar")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]) == (1, 0, STEPS_PER_EPOCH)
+    assert {"model", "optimizer", "scheduler", "rng", "sampler", "best_acc", "bad_steps"} <= set(ckpt)
+    if point == "checkpoint-write":
+        assert any(p.name.startswith(".tmp-") for p in out.iterdir())  # the abandoned temporary file
+    text = _resume_and_compare(tmp_path, reference, STEPS_PER_EPOCH)
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # cleaned up on resume
+    if point == "checkpoint-write":
+        assert "removing" in text and "interrupted" in text
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, tmp_path):
+    log = tmp_path / "term.log"
+    proc = _start(_train_cmd(tmp_path), log)
+    _wait_for(lambda: "] step 8 loss" in log.read_text(), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text and "To resume, run the same command with TRAIN.RESUME True" in text
+    ckpt = load_checkpoint(_out_dir(tmp_path) / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < STEPS_PER_EPOCH
+    assert ckpt["global_step"] == STEPS_PER_EPOCH + ckpt["batch_in_epoch"]
+    last_logged = max(_losses(text))
+    assert ckpt["global_step"] == last_logged + 1  # saved right after the last step that ran
+    resumed = _resume_and_compare(tmp_path, reference, ckpt["global_step"])
+    assert f"epoch 1, global step {ckpt['global_step']}, batch {ckpt['batch_in_epoch']} of the epoch" in resumed
+
+
+# ------------------------------------------------------------------------------------------ pickles
+class _Payload:
+    """Unpickling this runs a shell command (what a malicious downloaded '.pkl' does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_code_running_pickle_is_refused_by_the_tools(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": _Payload(marker)}, f)
+    with pytest.raises(Exception, match="refused"):
+        load_checkpoint(evil)
+    runs = {
+        "cls_valid": [sys.executable, "tools/cls_valid.py", "--cfg", CFG, "--testModel", evil, *_opts(tmp_path)],
+        "seg_test": [sys.executable, "tools/seg_test.py", "--cfg", SEG_CFG, "--testModel", evil, "--modelDir",
+                     tmp_path / "seg", "--logDir", tmp_path / "seglog", "MODEL.NUM_LAYERS", "1"],
+    }
+    # a planted checkpoint.pth.tar that a resumed run would read
+    planted = _out_dir(tmp_path / "r")
+    planted.mkdir(parents=True)
+    (planted / "checkpoint.pth.tar").write_bytes(evil.read_bytes())
+    runs["cls_train RESUME"] = _train_cmd(tmp_path / "r", **{"TRAIN.RESUME": "True"})
+    for (name, cmd), proc in zip(runs.items(), _run_many(list(runs.values()))):
+        assert proc.returncode == 2, f"{name}: {proc.all[-3000:]}"
+        assert "refused to load" in proc.all and "arbitrary unpickling" in proc.all, name
+        assert "Traceback" not in proc.all, name
+        assert not marker.exists(), f"{name} ran the payload"
+    assert (planted / "checkpoint.pth.tar").read_bytes() == evil.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.fixture()
+def earlier_run(tmp_path):
+    """An output folder holding an earlier run's checkpoint and log (which no failure may touch)."""
+    out = _out_dir(tmp_path)
+    out.mkdir(parents=True)
+    save_checkpoint({"model": {"w": torch.ones(2)}, "optimizer": {}, "epoch": 3}, out / "checkpoint.pth.tar")
+    (out / "earlier_train.log").write_text("the earlier run's log\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def untouched() -> None:
+        for name, data in before.items():
+            assert (out / name).read_bytes() == data, f"{name} was modified"
+
+    return tmp_path, untouched
+
+
+def _bad(cmd: List[str], *needles: str, proc: Optional[subprocess.CompletedProcess] = None) -> str:
+    """Run ``cmd`` (or check its finished ``proc``): exit status 2, one error line holding ``needles``,
+    no traceback."""
+    proc = proc or _run(cmd, expect=2)
+    assert proc.returncode == 2, proc.all[-3000:]
+    for n in needles:
+        assert n in proc.all, f"{n!r} not in:\n{proc.all[-3000:]}"
+    assert "Traceback" not in proc.all
+    errors = [l for l in proc.all.splitlines() if "error:" in l]
+    assert len(errors) == 1, proc.all[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("override,needles", [
+    (["TRAIN.LRR", "0.1"], ["unknown config key TRAIN.LRR", "did you mean TRAIN.LR"]),
+    (["TRAIN.END_EPOCH", "many"], ["wrong type for config key TRAIN.END_EPOCH", "'many'"]),
+    (["TRAIN.OPTIMIZER", "lamb"], ["TRAIN.OPTIMIZER = 'lamb'", "choose one of"]),
+])
+def test_config_errors_are_one_line(earlier_run, override, needles):
+    base, untouched = earlier_run
+    _bad([*_train_cmd(base, **{"TRAIN.RESUME": "True"}), *override], *needles)
+    untouched()
+
+
+def test_missing_config_file(tmp_path):
+    _bad([sys.executable, "tools/cls_train.py", "--cfg", str(tmp_path / "nope.yaml")],
+         "config file not found", "nope.yaml")
+
+
+def test_missing_and_empty_dataset_folders(earlier_run):
+    base, untouched = earlier_run
+    cifar = {"DATASET.DATASET": "cifar10", "TRAIN.RESUME": "True"}
+    (base / "empty" / "cifar-10-batches-py").mkdir(parents=True)
+    folder = base / "cut" / "cifar-10-batches-py"  # truncated batch files
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": b"x" * 100, b"labels": [0]})[:20])
+    cases = [(str(base / "nowhere"), ("CIFAR-10 not found", "cifar-10-python.tar.gz")),
+             (str(base / "empty"), ("lacks data_batch_1",)),
+             (str(base / "cut"), ("cannot read CIFAR batch", "data_batch_1"))]
+    procs = _run_many([_train_cmd(base, **cifar, **{"DATASET.ROOT": root}) for root, _ in cases])
+    for (_, needles), proc in zip(cases, procs):
+        _bad([], *needles, proc=proc)
+    untouched()
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory):
+    from test_seg_pipeline import build_cityscapes_tree
+    return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
+
+
+def _seg_train(out: Path, root: Path, *opts: str) -> List[str]:
+    return [sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", out / "o", "--logDir",
+            out / "l", "DATASET.ROOT", root, "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1",
+            "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128", "DATASET.TEST_SET", "", *opts]
+
+
+def test_segmentation_list_errors_image_without_label_and_truncated_image(city, tmp_path):
+    lst = city / "list" / "cityscapes"
+    img = "leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png"
+    (lst / "nolabel.lst").write_text(img + "\n")
+    (lst / "empty.lst").write_text("\n")
+    cases = [("list/none.lst", ("list file not found", "none.lst")),
+             ("list/cityscapes/nolabel.lst", ("aachen_000000_000000_leftImg8bit.png has no label",)),
+             ("list/cityscapes/empty.lst", ("is empty",))]
+    procs = _run_many([_seg_train(tmp_path / str(i), city, "DATASET.TRAIN_SET", c[0]) for i, c in enumerate(cases)])
+    for (_, needles), proc in zip(cases, procs):
+        _bad([], *needles, proc=proc)
+    # truncated images: read during training (in the DataLoader), reported as one line
+    cut = city / "cityscapes" / "cut"
+    cut.mkdir()
+    data = (city / "cityscapes" / img).read_bytes()
+    lines = []
+    for i in range(2):
+        (cut / f"cut{i}.png").write_bytes(data[: len(data) // 2])
+        lines.append(f"cut/cut{i}.png gtFine/train/aachen/aachen_000000_00000{i}_gtFine_labelIds.png")
+    (lst / "cut.lst").write_text("\n".join(lines) + "\n")
+    line = _bad(_seg_train(tmp_path / "c", city, "DATASET.TRAIN_SET", "list/cityscapes/cut.lst"),
+                "cannot read image", "cut")
+    assert "CityscapesError" in line
+    assert not (tmp_path / "c" / "o" / "cityscapes" / "seg_mdeq_SMALL" / "checkpoint.pth.tar").exists()
+
+
+def test_truncated_checkpoint(earlier_run, reference):
+    base, _ = earlier_run
+    out = _out_dir(base)
+    data = reference["epoch1"].read_bytes()
+    (out / "checkpoint.pth.tar").write_bytes(data[: len(data) // 2])
+    save_checkpoint(load_checkpoint(reference["epoch1"]), out / "checkpoint_ep0001.pth.tar")
+    before = (out / "checkpoint.pth.tar").read_bytes()
+    _bad(_train_cmd(base, **{"TRAIN.RESUME": "True"}), "cannot resume", "truncated or corrupt",
+         "checkpoint_ep0001.pth.tar", "TRAIN.CHECKPOINT")
+    assert (out / "checkpoint.pth.tar").read_bytes() == before
+    _bad([sys.executable, "tools/cls_valid.py", "--cfg", CFG, "--testModel", out / "checkpoint.pth.tar",
+          *_opts(base)], "truncated or corrupt")
+
+
+def test_checkpoint_of_another_architecture(reference, tmp_path):
+    line = _bad([sys.executable, "tools/cls_valid.py", "--cfg", CFG, "--testModel", reference["out"] / "final_state.pth",
+                 *_opts(tmp_path), "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 32]"],
+                "does not fit this model", "shape mismatches", "checkpoint (16,", "vs model (8,")
+    assert "CheckpointError" in line
+
+
+def test_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _bad(_train_cmd(tmp_path, OUTPUT_DIR=str(blocker / "out")), "output folder", "cannot be written",
+         "OUTPUT_DIR")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_fresh_run_does_not_overwrite_an_earlier_checkpoint(earlier_run):
+    base, untouched = earlier_run
+    _bad(_train_cmd(base), "exists (an earlier run)", "TRAIN.RESUME True")
+    untouched()
+
+
+def test_more_processes_than_devices(monkeypatch):
+    from mdeq.utils import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(distributed.DeviceError, match=r"LOCAL_RANK=3 has no GPU: only 1 visible.*nproc_per_node=1"):
+        distributed.init_distributed()
+    from mdeq.core.cli import BAD_INPUT
+    assert issubclass(distributed.DeviceError, BAD_INPUT)
+
+
+def test_truncated_imagenet_image_names_the_file(tmp_path):
+    from PIL import Image
+    from mdeq.datasets.common import DatasetError
+    from mdeq.datasets.imagenet import pil_loader
+    path = tmp_path / "x.JPEG"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path, quality=95)
+    assert pil_loader(str(path)).size == (64, 64)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DatasetError, match=r"cannot read image .*x.JPEG.*truncated"):
+        pil_loader(str(path))
+
+
+# ------------------------------------------------------------------------------------------ divergence
+def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+    out = _out_dir(tmp_path)
+    out.mkdir(parents=True)
+    good = out / "checkpoint.pth.tar"
+    good.write_bytes(reference["epoch1"].read_bytes())
+    before = good.read_bytes()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    cmd = _train_cmd(tmp_path, **{"TRAIN.RESUME": "True", "TRAIN.LR": "1e6", "TRAIN.MAX_BAD_STEPS": "3",
+                                  "TRAIN.END_EPOCH": "3"})
+    proc = _run(cmd, expect=3, cwd=work)
+    skipped = [l for l in proc.all.splitlines() if "update skipped" in l]
+    assert len(skipped) >= 3 and all("solver: mode=" in l for l in skipped)
+    assert "training diverged: 3 consecutive steps" in proc.all
+    assert f"The last checkpoint from before the trouble is {good} (epoch 1, batch 0, global step 6)" in proc.all
+    assert "TRAIN.LR differs from the checkpoint's" in proc.all
+    assert "Traceback" not in proc.all
+    assert good.read_bytes() == before  # the last good checkpoint is intact
+    assert not any(p.name.startswith("checkpoint_ep") for p in out.iterdir())
+    assert list(work.iterdir()) == []  # nothing (no tensor pickles) dumped into the working directory

@@ -1,0 +1,141 @@
+"""Solver quality at an equal budget of f evaluations, Anderson on a toy problem, convergence plots.
+
+No timing is asserted here: speed is what tools/benchmark.py reports.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mdeq.config import load_config
+from mdeq.models import get_cls_net
+from mdeq.modules import anderson, broyden, fixed_point
+from mdeq.utils.checkpoint import load_weights
+from mdeq.utils.convergence import convergence_traces
+
+
+@pytest.fixture(scope="module")
+def tiny_problem(reference, repo):
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg)
+    load_weights(model, reference / "cifar_tiny.pkl")
+    model.eval()
+    x = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)["input"]
+    with torch.no_grad():
+        problem = model.equilibrium_problem(model.injection(x))
+    return model, problem
+
+
+def test_lbroyden_beats_plain_iteration_at_30_evaluations_on_the_reference_model(tiny_problem):
+    model, problem = tiny_problem
+    kw = dict(model.f_solver_kwargs, eps=0.0)
+    with torch.no_grad():
+        b = broyden(problem.f, problem.z0, 30, **kw)
+        p = fixed_point(problem.f, problem.z0, 30, **kw)
+    assert b.steps == p.steps == 30
+    assert b.rel_residual < p.rel_residual, (b.rel_residual, p.rel_residual)
+
+
+def test_anderson_on_the_reference_model_is_between_nothing_and_broyden(tiny_problem):
+    model, problem = tiny_problem
+    with torch.no_grad():
+        a = anderson(problem.f, problem.z0, 30, **dict(model.f_solver_kwargs, eps=0.0, memory=5))
+    assert a.steps == 30 and torch.isfinite(a.z).all()
+    assert a.rel_residual < a.trace[0] * 1e-1
+
+
+def _toy(bsz=4, dim=50, scale=0.9, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(bsz, dim, dim, generator=gen) * scale / dim ** 0.5
+    b = torch.randn(bsz, dim, generator=gen)
+    return (lambda z: torch.tanh(torch.bmm(a, z.unsqueeze(-1)).squeeze(-1)) + b), torch.zeros(bsz, dim)
+
+
+@pytest.mark.parametrize("memory,beta", [(5, 1.0), (5, 0.8), (10, 1.0)])
+def test_anderson_converges_on_a_contractive_problem(memory, beta):
+    f, z0 = _toy()
+    res = anderson(f, z0, 100, eps=1e-6, memory=memory, beta=beta)
+    assert res.converged and res.steps < 100 and res.rel_residual < 1e-6
+    assert torch.allclose(f(res.z), res.z, atol=1e-5)
+
+
+def test_anderson_freezes_converged_samples_per_sample():
+    f, z0 = _toy(bsz=3)
+    easy = lambda z: torch.cat([0.01 * z[:1] + 1.0, f(z)[1:]])   # noqa: E731  sample 0 converges at once
+    calls = []
+
+    def counted(z):
+        calls.append(z[0].clone())
+        return easy(z)
+
+    res = anderson(counted, z0, 60, eps=1e-6, memory=5)
+    assert res.converged
+    frozen_from = 3                                       # sample 0 met eps by its 3rd evaluation
+    assert all(torch.equal(calls[frozen_from], c) for c in calls[frozen_from:])
+
+
+def test_anderson_matches_a_dense_reference_step():
+    """The 4th point Anderson evaluates mixes the 3 before it as the bordered least-squares system says."""
+    f, z0 = _toy(bsz=2, dim=20)
+    seen = []
+
+    def spy(z):
+        seen.append(z.clone())
+        return f(z)
+
+    lam = 1e-4
+    anderson(spy, z0, 4, eps=0.0, memory=5, beta=1.0, lam=lam)
+    xs = seen[:3]
+    fs = [f(x) for x in xs]
+    for b in range(2):
+        g = torch.stack([fs[i][b] - xs[i][b] for i in range(3)])
+        h = torch.zeros(4, 4)
+        h[0, 1:] = h[1:, 0] = 1
+        h[1:, 1:] = g @ g.T + lam * torch.eye(3)
+        alpha = torch.linalg.solve(h, torch.tensor([1.0, 0, 0, 0]))[1:]
+        expected = alpha @ torch.stack([fs[i][b] for i in range(3)])
+        assert torch.allclose(seen[3][b], expected, atol=1e-4)
+
+
+def test_solvers_selectable_by_config_forward_and_backward(repo):
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
+                      ["MODEL.F_SOLVER", "anderson", "MODEL.B_SOLVER", "anderson", "MODEL.SOLVER_MEMORY", 4,
+                       "MODEL.ANDERSON_BETA", 0.9, "MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg).train()
+    assert model.f_solver is anderson and model.b_solver is anderson
+    assert model.f_solver_kwargs["memory"] == 4 and model.f_solver_kwargs["beta"] == 0.9
+    x = torch.randn(2, 3, 8, 8)
+    torch.nn.functional.cross_entropy(model(x, f_thres=5, b_thres=5), torch.tensor([0, 1])).backward()
+    assert model.solver_stats["f_steps"] <= 5 and model.solver_stats["b_steps"] <= 5
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_stream_traces_split_the_residual_by_resolution(repo):
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml", ["MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg)
+    traces = convergence_traces(model, torch.randn(2, 3, 8, 8), ["broyden", "fixed_point"], 6)
+    for t in traces.values():
+        assert len(t["total"]) == 6 and all(len(s) == 3 for s in t["streams"])
+        assert [s[0] for s in t["shapes"]] == [8, 16, 32]
+        # the overall residual lies between the smallest and largest stream residuals
+        for total, streams in zip(t["total"], t["streams"]):
+            assert min(streams) - 1e-6 <= total <= max(streams) + 1e-6
+
+
+def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
+    from PIL import Image
+    out = tmp_path / "conv"
+    subprocess.run([sys.executable, "tools/plot_convergence.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
+                    "--batch-size", "2", "--image-size", "16", "--evals", "8", "--out-dir", str(out),
+                    "MODEL.DROPOUT", "0.0"], cwd=repo, check=True, capture_output=True, text=True, timeout=120)
+    for name in ("convergence_solvers.png", "convergence_streams.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(out / name) as img:
+            img.verify()
+        with Image.open(out / name) as img:
+            assert img.size[0] >= 400 and img.size[1] >= 300
+    assert (out / "convergence.json").is_file()

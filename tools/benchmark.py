@@ -1,0 +1,51 @@
+"""Benchmark the equilibrium solvers against the physical limit (one f evaluation) on CPU or CUDA.
+
+    python tools/benchmark.py --cfg experiments/cifar/cls_mdeq_TINY.yaml \
+        --testModel ../shared/reference/cifar_tiny.pkl --batch-size 32 --image-size 32 MODEL.DROPOUT 0.0
+
+Prints markdown tables: f / VJP / stem+head times, forward solves of each solver at an equal number
+of f evaluations, training steps with their solver overhead, the unrolled warm-up at the same depth,
+and the peak memory of a training step at two thresholds. See :mod:`mdeq.utils.benchmark`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from mdeq.utils.benchmark import BenchSpec, dump_json, format_report, run_benchmark
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="experiment yaml")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--f-thres", type=int, default=None, help="forward threshold (default: MODEL.F_THRES)")
+    p.add_argument("--b-thres", type=int, default=None, help="backward threshold (default: MODEL.B_THRES)")
+    p.add_argument("--solvers", default="broyden,anderson,fixed_point", help="comma-separated solver names")
+    p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--mem-thres", default="10,40", help="thresholds for the peak-memory table")
+    p.add_argument("--json", default="", help="also write the raw results here")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
+                     test_model=args.testModel, device=args.device, threads=args.threads)
+    result = run_benchmark(spec, args.f_thres, args.b_thres, [s for s in args.solvers.split(",") if s],
+                           args.repeats, [int(t) for t in args.mem_thres.split(",") if t])
+    print(format_report(result))
+    if args.json:
+        dump_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
