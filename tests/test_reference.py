@@ -39,6 +39,26 @@ def test_equilibrium_logits_match_the_exact_fixed_point(tiny):
     assert err < 2e-3, f"max logit error {err:.3g} (rel residual {model.solver_stats['f_rel']:.3g})"
 
 
+def test_equilibrium_logits_stay_accurate_when_the_start_moves_by_float_noise(tiny, monkeypatch):
+    """Broyden on this model is sensitive: without its step safeguard, 1e-6 noise in z0 moved the
+    logit error at 60 steps between 2e-3 and 1e-2. The accuracy must not hang on rounding luck."""
+    model, e = tiny
+    model.eval()
+    solver = model.f_solver
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        noise_scale = 1e-6
+
+        def noisy_start(f, z0, threshold, **kw):
+            return solver(f, z0 + noise_scale * torch.randn(z0.shape, generator=gen), threshold, **kw)
+
+        monkeypatch.setattr(model, "f_solver", noisy_start)
+        with torch.no_grad():
+            logits = model(e["input"], train_step=-1, f_thres=60)
+        err = (logits - e["equilibrium_eval_logits"]).abs().max().item()
+        assert err < 2e-3, f"max logit error {err:.3g} (rel residual {model.solver_stats['f_rel']:.3g})"
+
+
 def test_implicit_gradients_match_the_exact_gradients(tiny):
     model, e = tiny
     model.train()

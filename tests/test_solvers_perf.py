@@ -139,3 +139,51 @@ def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
         with Image.open(out / name) as img:
             assert img.size[0] >= 400 and img.size[1] >= 300
     assert (out / "convergence.json").is_file()
+
+
+def test_a_reused_workspace_gives_the_same_solutions_and_never_hands_back_the_start(tiny_problem):
+    from mdeq.modules import SolverWorkspace
+    model, problem = tiny_problem
+    kw = {k: v for k, v in model.f_solver_kwargs.items() if k not in ("workspace", "eps")}
+    ws = SolverWorkspace()
+    with torch.no_grad():
+        fresh = {t: broyden(problem.f, problem.z0, t, eps=0.0, **kw) for t in (12, 6)}
+        for t in (12, 6, 12):     # a smaller solve reuses the larger buffer, and back
+            again = broyden(problem.f, problem.z0, t, eps=0.0, workspace=ws, **kw)
+            assert torch.equal(again.z, fresh[t].z) and again.trace == fresh[t].trace
+    # a solve that cannot improve on its start returns a copy of it, not the caller's tensor
+    z0 = torch.zeros(2, 5)
+    res = broyden(lambda z: z * float("nan"), z0, 5, workspace=ws)
+    assert res.z.data_ptr() != z0.data_ptr() and torch.equal(res.z, z0)
+
+
+def test_a_model_with_a_workspace_can_be_copied(repo):
+    import copy
+    import pickle
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml", ["MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, f_thres=6)
+        assert torch.allclose(copy.deepcopy(model)(x, f_thres=6), out)
+        assert torch.allclose(pickle.loads(pickle.dumps(model))(x, f_thres=6), out)
+
+
+def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(repo, tmp_path):
+    import json
+    out = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
+                          "--batch-size", "2", "--image-size", "16", "--repeats", "1", "--threads", "1",
+                          "--f-thres", "6", "--b-thres", "6", "--mem-thres", "4,16", "--json", str(tmp_path / "r.json"),
+                          "MODEL.DROPOUT", "0.0", "MODEL.F_EPS", "0.0", "MODEL.B_EPS", "0.0"], cwd=repo, check=True, capture_output=True, text=True, timeout=300)
+    report = out.stdout
+    for row in ("| one f evaluation", "| broyden |", "| anderson |", "| fixed_point |", "| unrolled warm-up, depth 6",
+                "| implicit | 4 |", "| implicit | 16 |", "| unrolled | 16 |"):
+        assert row in report, row
+    r = json.loads((tmp_path / "r.json").read_text())
+    for st in r["train"].values():
+        assert st["stats"]["f_steps"] == 6 and st["t_f_step"] > 0 and st["t_b_step"] > 0
+        assert abs(st["overhead"] - (st["time"] / (14 * st["t_f_step"]) - 1)) < 1e-9
+    hist = {(m["mode"], m["thres"]): m["history_mib"] for m in r["memory"]}
+    # L-Broyden history: min(m, T) pairs of 3 rows (m = 12 in this config), none when unrolled
+    assert hist[("implicit", 16)] == pytest.approx(hist[("implicit", 4)] * 12 / 4)
+    assert hist[("unrolled", 16)] == 0.0

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d, get_solver
+from ..modules import SolverWorkspace, VariationalDropout2d, attach_implicit_backward, conv2d, get_solver
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -200,8 +200,9 @@ class MDEQNet(nn.Module):
         self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
         self.f_thres, self.b_thres = m.F_THRES, m.B_THRES
         self.f_solver, self.b_solver = get_solver(m.F_SOLVER), get_solver(m.B_SOLVER)
+        self.solver_workspace = SolverWorkspace()   # the solvers' scratch memory, reused between calls
         self.f_solver_kwargs = dict(eps=m.F_EPS, stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY,
-                                    beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM)
+                                    beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM, workspace=self.solver_workspace)
         self.b_solver_kwargs = dict(self.f_solver_kwargs, eps=m.B_EPS)
         self.solver_stats: Dict = {}
         momentum = _bn_momentum(cfg, bn_momentum)

@@ -7,6 +7,7 @@ from .implicit import attach_implicit_backward
 from .residuals import IterateTracker, SolverResult
 from .solvers import SOLVERS, get_solver
 from .weight_norm import WeightNormConv2d, conv2d
+from .workspace import SolverWorkspace
 
 __all__ = ["anderson", "broyden", "fixed_point", "get_solver", "SOLVERS", "SolverResult", "IterateTracker",
-           "attach_implicit_backward", "VariationalDropout2d", "WeightNormConv2d", "conv2d"]
+           "attach_implicit_backward", "SolverWorkspace", "VariationalDropout2d", "WeightNormConv2d", "conv2d"]

@@ -33,7 +33,8 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
         threshold: the largest number of f evaluations.
         eps: tolerance on the per-sample residual (see ``stop_mode``).
         stop_mode: ``'rel'`` or ``'abs'``.
-        memory: m, the number of past iterates mixed (at least 2; ``<= 0``: m = threshold).
+        memory: m, the number of past iterates mixed (at least 2, at most ``threshold``; ``<= 0``:
+            m = threshold). The history holds 2 (B, D) rows per iterate.
         beta: the mixing (damping) parameter; 1 mixes the images f_i only.
         lam: Tikhonov regularisation of the Gram matrix G G^T.
 
@@ -41,7 +42,7 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
         :class:`SolverResult` with the lowest-residual iterate of each sample.
     """
     bsz, dim = z0.shape
-    m = max(2, int(memory) if memory > 0 else int(threshold))
+    m = max(2, min(int(memory) if memory > 0 else int(threshold), int(threshold)))
     fs = z0.new_empty(bsz, m, dim)         # images f_i; only filled slots are read
     gs = z0.new_empty(bsz, m, dim)         # residuals g_i = f_i - x_i
     gram = z0.new_zeros(bsz, m, m)         # g_i . g_j, slot order
@@ -62,7 +63,7 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
             break
         slot = (steps - 1) % m
         n = min(steps, m)
-        g = fx - x
+        g = tracker.last_g
         fs[:, slot] = fx
         gs[:, slot] = g
         row = torch.bmm(g.unsqueeze(1), gs[:, :n].transpose(1, 2)).squeeze(1)   # (B, n): g_new . g_i
@@ -79,5 +80,6 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
                 x_next = x_next - (1 - beta) * torch.bmm(alpha, gs[:, :n]).squeeze(1)
             ok = (info == 0)[:, None] & torch.isfinite(x_next).all(dim=1, keepdim=True)
             x_next = torch.where(ok, x_next, fx)
-        x = torch.where(tracker.active[:, None], x_next, tracker.restore_diverged(x))
+        x = x_next if tracker.all_active else torch.where(tracker.active[:, None], x_next,
+                                                              tracker.restore_diverged(x))
     return tracker.result(steps)

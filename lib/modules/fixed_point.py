@@ -18,5 +18,8 @@ def fixed_point(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 
         steps += 1
         if not tracker.update(z, fz):
             break
-        z = torch.where(tracker.active[:, None], fz, tracker.restore_diverged(z))
+        if tracker.all_active:
+            z = fz
+        else:  # stopped samples stay where they are, diverged ones go back to their best iterate
+            z = torch.where(tracker.active[:, None], fz, tracker.restore_diverged(z))
     return tracker.result(steps)

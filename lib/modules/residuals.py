@@ -10,7 +10,7 @@ returns, per sample, the iterate with the lowest residual seen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -77,8 +77,8 @@ class IterateTracker:
             raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
         bsz = z0.shape[0]
         self.eps, self.stop_mode, self.div_factor, self.restart = eps, stop_mode, div_factor, restart
-        self.best_z = z0.detach().clone()
-        self.best_fz = z0.detach().clone()
+        self.z0 = z0
+        self.best_z = self.best_fz = z0.detach()     # replaced (not written into) by update
         inf = torch.full((bsz,), float("inf"), device=z0.device, dtype=torch.float32)
         self.best_res = inf.clone()
         self.best_abs = inf.clone()
@@ -92,11 +92,17 @@ class IterateTracker:
         self.improved_after_start = torch.zeros_like(self.diverged)
         self.lost = torch.zeros_like(self.diverged)
         self.any_lost = self.any_diverged = False
+        self.all_active = True
         self.last_g = z0
 
-    def update(self, z: Tensor, fz: Tensor) -> bool:
-        """Record the residual of ``z`` (with ``fz = f(z)``); returns True while some sample is active."""
-        self.last_g = g = fz - z
+    def update(self, z: Tensor, fz: Tensor, g_out: Optional[Tensor] = None) -> bool:
+        """Record the residual of ``z`` (with ``fz = f(z)``); returns True while some sample is active.
+
+        ``g = fz - z`` is written into ``g_out`` (B, D) when given and kept as :attr:`last_g`. When every
+        sample improved (the usual case), the best iterate *becomes* ``z`` and ``fz`` without a copy:
+        a solver must not write into tensors it has passed here.
+        """
+        self.last_g = g = torch.sub(fz, z, out=g_out) if g_out is not None else fz - z
         abs_b = g.float().norm(dim=1)
         fnorm_b = fz.float().norm(dim=1)
         rel_b = abs_b / (fnorm_b + _TINY)
@@ -105,9 +111,6 @@ class IterateTracker:
         better = finite & (res_b < self.best_res)
         if self.updates > 0:
             self.improved_after_start |= better
-        # in place: no (B, D) temporaries (``out`` aliasing the input is exact for elementwise ops)
-        torch.where(better[:, None], z.detach(), self.best_z, out=self.best_z)
-        torch.where(better[:, None], fz.detach(), self.best_fz, out=self.best_fz)
         self.last_res = res_b
         self.best_res = torch.where(better, res_b, self.best_res)
         self.best_abs = torch.where(better, abs_b, self.best_abs)
@@ -120,13 +123,20 @@ class IterateTracker:
         self.updates += 1
         cur_abs = torch.nan_to_num(abs_b, nan=float("inf")).square().sum().sqrt()
         cur_rel = cur_abs / (torch.nan_to_num(fnorm_b).square().sum().sqrt() + _TINY)
-        flags = [cur_abs, cur_rel, self.active.any().float(), self.diverged.any().float()]
+        flags = [cur_abs, cur_rel, self.active.any(), self.active.all(), self.diverged.any(), better.all(),
+                 better.any()]
         if self.restart > 0:
             self.lost = (self.active & (res_b > self.restart * self.best_res)) | self.diverged
-            flags.append(self.lost.any().float())
-        values = torch.stack(flags).tolist()           # the one wait for the device per step
-        cur_abs, cur_rel, any_active, self.any_diverged = values[0], values[1], values[2] > 0, values[3] > 0
-        self.any_lost = self.restart > 0 and values[4] > 0
+            flags.append(self.lost.any())
+        values = torch.stack([v.float() for v in flags]).tolist()   # the one wait for the device per step
+        cur_abs, cur_rel = values[0], values[1]
+        any_active, self.all_active, self.any_diverged, all_better, any_better = (v > 0 for v in values[2:7])
+        self.any_lost = self.restart > 0 and values[7] > 0
+        if all_better:      # keep references: no (B, D) copies
+            self.best_z, self.best_fz = z.detach(), fz.detach()
+        elif any_better:
+            self.best_z = torch.where(better[:, None], z.detach(), self.best_z)
+            self.best_fz = torch.where(better[:, None], fz.detach(), self.best_fz)
         self.abs_trace.append(cur_abs)
         self.trace.append(cur_rel)
         return bool(any_active)
@@ -143,6 +153,9 @@ class IterateTracker:
         abs_all, rel_all, conv, div, imp = torch.stack([
             abs_all, rel_all, (self.best_res < self.eps).all().float(), self.diverged.any().float(),
             self.improved_after_start.any().float()]).tolist()
-        return SolverResult(z=self.best_z, fz=self.best_fz, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
+        # never hand the caller's own starting tensor back as the solution
+        best_z = self.best_z.clone() if self.best_z.data_ptr() == self.z0.data_ptr() else self.best_z
+        best_fz = self.best_fz.clone() if self.best_fz.data_ptr() == self.z0.data_ptr() else self.best_fz
+        return SolverResult(z=best_z, fz=best_fz, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
                             trace=self.trace, abs_trace=self.abs_trace, converged=bool(conv),
                             diverged=bool(div), improved=bool(imp))

@@ -13,6 +13,10 @@ Three figures are reported:
 * ``in solver``: wall time spent inside the solvers but outside f (and outside the VJPs), as a
   share of the step: the part the solver code controls, measured directly by wrapping the solver.
 
+``t_f`` and ``t_vjp`` in the first two are the mean times of f and of the adjoint step as they ran
+inside the measured training steps (the solvers are wrapped), not the separate component timings:
+on a shared machine those drift by 10-20 % against the steps, and the figures with them.
+
 Peak memory is CUDA's ``max_memory_allocated`` or, on the CPU, the growth of the peak resident set
 size during one step, measured in a fresh process per setting so that the peaks are comparable.
 """
@@ -235,13 +239,20 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
-    return {"time": t, "stats": stats, "solver_own": own}
+    out = {"time": t, "stats": stats, "solver_own": own}
+    if f_timer.calls:       # f and the adjoint step as they ran inside these very steps
+        out["t_f_step"] = f_timer.in_f / f_timer.calls
+    if b_timer.calls:
+        out["t_b_step"] = b_timer.in_f / b_timer.calls
+    return out
 
 
 def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
     """The three overhead figures (see the module docstring) for a training step ``step``."""
     s = step["stats"]
-    t_f, t_vjp = comp["f"], comp["vjp"]
+    # f and the VJP timed inside the measured steps: the same conditions as the step (a separate
+    # timing on a shared machine drifts by 10-20 % against it, which moved the figures as much)
+    t_f, t_vjp = step.get("t_f_step", comp["f"]), step.get("t_b_step", comp["vjp"])
     fs, bs = s.get("f_steps", 0), s.get("b_steps", 0)
     headline = step["time"] / ((fs + bs + 2) * t_f) - 1
     limit = fs * t_f + bs * t_vjp + comp["f_graph_bwd"] + comp["stem_head"]
@@ -261,8 +272,24 @@ def _current_rss_kb() -> Optional[int]:
 
 
 def _peak_kb() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak   # bytes on macOS, KiB on Linux
+    """Peak RSS of this process image (KiB). Linux: VmHWM, which :func:`_reset_peak` can lower;
+    ``ru_maxrss`` would also count the peak of the process that spawned this one (Linux carries it
+    over exec), which hides a worker's own peak under a large parent."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak   # bytes on macOS, KiB on Linux
+
+
+def _reset_peak() -> None:
+    """Lower the peak RSS to the current RSS where Linux allows it (``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int) -> Dict[str, Any]:
@@ -290,6 +317,7 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
+        _reset_peak()
         before = (_current_rss_kb() or _peak_kb()) * 1024
     loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
     loss.backward()
@@ -300,7 +328,29 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
         total = _peak_kb() * 1024
         peak = total - before
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
-    return {"step_peak_mib": peak / 2 ** 20, "process_peak_mib": total / 2 ** 20, "stats": stats}
+    history = 0.0
+    if not unrolled_depth:
+        with torch.no_grad():
+            dim = model.equilibrium_problem(model.injection(x)).z0.shape[1]
+        history = solver_history_bytes(model, x.shape[0], dim, max(f_thres, b_thres), x.element_size()) / 2 ** 20
+    return {"step_peak_mib": peak / 2 ** 20, "process_peak_mib": total / 2 ** 20, "history_mib": history,
+            "stats": stats}
+
+
+def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int = 4) -> int:
+    """Bytes of the largest solver history buffer of a training step (forward and backward solves
+    run one after the other, so one buffer is alive at a time): it grows with the threshold up to
+    the solver memory m, and is the only part of an implicit step that depends on the thresholds."""
+    from ..modules import anderson, broyden
+    from ..modules.broyden import history_rows
+    memory = int(model.f_solver_kwargs.get("memory", 0))
+    rows = 0
+    for solver in (model.f_solver, model.b_solver):
+        if solver is broyden:
+            rows = max(rows, history_rows(thres, memory))
+        elif solver is anderson:
+            rows = max(rows, 2 * max(2, min(memory if memory > 0 else thres, thres)))
+    return rows * batch * dim * itemsize
 
 
 def peak_memory(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int = 0) -> Dict[str, Any]:
@@ -372,26 +422,34 @@ def format_report(r: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {fw['rel']:.2e} | {fw['abs']:.2e} | {ms(fw['time'])} | "
                      f"{ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% |")
     lines += ["", "Training step (forward solve + head + loss + implicit backward; same solver forward and backward):",
-              "", "| solver | step (ms) | T_f used | T_b used | f rel | b rel | overhead | vs limit | in solver |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "", "| solver | step (ms) | T_f used | T_b used | f / VJP in step (ms) | f rel | b rel | overhead "
+              "| vs limit | in solver |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, st in r["train"].items():
         s = st["stats"]
-        lines.append(f"| {name} | {ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | "
+        in_step = (f"{ms(st['t_f_step'])} / {ms(st['t_b_step'])}" if "t_f_step" in st and "t_b_step" in st
+                   else "-")
+        lines.append(f"| {name} | {ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | {in_step} | "
                      f"{s.get('f_rel', float('nan')):.1e} | {s.get('b_rel', float('nan')):.1e} | "
                      f"{100 * st['overhead']:.1f}% | {100 * st['vs_limit']:.1f}% | {100 * st['in_solver']:.1f}% |")
     un = r["unrolled"]
-    lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {ms(un['time'])} | {r['f_thres']} | - | - | - "
-                 f"| {100 * (un['time'] / ((2 * r['f_thres']) * comp['f']) - 1):.1f}%* | - | - |")
+    lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {ms(un['time'])} | {r['f_thres']} | - | - "
+                 f"| - | - | {100 * (un['time'] / ((2 * r['f_thres']) * comp['f']) - 1):.1f}%* | - | - |")
     lines += ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
-              "t_f,graph+bwd + t_stem+head) - 1; in solver = time inside the solvers outside f / step. "
-              "*unrolled: step / (2 x depth x t_f) - 1.", "",
-              "Peak memory of one training step (fresh process per row):", "",
-              "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | process peak (MiB) |",
-              "|---|---:|---:|---:|---:|"]
+              "t_f,graph+bwd + t_stem+head) - 1, with t_f and t_vjp timed inside the steps; in solver = time "
+              "inside the solvers outside f / step. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
+              "component table.", "",
+              "Peak memory of one training step (fresh process per row); the solver history (L-Broyden: "
+              "min(m, T) pairs of 3 B x D rows) is the only part of an implicit step that depends on T:", "",
+              "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | solver history (MiB) "
+              "| step peak - history (MiB) | process peak (MiB) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in r["memory"]:
         s = m["stats"]
         used = f"{s.get('f_steps')} / {s.get('b_steps', '-')}"
-        lines.append(f"| {m['mode']} | {m['thres']} | {used} | {m['step_peak_mib']:.0f} | {m['process_peak_mib']:.0f} |")
+        hist = m.get("history_mib", 0.0)
+        lines.append(f"| {m['mode']} | {m['thres']} | {used} | {m['step_peak_mib']:.0f} | {hist:.0f} | "
+                     f"{m['step_peak_mib'] - hist:.0f} | {m['process_peak_mib']:.0f} |")
     return "\n".join(lines)
 
 
