@@ -21,23 +21,23 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError
 from ..datasets import build_cls_datasets, build_cls_val_dataset
 from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights, save_checkpoint
-from ..utils.distributed import DistInfo, ShardSampler, all_gather_object, barrier, cleanup, init_distributed
-from ..utils.logger import create_logger
+from ..utils.distributed import DistInfo, ShardSampler, all_gather_object, barrier, cleanup
 from ..utils.optim import build_optimizer, build_scheduler, load_scheduler_state
-from ..utils.rng import seed_everything
 from .checkpointing import (CheckpointManager, GracefulStop, ResumableSampler, TrainingDiverged, TrainState,
                             loader_generator, start_epoch)
 from .cls_function import train_one_epoch, unwrap, validate
+from .launch import base_parser, config_from_args, setup_process
+from .launch import parse_args as parse_launch_args
 
 logger = logging.getLogger(__name__)
 
@@ -46,56 +46,19 @@ BEST = "model_best.pth.tar"
 FINAL = "final_state.pth"
 
 
-# ---------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
-    """The options of the original MDEQ scripts: ``--cfg FILE`` then ``KEY VALUE`` overrides."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--cfg", required=True, help="experiment file (yaml), e.g. experiments/digits/cls_mdeq_digits.yaml")
-    p.add_argument("--modelDir", default="", help="overrides OUTPUT_DIR")
-    p.add_argument("--logDir", default="", help="overrides LOG_DIR")
-    p.add_argument("--dataDir", default="", help="overrides DATA_DIR (a relative DATASET.ROOT is taken under it)")
-    p.add_argument("--testModel", default="", help="checkpoint to evaluate (ours or the original .pkl)")
-    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
-                   help="set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace):
-    """Load ``args.cfg`` with the command-line directory options and ``KEY VALUE`` overrides."""
-    opts: List[Any] = list(args.opts or [])
-    if opts and opts[0] == "--":
-        opts = opts[1:]
-    if args.modelDir:
-        opts += ["OUTPUT_DIR", args.modelDir]
-    if args.logDir:
-        opts += ["LOG_DIR", args.logDir]
-    if args.dataDir:
-        opts += ["DATA_DIR", args.dataDir]
-    if args.testModel:
-        opts += ["TEST.MODEL_FILE", args.testModel]
-    if args.percent != 1.0:
-        opts += ["PERCENT", float(args.percent)]
-    cfg = load_config(args.cfg, opts)
-    if cfg.DATA_DIR and cfg.DATASET.ROOT and not os.path.isabs(cfg.DATASET.ROOT):
-        cfg = load_config(args.cfg, opts + ["DATASET.ROOT", os.path.join(cfg.DATA_DIR, cfg.DATASET.ROOT)])
-    return cfg
-
-
 # ---------------------------------------------------------------------------------------- set-up
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
+    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``."""
+    p = base_parser(description)
+    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
+    return parse_launch_args(p, argv)
+
+
 def setup(args: argparse.Namespace, phase: str):
     """Config, process group, logging, seeds. Returns (cfg, DistInfo, output dir, TensorBoard dir)."""
-    cfg = config_from_args(args)
-    info = init_distributed(args.local_rank)
-    _, out_dir, tb_dir = create_logger(cfg, args.cfg, phase, info.rank)
-    seed_everything(cfg.SEED + info.rank, cfg.DETERMINISTIC)
-    if info.device.type == "cuda":
-        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
-        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK and not cfg.DETERMINISTIC
-        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC or cfg.DETERMINISTIC
-    logger.info("%s: %s %s", phase, args.cfg, " ".join(map(str, args.opts or [])))
-    logger.info("rank %d of %d on %s", info.rank, info.world_size, info.device)
+    cfg = config_from_args(args, ["PERCENT", float(args.percent)] if args.percent != 1.0 else [])
+    info, out_dir, tb_dir = setup_process(cfg, args.cfg, phase, args.local_rank)
+    logger.info("overrides: %s", " ".join(map(str, args.opts)) or "none")
     return cfg, info, out_dir, tb_dir
 
 

@@ -27,17 +27,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError
 from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, train_ids_to_label_ids
 from ..models import count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights, save_checkpoint
-from ..utils.distributed import ShardSampler, barrier, cleanup, init_distributed
-from ..utils.logger import create_logger
+from ..utils.distributed import ShardSampler, barrier, cleanup
 from ..utils.optim import build_optimizer, build_scheduler
-from ..utils.rng import seed_everything
 from .criterion import build_criterion
 from .checkpointing import (CheckpointManager, GracefulStop, ResumableSampler, TrainingDiverged, TrainState,
                             loader_generator, start_epoch)
+from .launch import base_parser, config_from_args, setup_process
+from .launch import parse_args as parse_launch_args
 from .seg_function import evaluate, format_scores, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -45,52 +45,15 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- arguments
 def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """``--cfg`` plus trailing ``KEY VALUE`` overrides, ``--modelDir --logDir --dataDir --testModel``,
-    and ``--local_rank`` / ``--local-rank`` (``torch.distributed.launch``; also read from the
-    environment, as ``torchrun`` sets it)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--cfg", required=True, help="experiment file (yaml)")
-    p.add_argument("--modelDir", default="", help="output folder (OUTPUT_DIR)")
-    p.add_argument("--logDir", default="", help="tensorboard / log folder (LOG_DIR)")
-    p.add_argument("--dataDir", default="", help="DATA_DIR: prefix of DATASET.ROOT and MODEL.PRETRAINED")
-    p.add_argument("--testModel", default="", help="model to evaluate (overrides TEST.MODEL_FILE)")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
-                   default=int(os.environ.get("LOCAL_RANK", 0)))
+    """The shared options (:func:`mdeq.core.launch.base_parser`); seg_test adds ``--no-pictures``."""
+    p = base_parser(description)
     if test:
         p.add_argument("--no-pictures", dest="pictures", action="store_false",
                        help="do not write prediction pictures of a labelled list")
-    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.01")
-    # the options may come before, between or after the KEY VALUE pairs
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("--")]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.opts = list(args.opts) + extra
+    args = parse_launch_args(p, argv)
     if not test:
         args.pictures = False
     return args
-
-
-def config_from_args(args: argparse.Namespace):
-    """The frozen config: file, directory options (as the original: DATA_DIR prefixes the dataset
-    root, the pretrained file and the test model), then the ``KEY VALUE`` overrides."""
-    opts = list(args.opts)
-    if args.modelDir:
-        opts += ["OUTPUT_DIR", args.modelDir]
-    if args.logDir:
-        opts += ["LOG_DIR", args.logDir]
-    if args.dataDir:
-        opts += ["DATA_DIR", args.dataDir]
-    if args.testModel:
-        opts += ["TEST.MODEL_FILE", args.testModel]
-    cfg = load_config(args.cfg, opts)
-    if cfg.DATA_DIR:
-        cfg.defrost()
-        cfg.DATASET.ROOT = os.path.join(cfg.DATA_DIR, cfg.DATASET.ROOT)
-        if cfg.MODEL.PRETRAINED:
-            cfg.MODEL.PRETRAINED = os.path.join(cfg.DATA_DIR, cfg.MODEL.PRETRAINED)
-        cfg.freeze()
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -112,18 +75,9 @@ class Context:
 
 
 def setup(args: argparse.Namespace, cfg, phase: str) -> Context:
-    """Initialise the process group (from RANK / WORLD_SIZE / LOCAL_RANK, as set by torchrun or
-    torch.distributed.launch), seeds, logging and output folders."""
-    info = init_distributed(args.local_rank)
-    rank, world_size, local_rank, device = info.rank, info.world_size, info.local_rank, info.device
-    _, out_dir, tb_dir = create_logger(cfg, args.cfg, phase, rank=rank)
-    seed_everything(cfg.SEED + rank, deterministic=cfg.DETERMINISTIC)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
-        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
-        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
-    logger.info("rank %d/%d on %s; output %s", rank, world_size, device, out_dir)
-    return Context(rank, world_size, local_rank, device, out_dir, tb_dir)
+    """Process group, logging, seeds and output folders (:func:`mdeq.core.launch.setup_process`)."""
+    info, out_dir, tb_dir = setup_process(cfg, args.cfg, phase, args.local_rank)
+    return Context(info.rank, info.world_size, info.local_rank, info.device, out_dir, tb_dir)
 
 
 def _worker_init(worker_id: int) -> None:

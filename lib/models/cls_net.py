@@ -5,7 +5,6 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .mdeq_core import MDEQNet
 

@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn

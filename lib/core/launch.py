@@ -1,0 +1,90 @@
+"""What every training and evaluation program does before its real work: read the command line of
+the original MDEQ scripts, build the config it selects, and set the process up (process group,
+logging, seeds, cuDNN).
+
+The command line: ``--cfg FILE`` and ``KEY VALUE`` overrides, with the options ``--modelDir``
+(OUTPUT_DIR), ``--logDir`` (LOG_DIR), ``--dataDir`` (DATA_DIR, which prefixes a relative
+DATASET.ROOT and MODEL.PRETRAINED, as in the original), ``--testModel`` (TEST.MODEL_FILE) and
+``--local_rank`` / ``--local-rank`` (set by ``torch.distributed.launch``; ``torchrun`` sets
+``LOCAL_RANK`` instead). Options may come before, between or after the ``KEY VALUE`` pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import load_config
+from ..utils.distributed import DistInfo, init_distributed
+from ..utils.logger import create_logger
+from ..utils.rng import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every program shares (see the module docstring); add your own
+    and parse with :func:`parse_args`."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cfg", required=True, help="experiment file (yaml), e.g. experiments/digits/cls_mdeq_digits.yaml")
+    p.add_argument("--modelDir", default="", help="output folder (overrides OUTPUT_DIR)")
+    p.add_argument("--logDir", default="", help="TensorBoard / log folder (overrides LOG_DIR)")
+    p.add_argument("--dataDir", default="", help="DATA_DIR: prefixes a relative DATASET.ROOT and MODEL.PRETRAINED")
+    p.add_argument("--testModel", default="", help="checkpoint to evaluate, ours or the original .pkl "
+                                                   "(overrides TEST.MODEL_FILE)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help="set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.01")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); ``args.opts`` gets every ``KEY VALUE`` word, wherever
+    it stood. An unknown ``--option`` is a usage error (exit status 2)."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("--") and a != "--"]   # "-1" is a value
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.opts = [a for a in list(args.opts) + extra if a != "--"]
+    return args
+
+
+def config_from_args(args: argparse.Namespace, extra_opts: Sequence[Any] = ()):
+    """The frozen config of ``args.cfg`` with the ``KEY VALUE`` overrides of the command line, then
+    the directory options (which win over them) and ``extra_opts``."""
+    opts: List[Any] = list(args.opts or [])
+    for flag, key in (("modelDir", "OUTPUT_DIR"), ("logDir", "LOG_DIR"), ("dataDir", "DATA_DIR"),
+                      ("testModel", "TEST.MODEL_FILE")):
+        if getattr(args, flag, ""):
+            opts += [key, getattr(args, flag)]
+    opts += list(extra_opts)
+    cfg = load_config(args.cfg, opts)
+    if cfg.DATA_DIR:
+        prefixed = []
+        for key, value in (("DATASET.ROOT", cfg.DATASET.ROOT), ("MODEL.PRETRAINED", cfg.MODEL.PRETRAINED)):
+            if value and not os.path.isabs(value):
+                prefixed += [key, os.path.join(cfg.DATA_DIR, value)]
+        if prefixed:
+            cfg = load_config(args.cfg, opts + prefixed)
+    return cfg
+
+
+def setup_process(cfg, cfg_path: str, phase: str, local_rank: int = -1) -> Tuple[DistInfo, str, str]:
+    """Join the process group (from the torchrun / torch.distributed.launch environment), start
+    logging to the run's output folder, seed (SEED + rank) and set cuDNN from the config.
+
+    Returns (DistInfo, output folder, TensorBoard folder).
+    """
+    info = init_distributed(local_rank)
+    _, out_dir, tb_dir = create_logger(cfg, cfg_path, phase, info.rank)
+    seed_everything(cfg.SEED + info.rank, cfg.DETERMINISTIC)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
+        torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK and not cfg.DETERMINISTIC
+        torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC or cfg.DETERMINISTIC
+    logger.info("%s: %s; rank %d/%d on %s; output %s", phase, cfg_path, info.rank, info.world_size,
+                info.device, out_dir)
+    return info, out_dir, tb_dir
