@@ -248,3 +248,41 @@ def test_training_step_memory_does_not_grow_with_thresholds(repo):
     growth_unrolled = unrolled["peak_kb"] - low["peak_kb"]
     assert growth_unrolled > 100_000, ("the measurement cannot see memory growth", low, high, unrolled)
     assert high["peak_kb"] - low["peak_kb"] < 0.05 * growth_unrolled + 8_000, (low, high, unrolled)
+
+
+def _dense_lbroyden_trace(f, z0, threshold, memory):
+    """Limited-memory Broyden written out densely for one sample (float64): the step is
+    g + U M^-1 S^T g with M = triu(S^T S) - S^T U over the last ``memory`` pairs, oldest first."""
+    z, fz = z0, f(z0)
+    g = fz - z
+    trace, step, pairs = [(g.norm() / fz.norm()).item()], g, []
+    for _ in range(threshold - 1):
+        z_new = z + step
+        fz_new = f(z_new)
+        pairs = (pairs + [(step, fz_new - fz)])[-memory:]
+        z, fz = z_new, fz_new
+        g = fz - z
+        trace.append((g.norm() / fz.norm()).item())
+        s_mat = torch.stack([p[0] for p in pairs], 1)
+        u_mat = torch.stack([p[1] for p in pairs], 1)
+        m_mat = torch.triu(s_mat.T @ s_mat) - s_mat.T @ u_mat
+        step = g + u_mat @ torch.linalg.solve(m_mat, s_mat.T @ g)
+    return trace
+
+
+@pytest.mark.parametrize("memory", [2, 3, 20])
+def test_limited_memory_broyden_equals_the_dense_formula_also_after_dropping_pairs(memory):
+    torch.manual_seed(3)
+    dim, thres = 30, 14
+    a = (torch.randn(2, dim, dim) * 0.8 / dim ** 0.5).double()
+    b = torch.randn(2, dim).double()
+    kw = dict(eps=0.0, memory=memory, restart=0.0, max_step=0.0)
+    batch = broyden(lambda z: torch.tanh(torch.bmm(a, z.unsqueeze(-1)).squeeze(-1)) + b,
+                    torch.zeros(2, dim, dtype=torch.float64), thres, **kw)
+    for i in range(2):
+        def f(z, i=i):            # (1, D) -> (1, D): sample i alone
+            return torch.tanh(z @ a[i].T) + b[i]
+        dense = _dense_lbroyden_trace(lambda z: f(z[None])[0], torch.zeros(dim, dtype=torch.float64), thres, memory)
+        alone = broyden(f, torch.zeros(1, dim, dtype=torch.float64), thres, **kw)
+        assert alone.steps == thres and alone.trace == pytest.approx(dense, rel=2e-6)   # norms are float32
+        assert torch.allclose(batch.z[i], alone.z[0], rtol=1e-10, atol=1e-12)   # samples do not interact

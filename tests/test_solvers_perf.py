@@ -171,6 +171,7 @@ def test_a_model_with_a_workspace_can_be_copied(repo):
 
 def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(repo, tmp_path):
     import json
+    from mdeq.modules.broyden import history_rows
     out = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
                           "--batch-size", "2", "--image-size", "16", "--repeats", "1", "--threads", "1",
                           "--f-thres", "6", "--b-thres", "6", "--mem-thres", "4,16", "--json", str(tmp_path / "r.json"),
@@ -184,6 +185,9 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
         assert st["stats"]["f_steps"] == 6 and st["t_f_step"] > 0 and st["t_b_step"] > 0
         assert abs(st["overhead"] - (st["time"] / (14 * st["t_f_step"]) - 1)) < 1e-9
     hist = {(m["mode"], m["thres"]): m["history_mib"] for m in r["memory"]}
-    # L-Broyden history: min(m, T) pairs of 3 rows (m = 12 in this config), none when unrolled
-    assert hist[("implicit", 16)] == pytest.approx(hist[("implicit", 4)] * 12 / 4)
+    # L-Broyden history (m = 12 in this config): 2 min(m + 1, T) + 1 rows of B x D floats
+    dim = 8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4
+    for thres, rows in ((4, 9), (16, 27)):
+        assert history_rows(thres, 12) == rows
+        assert hist[("implicit", thres)] == pytest.approx(rows * 2 * dim * 4 / 2 ** 20)
     assert hist[("unrolled", 16)] == 0.0

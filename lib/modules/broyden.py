@@ -15,12 +15,12 @@ limited-memory method: dropping the oldest pair leaves the Broyden matrix of the
 unlike dropping the oldest rank-one term of the product form, which breaks it.
 
 Everything is batched per sample: each sample has its own matrices, stops when it converges or
-diverges, and keeps its lowest-residual iterate. S and U = Y + S live in one preallocated
-(m, 3, B, D) buffer of m slots (see :class:`_CompactBroyden`), S^T S and S^T U in (B, m, m) ones,
-so memory is O(m D) whatever the number of steps.
+diverges, and keeps its lowest-residual iterate. S and U = Y + S live interleaved in one
+preallocated buffer of 2 (m + 1) + 1 rows of (B, D) (see :class:`_CompactBroyden`), S^T S and S^T U
+in (B, m + 1, m + 1) ones, so memory is O(m D) whatever the number of steps.
 
 Cost per step, besides the one evaluation of f: the (B, n, D) history is read three times (one
-batched product of S with [s, u, g], one of U with s, one of U with the m x m solution), plus a
+batched product of S with [u, s, g], one of U with s, one of U with the n x n solution), plus a
 few O(D) vector operations and an n x n solve. The pairs stay in slot order: a system permuted
 alike on rows and columns has the permuted solution, so the chronological upper triangle of N is
 taken with a mask from each slot's insertion rank instead of reordering the matrices. Nothing here
@@ -41,85 +41,101 @@ Tensor = torch.Tensor
 class _CompactBroyden:
     """The inverse Broyden matrix H of the last ``memory`` (s, y) pairs, per sample.
 
-    Storage is slot-major: ``slots[k] = [s_k, u_k, g_k]`` (3, B, D) with u_k = y_k + s_k, and g_k
-    scratch room for the residual of the step that fills slot k. Everything a step reads or writes
-    is then a contiguous (B, D) block or a strided (B, n, D) view that batched BLAS takes as it is:
-    no copies. Only the slots in use are ever touched.
+    Storage: one buffer of (B, D) rows. Slot j holds u_j = y_j + s_j in row 2j and s_j in row 2j+1;
+    the residual g of the newest iterate goes in the row after the current slot's s, which is the
+    u row of the next slot (free: with m + 1 slots the next slot never holds a live pair) or one
+    spare row at the end. So the three rows a step reads, [u, s, g], are one strided (B, 3, D) view,
+    the history S and U are strided (B, n, D) views, batched BLAS takes all of them as they are (no
+    copies), and a pair costs 2 rows: 2 (m + 1) + 1 rows in all. Only the slots in use are touched.
 
     Args:
         like: (B, D) a tensor with the batch size, dimension, dtype and device of the states.
         memory: m, the number of pairs kept.
-        workspace: where the (m, 3, B, D) buffer comes from (and goes back to after the solve).
+        slots: how many slots to allocate: m + 1, or fewer when a solve cannot push more pairs
+            (a solve of T evaluations pushes at most T - 2; up to ``slots - 1`` need no wrap).
+        workspace: where the row buffer comes from (and goes back to after the solve).
     """
 
-    def __init__(self, like: Tensor, memory: int, workspace: Optional[SolverWorkspace] = None) -> None:
+    def __init__(self, like: Tensor, memory: int, slots: int, workspace: Optional[SolverWorkspace] = None) -> None:
         bsz, dim = like.shape
-        self.memory = memory
-        # no zeroing: only filled slots are read
-        self.buffer = take(workspace, (memory, 3, bsz, dim), like)
-        self.slots = self.buffer[:memory]
-        self.sts = like.new_zeros(bsz, memory, memory)      # S^T S, slot order
-        self.stu = like.new_zeros(bsz, memory, memory)      # S^T U, slot order: stu[i, j] = s_i . u_j
-        self.rank = torch.zeros(memory, dtype=torch.long, device=like.device)  # insertion count per slot
+        self.memory, self.n_slots = memory, slots
+        # no zeroing: only filled rows are read
+        self.buffer = take(workspace, (2 * slots + 1, bsz, dim), like)
+        self.rows = self.buffer[:2 * slots + 1]
+        self.sts = like.new_zeros(bsz, slots, slots)      # S^T S, slot order
+        self.stu = like.new_zeros(bsz, slots, slots)      # S^T U, slot order: stu[i, j] = s_i . u_j
+        self.rank = torch.zeros(slots, dtype=torch.long, device=like.device)  # insertion count per slot
         self.pushed = 0
 
     @property
     def slot(self) -> int:
-        """The slot that the current step's pair goes to (the oldest one once all are used)."""
-        return self.pushed % self.memory
+        """The slot that the current step's pair goes to."""
+        return self.pushed % self.n_slots
 
     def s_row(self) -> Tensor:
         """(B, D) the step s about to be taken (written by :meth:`step`)."""
-        return self.slots[self.slot, 0]
+        return self.rows[2 * self.slot + 1]
 
     def u_row(self) -> Tensor:
         """(B, D) where the caller writes u = f(z + s) - f(z) once the step is taken."""
-        return self.slots[self.slot, 1]
+        return self.rows[2 * self.slot]
 
     def g_row(self) -> Tensor:
         """(B, D) where the caller writes the residual g of the new iterate."""
-        return self.slots[self.slot, 2]
+        return self.rows[2 * self.slot + 2]
 
     def step(self) -> Tensor:
         """Fold the pair (s, u) of the current slot into H and return the next step ``-H g`` for
-        the residual g in the current slot's g row. The step is written into the next slot's s row
-        (the caller must not write into it)."""
+        the residual g in :meth:`g_row`. The step is written into the next slot's s row (the caller
+        must not write into it)."""
         slot = self.slot
         self.pushed += 1
-        n = min(self.pushed, self.memory)
+        n = min(self.pushed, self.n_slots)
         self.rank[slot] = self.pushed        # a scalar fill: no transfer, no wait
-        rows = self.slots[slot].transpose(0, 1)                           # (B, 3, D): s, u, g
-        s_hist = self.slots[:n, 0].transpose(0, 1)                        # (B, n, D)
-        u_hist = self.slots[:n, 1].transpose(0, 1)
-        # two passes over the history: [s, u, g] . s_i and s . u_i
-        dots = torch.bmm(rows, s_hist.transpose(1, 2))                    # (B, 3, n)
-        s_u = torch.bmm(rows[:, :1], u_hist.transpose(1, 2)).squeeze(1)  # (B, n): s . u_i
-        self.sts[:, slot, :n] = dots[:, 0]                                # s . s_i
-        self.sts[:, :n, slot] = dots[:, 0]
+        cur = self.rows[2 * slot:2 * slot + 3].transpose(0, 1)          # (B, 3, D): u, s, g
+        u_hist = self.rows[0:2 * n:2].transpose(0, 1)                   # (B, n, D)
+        s_hist = self.rows[1:2 * n:2].transpose(0, 1)
+        # two passes over the history: [u, s, g] . s_i and s . u_i
+        dots = torch.bmm(cur, s_hist.transpose(1, 2))                    # (B, 3, n)
+        s_u = torch.bmm(cur[:, 1:2], u_hist.transpose(1, 2)).squeeze(1)  # (B, n): s . u_i
+        self.sts[:, slot, :n] = dots[:, 1]                               # s . s_i
+        self.sts[:, :n, slot] = dots[:, 1]
         self.stu[:, slot, :n] = s_u
-        self.stu[:, :n, slot] = dots[:, 1]                                # s_i . u
-        s_g = dots[:, 2].unsqueeze(2)                                     # (B, n, 1)
+        self.stu[:, :n, slot] = dots[:, 0]                               # s_i . u
+        s_g = dots[:, 2].unsqueeze(2)                                    # (B, n, 1)
+        if self.pushed > self.memory:
+            # the next slot held the pair now dropped (and its u row holds g): out of the system
+            dead = self.pushed % self.n_slots
+            for mat in (self.sts, self.stu):
+                mat[:, dead, :n] = 0.0
+                mat[:, :n, dead] = 0.0
+            s_g[:, dead] = 0.0
 
         sts, stu = self.sts[:, :n, :n], self.stu[:, :n, :n]
         rank = self.rank[:n]
         older_or_same = rank[:, None] <= rank[None, :]           # chronological upper triangle
-        # a pair pushed as zeros (a frozen sample) has a zero row and column in M; a unit
-        # diagonal there removes it from the system without touching the rest
+        # a pair that is out of the system (dropped, or pushed as zeros by a frozen sample) has a
+        # zero row and column in M; a unit diagonal there removes it without touching the rest
         empty = torch.diagonal(sts, dim1=1, dim2=2) <= 0
         m_mat = torch.where(older_or_same, sts, 0.0) - stu + torch.diag_embed(empty.to(sts.dtype))
         coef, info = torch.linalg.solve_ex(m_mat, s_g)                    # (B, n, 1)
         coef = torch.where((info == 0)[:, None, None] & torch.isfinite(coef), coef, 0.0)
         # the third pass: the step g + U M^{-1} S^T g, straight into the next slot's s row
         out = self.s_row()
-        torch.baddbmm(rows[:, 2:], coef.transpose(1, 2), u_hist, out=out.unsqueeze(1))
+        torch.baddbmm(cur[:, 2:], coef.transpose(1, 2), u_hist, out=out.unsqueeze(1))
         return out
 
 
+def history_slots(threshold: int, memory: int) -> int:
+    """Slots of the history of a solve: m + 1 (see :class:`_CompactBroyden`), or as many as a solve
+    of ``threshold`` evaluations can fill without dropping a pair; ``memory <= 0``: m = threshold."""
+    m = int(memory) if memory > 0 else int(threshold)
+    return max(2, min(m + 1, int(threshold)))
+
+
 def history_rows(threshold: int, memory: int) -> int:
-    """The number of (B, D) rows of the history buffer of a solve: 3 per kept pair (s, u and
-    scratch for g), min(m, threshold) pairs, or ``threshold`` pairs for ``memory <= 0``."""
-    pairs = int(memory) if memory > 0 else int(threshold)
-    return 3 * max(1, min(pairs, int(threshold)))
+    """(B, D) rows of the history buffer of a solve: 2 per slot (u, s) and a spare one for g."""
+    return 2 * history_slots(threshold, memory) + 1
 
 
 @torch.no_grad()
@@ -134,8 +150,8 @@ def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop
         threshold: the largest number of f evaluations (T_f or T_b in the paper).
         eps: tolerance on the per-sample residual (see ``stop_mode``).
         stop_mode: ``'rel'`` (||g||/||f(z)||) or ``'abs'`` (||g||).
-        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18). The history holds
-            min(m, threshold) pairs, 3 (B, D) rows each (:func:`history_rows`): it grows with the
+        memory: the number m of (s, y) pairs kept (Table 4: 12 or 18). The history takes
+            2 min(m + 1, threshold) + 1 (B, D) rows (:func:`history_rows`): it grows with the
             threshold only up to m; ``memory <= 0`` keeps every pair (m = threshold), as the
             original implementation does.
         restart: a sample whose residual grows past ``restart`` times its best continues from its
@@ -150,7 +166,8 @@ def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop
     Returns:
         :class:`SolverResult` with the lowest-residual iterate of each sample.
     """
-    hmat = _CompactBroyden(z0, history_rows(threshold, memory) // 3, workspace)
+    memory = int(memory) if memory > 0 else int(threshold)
+    hmat = _CompactBroyden(z0, memory, history_slots(threshold, memory), workspace)
     try:
         return _broyden_loop(f, z0, threshold, hmat, IterateTracker(z0, eps, stop_mode, restart=restart),
                              float(max_step))

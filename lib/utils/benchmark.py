@@ -440,7 +440,7 @@ def format_report(r: Dict[str, Any]) -> str:
               "inside the solvers outside f / step. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
               "component table.", "",
               "Peak memory of one training step (fresh process per row); the solver history (L-Broyden: "
-              "min(m, T) pairs of 3 B x D rows) is the only part of an implicit step that depends on T:", "",
+              "2 min(m + 1, T) + 1 rows of B x D) is the only part of an implicit step that depends on T:", "",
               "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | solver history (MiB) "
               "| step peak - history (MiB) | process peak (MiB) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
