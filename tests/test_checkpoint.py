@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 import pytest
 import torch
@@ -13,21 +12,8 @@ from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_che
                                    load_weights, save_checkpoint)
 
 
-class _Payload:
-    """Unpickling this calls os.system: what a malicious '.pkl' downloaded from the internet does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_pickle_that_runs_code_is_refused_and_the_code_does_not_run(tmp_path):
-    marker = tmp_path / "pwned"
-    bad = tmp_path / "evil.pkl"
-    with open(bad, "wb") as f:
-        pickle.dump({"state_dict": _Payload(marker)}, f)
+def test_a_pickle_that_runs_code_is_refused_and_the_code_does_not_run(evil_pickle):
+    bad, marker = evil_pickle
     with pytest.raises(CheckpointError, match="refused to load .*evil.pkl.*arbitrary unpickling"):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError):

@@ -168,21 +168,8 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
 
 
 # ------------------------------------------------------------------------------------------ pickles
-class _Payload:
-    """Unpickling this runs a shell command (what a malicious downloaded '.pkl' does)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_code_running_pickle_is_refused_by_the_tools(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pkl"
-    with open(evil, "wb") as f:
-        pickle.dump({"state_dict": _Payload(marker)}, f)
+def test_a_code_running_pickle_is_refused_by_the_tools(tmp_path, evil_pickle):
+    evil, marker = evil_pickle
     with pytest.raises(Exception, match="refused"):
         load_checkpoint(evil)
     runs = {
