@@ -191,3 +191,18 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
         assert history_rows(thres, 12) == rows
         assert hist[("implicit", thres)] == pytest.approx(rows * 2 * dim * 4 / 2 ** 20)
     assert hist[("unrolled", 16)] == 0.0
+
+
+def test_tool_inputs_are_real_photographs_or_a_recorded_batch(tmp_path):
+    from mdeq.utils.sample_images import normalization, photo_batch, recorded_batch
+    mean, std = normalization("cifar10")
+    x = photo_batch(6, 32, mean, std, seed=1)
+    assert x.shape == (6, 3, 32, 32) and torch.equal(x, photo_batch(6, 32, mean, std, seed=1))
+    pixels = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4 and pixels.std() > 0.05   # images, not noise
+    assert not torch.equal(x[0], x[2])                                                     # different crops
+    torch.save({"input": x[:4]}, tmp_path / "rec.pt")
+    assert torch.equal(recorded_batch(tmp_path / "rec.pt", 6), x[[0, 1, 2, 3, 0, 1]])
+    torch.save(torch.zeros(3, 5), tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: expected a \\(N, 3, H, W\\)"):
+        recorded_batch(tmp_path / "bad.pt", 2)

@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--b-thres", type=int, default=None, help="backward threshold (default: MODEL.B_THRES)")
     p.add_argument("--solvers", default="broyden,anderson,fixed_point", help="comma-separated solver names")
     p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
+    p.add_argument("--images", default="", help="a recorded batch: a .pt file with a (N, 3, H, W) tensor or a dict "
+                                                "with one under 'input' (repeated up to --batch-size); default: "
+                                                "random crops of scikit-learn's sample photographs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
-                     test_model=args.testModel, device=args.device, threads=args.threads)
+                     test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
     result = run_benchmark(spec, args.f_thres, args.b_thres, [s for s in args.solvers.split(",") if s],
                            args.repeats, [int(t) for t in args.mem_thres.split(",") if t])
     print(format_report(result))

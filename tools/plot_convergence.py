@@ -5,7 +5,8 @@
 
 Writes ``convergence_solvers.png`` (the paper's Figure 6: Broyden, Anderson and plain iteration),
 ``convergence_streams.png`` (Figure 7: the residual of each resolution stream's part of z, one
-panel per solver) and ``convergence.json`` (the traces). Random initialisation without --testModel.
+panel per solver) and ``convergence.json`` (the traces). Random initialisation without --testModel;
+crops of real photographs without --images.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mdeq.config import load_config  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.utils.convergence import convergence_traces  # noqa: E402
+from mdeq.utils.sample_images import normalization, photo_batch, recorded_batch  # noqa: E402
 
 LABELS = {"broyden": "L-Broyden", "anderson": "Anderson", "fixed_point": "plain iteration"}
 
@@ -37,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=30, help="f evaluations per solver")
     p.add_argument("--solvers", default="broyden,anderson,fixed_point")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", default="", help="a recorded batch (.pt: a (N, 3, H, W) tensor or a dict with one "
+                                                "under 'input'); default: crops of scikit-learn's sample photographs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="output/convergence")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -53,7 +57,11 @@ def main(argv=None) -> None:
         load_weights(model, args.testModel)
     model.to(args.device)
     size = args.image_size or int(cfg.MODEL.IMAGE_SIZE[0])
-    x = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    if args.images:
+        x = recorded_batch(args.images, args.batch_size).to(args.device)
+        size = x.shape[-1]
+    else:
+        x = photo_batch(args.batch_size, size, *normalization(cfg.DATASET.DATASET), seed=args.seed).to(args.device)
     solvers = [s for s in args.solvers.split(",") if s]
     traces = convergence_traces(model, x, solvers, args.evals)
     out = Path(args.out_dir)

@@ -40,6 +40,7 @@ from ..config import load_config
 from ..models import get_cls_net
 from ..modules.residuals import SolverResult
 from .checkpoint import load_weights
+from .sample_images import normalization, photo_batch, recorded_batch
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -55,6 +56,7 @@ class BenchSpec:
     batch_size: int = 32
     image_size: int = 32
     test_model: str = ""
+    images: str = ""          # a recorded batch (see sample_images.recorded_batch); default: photo crops
     device: str = "cpu"
     threads: int = 0          # torch.set_num_threads in workers (0: leave as is)
     seed: int = 0
@@ -62,7 +64,7 @@ class BenchSpec:
 
 def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
     """The classification model of ``spec`` (weights from ``test_model`` if given) on its device,
-    a random batch x (N, 3, S, S) and labels y (N,)."""
+    a batch of real images x (N, 3, S, S) (``spec.images``, or crops of photographs) and labels y (N,)."""
     cfg = load_config(spec.cfg, list(spec.opts))
     torch.manual_seed(spec.seed)
     model = get_cls_net(cfg)
@@ -70,8 +72,10 @@ def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
         load_weights(model, spec.test_model)
     device = torch.device(spec.device)
     model.to(device)
-    gen = torch.Generator().manual_seed(spec.seed)
-    x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, generator=gen).to(device)
+    if spec.images:
+        x = recorded_batch(spec.images, spec.batch_size).to(device)
+    else:
+        x = photo_batch(spec.batch_size, spec.image_size, *normalization(cfg.DATASET.DATASET), seed=spec.seed).to(device)
     y = (torch.arange(spec.batch_size) % cfg.MODEL.NUM_CLASSES).to(device)
     return model, x, y
 
@@ -409,6 +413,7 @@ def format_report(r: Dict[str, Any]) -> str:
     lines = [f"**{Path(spec['cfg']).name}**, batch {spec['batch_size']}, {spec['image_size']}x{spec['image_size']}, "
              f"{spec['device']} ({r['device_name']}, {r['threads']} threads), torch {r['torch']}, "
              f"weights: {Path(spec['test_model']).name if spec['test_model'] else 'random init'}, "
+             f"images: {Path(spec['images']).name if spec.get('images') else 'photo crops'}, "
              f"T_f={r['f_thres']}, T_b={r['b_thres']}", "",
              "| component | time (ms) |", "|---|---:|",
              f"| one f evaluation (no grad) | {ms(comp['f'])} |",
