@@ -25,7 +25,7 @@ from mdeq.config import load_config  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.utils.convergence import convergence_traces  # noqa: E402
-from mdeq.utils.sample_images import normalization, photo_batch, recorded_batch  # noqa: E402
+from mdeq.utils.sample_images import tool_batch  # noqa: E402
 
 LABELS = {"broyden": "L-Broyden", "anderson": "Anderson", "fixed_point": "plain iteration"}
 
@@ -57,11 +57,8 @@ def main(argv=None) -> None:
         load_weights(model, args.testModel)
     model.to(args.device)
     size = args.image_size or int(cfg.MODEL.IMAGE_SIZE[0])
-    if args.images:
-        x = recorded_batch(args.images, args.batch_size).to(args.device)
-        size = x.shape[-1]
-    else:
-        x = photo_batch(args.batch_size, size, *normalization(cfg.DATASET.DATASET), seed=args.seed).to(args.device)
+    x = tool_batch(args.images, args.batch_size, size, cfg.DATASET.DATASET, args.seed).to(args.device)
+    size = x.shape[-1]
     solvers = [s for s in args.solvers.split(",") if s]
     traces = convergence_traces(model, x, solvers, args.evals)
     out = Path(args.out_dir)

@@ -23,6 +23,12 @@ Tensor = torch.Tensor
 
 
 @torch.no_grad()
+def history_size(threshold: int, memory: int) -> int:
+    """m, the past iterates a solve keeps: ``memory`` (``<= 0``: ``threshold``), between 2 and
+    ``threshold``. The history holds 2 (B, D) rows (f_i and g_i) per iterate."""
+    return max(2, min(int(memory) if memory > 0 else int(threshold), int(threshold)))
+
+
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
              memory: int = 5, beta: float = 1.0, lam: float = 1e-4, **_unused) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
@@ -42,7 +48,7 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
         :class:`SolverResult` with the lowest-residual iterate of each sample.
     """
     bsz, dim = z0.shape
-    m = max(2, min(int(memory) if memory > 0 else int(threshold), int(threshold)))
+    m = history_size(threshold, memory)
     fs = z0.new_empty(bsz, m, dim)         # images f_i; only filled slots are read
     gs = z0.new_empty(bsz, m, dim)         # residuals g_i = f_i - x_i
     gram = z0.new_zeros(bsz, m, m)         # g_i . g_j, slot order

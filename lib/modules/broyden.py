@@ -200,11 +200,10 @@ def _broyden_loop(f: FixedPointFn, z0: Tensor, threshold: int, hmat: _CompactBro
             lost = tracker.lost[:, None]
             z = torch.where(lost, tracker.best_z, z_new)
             fz = torch.where(lost, tracker.best_fz, fz_new)
-            torch.sub(fz, z, out=hmat.g_row())
+            g_norm = torch.sub(fz, z, out=hmat.g_row()).norm(dim=1, keepdim=True)
         else:
             z, fz = z_new, fz_new
-        if max_step > 0:
-            g_norm = hmat.g_row().norm(dim=1, keepdim=True)
+            g_norm = tracker.last_abs[:, None].to(z.dtype)   # ||g||, already measured by the tracker
         step = hmat.step()
         if max_step > 0:      # ||step|| <= max_step ||g||, per sample (scaling keeps the secant pairs valid)
             step.mul_(torch.clamp(max_step * g_norm / (step.norm(dim=1, keepdim=True) + 1e-30), max=1.0))

@@ -66,7 +66,8 @@ class IterateTracker:
         restart: if > 0, :attr:`lost` marks the active samples whose residual exceeds ``restart``
             times their best, and the diverged ones (a solver puts them back at their best iterate).
 
-    After each :meth:`update`: ``last_g`` (B, D) is ``f(z) - z`` in z's dtype, ``any_lost`` and
+    After each :meth:`update`: ``last_g`` (B, D) is ``f(z) - z`` in z's dtype, ``last_abs`` (B,) its
+    per-sample norm (float32), ``any_lost`` and
     ``any_diverged`` are host booleans fetched with the one stopping test, so that a solver can
     skip its restore work without waiting on the device again.
     """
@@ -111,7 +112,7 @@ class IterateTracker:
         better = finite & (res_b < self.best_res)
         if self.updates > 0:
             self.improved_after_start |= better
-        self.last_res = res_b
+        self.last_res, self.last_abs = res_b, abs_b
         self.best_res = torch.where(better, res_b, self.best_res)
         self.best_abs = torch.where(better, abs_b, self.best_abs)
         self.best_fnorm = torch.where(better, fnorm_b, self.best_fnorm)

@@ -40,7 +40,7 @@ from ..config import load_config
 from ..models import get_cls_net
 from ..modules.residuals import SolverResult
 from .checkpoint import load_weights
-from .sample_images import normalization, photo_batch, recorded_batch
+from .sample_images import tool_batch
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -72,10 +72,7 @@ def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
         load_weights(model, spec.test_model)
     device = torch.device(spec.device)
     model.to(device)
-    if spec.images:
-        x = recorded_batch(spec.images, spec.batch_size).to(device)
-    else:
-        x = photo_batch(spec.batch_size, spec.image_size, *normalization(cfg.DATASET.DATASET), seed=spec.seed).to(device)
+    x = tool_batch(spec.images, spec.batch_size, spec.image_size, cfg.DATASET.DATASET, spec.seed).to(device)
     y = (torch.arange(spec.batch_size) % cfg.MODEL.NUM_CLASSES).to(device)
     return model, x, y
 
@@ -346,6 +343,7 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
     run one after the other, so one buffer is alive at a time): it grows with the threshold up to
     the solver memory m, and is the only part of an implicit step that depends on the thresholds."""
     from ..modules import anderson, broyden
+    from ..modules.anderson import history_size
     from ..modules.broyden import history_rows
     memory = int(model.f_solver_kwargs.get("memory", 0))
     rows = 0
@@ -353,7 +351,7 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
         if solver is broyden:
             rows = max(rows, history_rows(thres, memory))
         elif solver is anderson:
-            rows = max(rows, 2 * max(2, min(memory if memory > 0 else thres, thres)))
+            rows = max(rows, 2 * history_size(thres, memory))
     return rows * batch * dim * itemsize
 
 

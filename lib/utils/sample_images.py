@@ -52,3 +52,11 @@ def recorded_batch(path: str | Path, batch: int) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"{path}: expected a (N, 3, H, W) image tensor, or a dict with one under 'input'")
     return x[torch.arange(batch) % x.shape[0]].float()
+
+
+def tool_batch(images: str | Path, batch: int, size: int, dataset: str, seed: int = 0) -> Tensor:
+    """What the solver tools feed the model: the recorded batch ``images`` if given (its own image
+    size), else :func:`photo_batch` crops normalised as ``dataset`` (e.g. ``cfg.DATASET.DATASET``)."""
+    if images:
+        return recorded_batch(images, batch)
+    return photo_batch(batch, size, *normalization(dataset), seed=seed)
