@@ -61,6 +61,8 @@ def test_misspelt_override_and_wrong_type(repo):
         load_config(path, ["TRAIN.LR", "fast"])
     with pytest.raises(ConfigError, match="MODEL.F_SOLVER"):
         load_config(path, ["MODEL.F_SOLVER", "newton"])
+    with pytest.raises(ConfigError, match="MODEL.STATE_LAYOUT"):
+        load_config(path, ["MODEL.STATE_LAYOUT", "nhwc"])
     with pytest.raises(ConfigError, match="NUM_CHANNELS has 3 entries"):
         load_config(path, ["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16, 32]"])
 

@@ -184,6 +184,8 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
     for st in r["train"].values():
         assert st["stats"]["f_steps"] == 6 and st["t_f_step"] > 0 and st["t_b_step"] > 0
         assert abs(st["overhead"] - (st["time"] / (14 * st["t_f_step"]) - 1)) < 1e-9
+        limit = 6 * st["t_f_step"] + 6 * st["t_b_step"] + r["components"]["f_graph_bwd"] + r["components"]["stem_head"]
+        assert abs(st["floor"] - (limit / (14 * st["t_f_step"]) - 1)) < 1e-9
     hist = {(m["mode"], m["thres"]): m["history_mib"] for m in r["memory"]}
     # L-Broyden history (m = 12 in this config): 2 min(m + 1, T) + 1 rows of B x D floats
     dim = 8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4

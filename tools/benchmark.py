@@ -15,6 +15,7 @@ import logging
 import torch
 
 from mdeq.utils.benchmark import BenchSpec, dump_json, format_report, run_benchmark
+from mdeq.utils.cpu_allocator import retain_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    retain_freed_memory()       # as the training programs do (the memory rows run in fresh processes)
     spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
                      test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
     result = run_benchmark(spec, args.f_thres, args.b_thres, [s for s in args.solvers.split(",") if s],

@@ -53,6 +53,9 @@ _C.MODEL.B_SOLVER = "broyden"
 _C.MODEL.SOLVER_MEMORY = 18  # new: L-Broyden / Anderson memory m (Table 4: 12 CIFAR, 18 ImageNet/Cityscapes; <= 0: all steps, as the original)
 _C.MODEL.F_EPS = 1e-5  # new: forward stopping tolerance (per sample, see STOP_MODE)
 _C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
+# new: memory layout of the equilibrium states, 'nchw' or 'channels_last'; the results do not depend on it,
+# the speed does (on the CPU, f of CIFAR TINY runs ~20 % faster channels-last, of CIFAR LARGE ~10 % slower)
+_C.MODEL.STATE_LAYOUT = "nchw"
 _C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation

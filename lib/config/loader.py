@@ -127,7 +127,8 @@ def validate_config(cfg: CN, source: str) -> None:
                 f"but NUM_BRANCHES is {nb}")
     for key, choices in (("F_SOLVER", ("broyden", "anderson", "fixed_point")),
                          ("B_SOLVER", ("broyden", "anderson", "fixed_point")),
-                         ("STOP_MODE", ("abs", "rel"))):
+                         ("STOP_MODE", ("abs", "rel")),
+                         ("STATE_LAYOUT", ("nchw", "channels_last"))):
         if cfg.MODEL[key] not in choices:
             raise ConfigError(f"{source}: MODEL.{key} = {cfg.MODEL[key]!r}; choose one of {choices}")
     if not 0.0 <= cfg.MODEL.DROPOUT < 1.0:

@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import load_config
+from ..utils.cpu_allocator import retain_freed_memory
 from ..utils.distributed import DistInfo, init_distributed
 from ..utils.logger import create_logger
 from ..utils.rng import seed_everything
@@ -74,10 +75,12 @@ def config_from_args(args: argparse.Namespace, extra_opts: Sequence[Any] = ()):
 
 def setup_process(cfg, cfg_path: str, phase: str, local_rank: int = -1) -> Tuple[DistInfo, str, str]:
     """Join the process group (from the torchrun / torch.distributed.launch environment), start
-    logging to the run's output folder, seed (SEED + rank) and set cuDNN from the config.
+    logging to the run's output folder, seed (SEED + rank), set cuDNN from the config and keep
+    freed CPU memory in the process (:func:`mdeq.utils.cpu_allocator.retain_freed_memory`).
 
     Returns (DistInfo, output folder, TensorBoard folder).
     """
+    retain_freed_memory()
     info = init_distributed(local_rank)
     _, out_dir, tb_dir = create_logger(cfg, cfg_path, phase, info.rank)
     seed_everything(cfg.SEED + info.rank, cfg.DETERMINISTIC)

@@ -164,18 +164,28 @@ class MDEQModule(nn.Module):
 @dataclass
 class EquilibriumProblem:
     """z = f(z) on flattened states: ``f`` maps (B, D) -> (B, D), ``z0`` is the start, and
-    ``unflatten`` turns (B, D) back into the list of per-resolution states."""
+    ``unflatten`` turns (B, D) back into the list of per-resolution states (N, C_i, H_i, W_i).
+
+    With ``channels_last`` (MODEL.STATE_LAYOUT) each stream's block of z holds its state in
+    (H, W, C) order, so that the unflattened states are channels-last views (no copies) and the
+    convolutions run on that layout; the solvers do not care about the order of the D entries.
+    """
 
     f: Callable[[Tensor], Tensor]
     z0: Tensor
     shapes: List[Tuple[int, ...]]
+    channels_last: bool = False
 
     def unflatten(self, z: Tensor) -> List[Tensor]:
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
-        return [part.reshape(z.shape[0], *s) for part, s in zip(z.split(sizes, dim=1), self.shapes)]
+        parts = z.split(sizes, dim=1)
+        if self.channels_last:
+            return [part.reshape(z.shape[0], h, w, c).permute(0, 3, 1, 2) for part, (c, h, w) in zip(parts, self.shapes)]
+        return [part.reshape(z.shape[0], *s) for part, s in zip(parts, self.shapes)]
 
-    @staticmethod
-    def flatten(states: Sequence[Tensor]) -> Tensor:
+    def flatten(self, states: Sequence[Tensor]) -> Tensor:
+        if self.channels_last:
+            return torch.cat([s.permute(0, 2, 3, 1).flatten(1) for s in states], dim=1)
         return torch.cat([s.flatten(1) for s in states], dim=1)
 
 
@@ -205,6 +215,7 @@ class MDEQNet(nn.Module):
                                     beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM, workspace=self.solver_workspace)
         self.b_solver_kwargs = dict(self.f_solver_kwargs, eps=m.B_EPS)
         self.solver_stats: Dict = {}
+        self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
         self.downsample = nn.Sequential(
@@ -267,7 +278,10 @@ class MDEQNet(nn.Module):
         # solvers work in at least float32, also when f runs under autocast
         dtype = torch.promote_types(inj.dtype, torch.float32)
         z0 = inj.new_zeros(inj.shape[0], sum(int(torch.Size(s).numel()) for s in shapes), dtype=dtype)
-        problem = EquilibriumProblem(f=None, z0=z0, shapes=shapes)  # type: ignore[arg-type]
+        channels_last = self.state_layout == "channels_last"
+        if channels_last:
+            inj = inj.contiguous(memory_format=torch.channels_last)
+        problem = EquilibriumProblem(f=None, z0=z0, shapes=shapes, channels_last=channels_last)  # type: ignore[arg-type]
         self.fullstage.reset_dropout(problem.unflatten(z0))
 
         # f keeps the caller's autocast setting; the solvers' own linear algebra runs without it
