@@ -37,8 +37,8 @@ def retain_freed_memory(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshol
         trim_threshold: free memory (bytes) the heap keeps before it shrinks.
 
     Returns:
-        True when the thresholds were set; False (and nothing changed) on a C library other
-        than glibc or when glibc refused a value.
+        True when both thresholds were set; False on a C library other than glibc (nothing
+        changed) or when glibc refused a value.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         logger.debug("not glibc: the C allocator is left as it is")
