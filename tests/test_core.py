@@ -286,3 +286,18 @@ def test_limited_memory_broyden_equals_the_dense_formula_also_after_dropping_pai
         alone = broyden(f, torch.zeros(1, dim, dtype=torch.float64), thres, **kw)
         assert alone.steps == thres and alone.trace == pytest.approx(dense, rel=2e-6)   # norms are float32
         assert torch.allclose(batch.z[i], alone.z[0], rtol=1e-10, atol=1e-12)   # samples do not interact
+
+
+@pytest.mark.parametrize("solver", [broyden, anderson, fixed_point])
+def test_solvers_build_no_autograd_graph(solver):
+    # the solvers run without autograd even when called with it on (as the backward solve is)
+    weight = torch.full((5,), 0.5, requires_grad=True)
+    grad_mode = []
+
+    def f(z):
+        grad_mode.append(torch.is_grad_enabled())
+        return weight * z + 1.0
+
+    res = solver(f, torch.zeros(2, 5), 40, eps=1e-8)
+    assert not any(grad_mode) and not res.z.requires_grad and not res.fz.requires_grad
+    assert torch.allclose(res.z, torch.full((2, 5), 2.0), atol=1e-4)

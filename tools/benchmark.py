@@ -16,6 +16,7 @@ import torch
 
 from mdeq.utils.benchmark import BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.utils.cpu_allocator import retain_freed_memory
+from mdeq.utils.sample_images import IMAGES_HELP
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,9 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--b-thres", type=int, default=None, help="backward threshold (default: MODEL.B_THRES)")
     p.add_argument("--solvers", default="broyden,anderson,fixed_point", help="comma-separated solver names")
     p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
-    p.add_argument("--images", default="", help="a recorded batch: a .pt file with a (N, 3, H, W) tensor or a dict "
-                                                "with one under 'input' (repeated up to --batch-size); default: "
-                                                "random crops of scikit-learn's sample photographs")
+    p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")

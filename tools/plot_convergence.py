@@ -25,7 +25,7 @@ from mdeq.config import load_config  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.utils.convergence import convergence_traces  # noqa: E402
-from mdeq.utils.sample_images import tool_batch  # noqa: E402
+from mdeq.utils.sample_images import IMAGES_HELP, tool_batch  # noqa: E402
 
 LABELS = {"broyden": "L-Broyden", "anderson": "Anderson", "fixed_point": "plain iteration"}
 
@@ -39,8 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=30, help="f evaluations per solver")
     p.add_argument("--solvers", default="broyden,anderson,fixed_point")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--images", default="", help="a recorded batch (.pt: a (N, 3, H, W) tensor or a dict with one "
-                                                "under 'input'); default: crops of scikit-learn's sample photographs")
+    p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="output/convergence")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from .residuals import FixedPointFn, IterateTracker, SolverResult
+from .residuals import FixedPointFn, IterateTracker, SolverResult, solver_memory
 
 Tensor = torch.Tensor
 
 
-@torch.no_grad()
 def history_size(threshold: int, memory: int) -> int:
     """m, the past iterates a solve keeps: ``memory`` (``<= 0``: ``threshold``), between 2 and
     ``threshold``. The history holds 2 (B, D) rows (f_i and g_i) per iterate."""
-    return max(2, min(int(memory) if memory > 0 else int(threshold), int(threshold)))
+    return max(2, min(solver_memory(memory, threshold), int(threshold)))
 
 
+@torch.no_grad()
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
              memory: int = 5, beta: float = 1.0, lam: float = 1e-4, **_unused) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.

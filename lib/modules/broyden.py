@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .residuals import FixedPointFn, IterateTracker, SolverResult
+from .residuals import FixedPointFn, IterateTracker, SolverResult, solver_memory
 from .workspace import SolverWorkspace, take
 
 Tensor = torch.Tensor
@@ -129,8 +129,7 @@ class _CompactBroyden:
 def history_slots(threshold: int, memory: int) -> int:
     """Slots of the history of a solve: m + 1 (see :class:`_CompactBroyden`), or as many as a solve
     of ``threshold`` evaluations can fill without dropping a pair; ``memory <= 0``: m = threshold."""
-    m = int(memory) if memory > 0 else int(threshold)
-    return max(2, min(m + 1, int(threshold)))
+    return max(2, min(solver_memory(memory, threshold) + 1, int(threshold)))
 
 
 def history_rows(threshold: int, memory: int) -> int:
@@ -166,7 +165,7 @@ def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop
     Returns:
         :class:`SolverResult` with the lowest-residual iterate of each sample.
     """
-    memory = int(memory) if memory > 0 else int(threshold)
+    memory = solver_memory(memory, threshold)
     hmat = _CompactBroyden(z0, memory, history_slots(threshold, memory), workspace)
     try:
         return _broyden_loop(f, z0, threshold, hmat, IterateTracker(z0, eps, stop_mode, restart=restart),

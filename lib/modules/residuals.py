@@ -20,6 +20,12 @@ FixedPointFn = Callable[[Tensor], Tensor]
 _TINY = 1e-12
 
 
+def solver_memory(memory: int, threshold: int) -> int:
+    """m, the history a limited-memory solver keeps: ``memory``, or ``threshold`` when ``memory <= 0``
+    (every step, as the original implementation)."""
+    return int(memory) if memory > 0 else int(threshold)
+
+
 @dataclass
 class SolverResult:
     """The outcome of a fixed-point solve.

@@ -20,6 +20,10 @@ from ..datasets.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 Tensor = torch.Tensor
 
 
+IMAGES_HELP = ("a recorded batch: a .pt file with a (N, 3, H, W) tensor or a dict with one under 'input' "
+               "(repeated up to the batch size); default: random crops of scikit-learn's sample photographs")
+
+
 def normalization(dataset: str):
     """(mean, std) of the normalisation our datasets use: CIFAR-10's or ImageNet's."""
     return (CIFAR_MEAN, CIFAR_STD) if dataset.lower().startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
