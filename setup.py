@@ -11,6 +11,8 @@ setup(
         "mdeq.config",
         "mdeq.models",
         "mdeq.modules",
+        "mdeq.solvers",
+        "mdeq.analysis",
         "mdeq.datasets",
         "mdeq.core",
         "mdeq.utils",

@@ -2,11 +2,13 @@
 
 Subpackages:
     mdeq.config    yacs defaults and :func:`mdeq.config.load_config`
-    mdeq.modules   solvers (L-Broyden, Anderson, fixed point), implicit backward, weight norm, dropout
+    mdeq.solvers   fixed-point solvers (limited-memory Broyden, Anderson, plain iteration)
+    mdeq.modules   layers: implicit backward, weight norm, variational dropout
     mdeq.models    the multiscale equilibrium core and the classification / segmentation nets
     mdeq.datasets  CIFAR-10, ImageNet, the embedded digits set, Cityscapes
     mdeq.core      train / validate loops, losses, metrics
-    mdeq.utils     checkpoints, logging, distributed helpers
+    mdeq.utils     base layer: checkpoint files, logging, distributed helpers, optimisers
+    mdeq.analysis  solver benchmark, convergence traces, sample images (imports models and datasets)
 """
 
 __version__ = "0.1.0"

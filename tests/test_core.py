@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from mdeq.config import load_config
 from mdeq.models import get_cls_net, get_seg_net
-from mdeq.modules import VariationalDropout2d, WeightNormConv2d, anderson, broyden, fixed_point
+from mdeq.modules import VariationalDropout2d, WeightNormConv2d
+from mdeq.solvers import anderson, broyden, fixed_point
 
 SMALL_OVERRIDES = {
     # 4 scales, 2 downsamplings (ImageNet-style), shrunk for a CPU test

@@ -12,9 +12,9 @@ import torch
 
 from mdeq.config import load_config
 from mdeq.models import get_cls_net
-from mdeq.modules import anderson, broyden, fixed_point
+from mdeq.solvers import anderson, broyden, fixed_point
 from mdeq.utils.checkpoint import load_weights
-from mdeq.utils.convergence import convergence_traces
+from mdeq.analysis.convergence import convergence_traces
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
 
 
 def test_a_reused_workspace_gives_the_same_solutions_and_never_hands_back_the_start(tiny_problem):
-    from mdeq.modules import SolverWorkspace
+    from mdeq.solvers import SolverWorkspace
     model, problem = tiny_problem
     kw = {k: v for k, v in model.f_solver_kwargs.items() if k not in ("workspace", "eps")}
     ws = SolverWorkspace()
@@ -171,7 +171,7 @@ def test_a_model_with_a_workspace_can_be_copied(repo):
 
 def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(repo, tmp_path):
     import json
-    from mdeq.modules.broyden import history_rows
+    from mdeq.solvers.broyden import history_rows
     out = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
                           "--batch-size", "2", "--image-size", "16", "--repeats", "1", "--threads", "1",
                           "--f-thres", "6", "--b-thres", "6", "--mem-thres", "4,16", "--json", str(tmp_path / "r.json"),
@@ -196,7 +196,7 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
 
 
 def test_tool_inputs_are_real_photographs_or_a_recorded_batch(tmp_path):
-    from mdeq.utils.sample_images import normalization, photo_batch, recorded_batch
+    from mdeq.analysis.sample_images import normalization, photo_batch, recorded_batch
     mean, std = normalization("cifar10")
     x = photo_batch(6, 32, mean, std, seed=1)
     assert x.shape == (6, 3, 32, 32) and torch.equal(x, photo_batch(6, 32, mean, std, seed=1))

@@ -5,7 +5,7 @@
 
 Prints markdown tables: f / VJP / stem+head times, forward solves of each solver at an equal number
 of f evaluations, training steps with their solver overhead, the unrolled warm-up at the same depth,
-and the peak memory of a training step at two thresholds. See :mod:`mdeq.utils.benchmark`.
+and the peak memory of a training step at two thresholds. See :mod:`mdeq.analysis.benchmark`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import logging
 
 import torch
 
-from mdeq.utils.benchmark import BenchSpec, dump_json, format_report, run_benchmark
+from mdeq.analysis.benchmark import BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.utils.cpu_allocator import retain_freed_memory
-from mdeq.utils.sample_images import IMAGES_HELP
+from mdeq.analysis.sample_images import IMAGES_HELP
 
 
 def parse_args(argv=None) -> argparse.Namespace:

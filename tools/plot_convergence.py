@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from mdeq.config import load_config  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
-from mdeq.utils.convergence import convergence_traces  # noqa: E402
-from mdeq.utils.sample_images import IMAGES_HELP, tool_batch  # noqa: E402
+from mdeq.analysis.convergence import convergence_traces  # noqa: E402
+from mdeq.analysis.sample_images import IMAGES_HELP, tool_batch  # noqa: E402
 
 LABELS = {"broyden": "L-Broyden", "anderson": "Anderson", "fixed_point": "plain iteration"}
 

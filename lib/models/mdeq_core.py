@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import SolverWorkspace, VariationalDropout2d, attach_implicit_backward, conv2d, get_solver
+from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d
+from ..solvers import SolverWorkspace, get_solver
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .residuals import SolverResult
+from ..solvers.residuals import SolverResult
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
         f: the equilibrium map on flattened states, (B, D) -> (B, D); must be the same function
             (same dropout masks, same weights) as in the forward solve.
         z_star: (B, D) the equilibrium found by the forward solver (detached).
-        solver: a fixed-point solver (see :mod:`mdeq.modules.solvers`).
+        solver: a fixed-point solver (see :mod:`mdeq.solvers`).
         threshold: the largest number of backward solver steps (B_THRES).
         stats: a dict that receives ``b_steps``, ``b_abs``, ``b_rel``, ``b_fallback``... when
             the backward pass runs.

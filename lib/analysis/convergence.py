@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from ..modules import get_solver
+from ..solvers import get_solver
 
 Tensor = torch.Tensor
 

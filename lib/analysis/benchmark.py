@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from ..config import load_config
 from ..models import get_cls_net
-from ..modules.residuals import SolverResult
-from .checkpoint import load_weights
+from ..solvers.residuals import SolverResult
+from ..utils.checkpoint import load_weights
 from .sample_images import tool_batch
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class TimedSolver:
 
 
 def _set_solvers(model, f_name: str, b_name: str) -> None:
-    from ..modules import get_solver
+    from ..solvers import get_solver
     model.f_solver, model.b_solver = get_solver(f_name), get_solver(b_name)
 
 
@@ -190,7 +190,7 @@ def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Di
     """
     device = x.device
     model.eval()
-    from ..modules import get_solver
+    from ..solvers import get_solver
     timed = TimedSolver(get_solver(solver), device)
     kwargs = dict(model.f_solver_kwargs, eps=0.0)
     with torch.no_grad():
@@ -346,9 +346,9 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
     """Bytes of the largest solver history buffer of a training step (forward and backward solves
     run one after the other, so one buffer is alive at a time): it grows with the threshold up to
     the solver memory m, and is the only part of an implicit step that depends on the thresholds."""
-    from ..modules import anderson, broyden
-    from ..modules.anderson import history_size
-    from ..modules.broyden import history_rows
+    from ..solvers import anderson, broyden
+    from ..solvers.anderson import history_size
+    from ..solvers.broyden import history_rows
     memory = int(model.f_solver_kwargs.get("memory", 0))
     rows = 0
     for solver in (model.f_solver, model.b_solver):
