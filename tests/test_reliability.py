@@ -372,3 +372,29 @@ def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_che
     assert good.read_bytes() == before  # the last good checkpoint is intact
     assert not any(p.name.startswith("checkpoint_ep") for p in out.iterdir())
     assert list(work.iterdir()) == []  # nothing (no tensor pickles) dumped into the working directory
+
+
+# ------------------------------------------------------------------------------------------ health
+def test_a_run_gone_bad_is_reported_and_the_stop_option_stops_it_keeping_the_last_checkpoint(tmp_path):
+    """TRAIN.LR 100 with Adam: the loss stays finite (no step is skipped), the model collapses to chance.
+    The first equilibrium epoch (epoch 1) is reported with its solver numbers; by default the run goes
+    on and keeps the state from before that epoch; with TRAIN.STOP_ON_UNHEALTHY it stops (exit 3)
+    before that epoch's state overwrites the checkpoint."""
+    bad = {"TRAIN.OPTIMIZER": "adam", "TRAIN.LR": "100", "TRAIN.PRETRAIN_STEPS": "6", "MODEL.F_THRES": "6",
+           "MODEL.B_THRES": "6", "TRAIN.KEEP_CHECKPOINTS": "1"}
+    warn_base, stop_base = tmp_path / "warn", tmp_path / "stop"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        warned = pool.submit(_run, _train_cmd(warn_base, **bad), 0)
+        stopped = pool.submit(_run, _train_cmd(stop_base, **bad, **{"TRAIN.STOP_ON_UNHEALTHY": "True"}), 3)
+        warned, stopped = warned.result(), stopped.result()
+    assert "update skipped" not in warned.all  # the step guard alone would not notice
+    line = next(l for l in warned.all.splitlines() if "epoch 1 looks unhealthy" in l)
+    assert "at chance level" in line and "backward fallbacks" in line and "final forward relative residual" in line
+    assert "TRAIN.STOP_ON_UNHEALTHY True stops such a run" in line
+    kept = load_checkpoint(_out_dir(warn_base) / "checkpoint_healthy.pth.tar")
+    assert (kept["epoch"], kept["global_step"]) == (1, STEPS_PER_EPOCH)
+
+    assert "training is unhealthy at epoch 1 (TRAIN.STOP_ON_UNHEALTHY)" in stopped.all
+    assert "backward fallbacks" in stopped.all and "Traceback" not in stopped.all
+    last = load_checkpoint(_out_dir(stop_base) / "checkpoint.pth.tar")
+    assert (last["epoch"], last["global_step"]) == (1, STEPS_PER_EPOCH)  # the state from before epoch 1

@@ -7,7 +7,7 @@ Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped b
 saving a checkpoint (resume with ``TRAIN.RESUME True``); see :mod:`mdeq.core.cli`.
 """
 from mdeq.core.cli import tool_main
-from mdeq.core.cls_runner import train
+from mdeq.core.classification import train
 
 
 def main() -> None:

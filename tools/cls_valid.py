@@ -6,7 +6,7 @@ Checkpoints are read with ``weights_only=True``: a file that would run code when
 refused (exit status 2, one-line message), never executed.
 """
 from mdeq.core.cli import tool_main
-from mdeq.core.cls_runner import valid
+from mdeq.core.classification import valid
 
 
 def main() -> None:

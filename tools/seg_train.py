@@ -15,7 +15,7 @@ Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped b
 from __future__ import annotations
 
 from mdeq.core.cli import tool_main
-from mdeq.core.seg_runner import parse_seg_args, train_main
+from mdeq.core.segmentation import parse_seg_args, train_main
 
 
 def _run(argv=None) -> None:

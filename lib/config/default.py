@@ -135,6 +135,7 @@ _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
 _C.TRAIN.AMP = False  # new: mixed precision (CUDA only)
 _C.TRAIN.KEEP_CHECKPOINTS = 1  # new: how many per-epoch checkpoints to keep
+_C.TRAIN.STOP_ON_UNHEALTHY = False  # new: stop (exit 3) when an epoch fails the health check (mdeq.core.health)
 _C.TRAIN.MAX_BAD_STEPS = 5  # new: consecutive non-finite / diverged steps before the run stops
 _C.TRAIN.MAX_ITERS = -1  # new: stop after this many optimizer steps (<0: no limit)
 

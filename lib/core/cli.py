@@ -25,9 +25,13 @@ from ..config.loader import ConfigError
 from ..datasets.common import DatasetError
 from ..utils.checkpoint import CheckpointError, OutputDirError
 from ..utils.distributed import DeviceError
-from .checkpointing import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, TrainingInterrupted
+from .signals import TrainingInterrupted
+from .step_guard import TrainingDiverged
 
 logger = logging.getLogger("mdeq")
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 #: exceptions that mean "the input is wrong": reported as one line, exit status 2
 BAD_INPUT = (ConfigError, FileNotFoundError, CheckpointError, DatasetError, OutputDirError, DeviceError)

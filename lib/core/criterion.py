@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..datasets.common import ignore_label
+
 Tensor = torch.Tensor
 
 
@@ -75,7 +77,7 @@ class OhemCrossEntropy(nn.Module):
 def build_criterion(cfg) -> nn.Module:
     """``LOSS.USE_OHEM`` -> :class:`OhemCrossEntropy` (``OHEMTHRES``, ``OHEMKEEP``), else :class:`CrossEntropy`;
     the ignore label is ``TRAIN.IGNORE_LABEL`` (255 if negative)."""
-    ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
+    ignore = ignore_label(cfg)
     if cfg.LOSS.USE_OHEM:
         return OhemCrossEntropy(ignore, cfg.LOSS.OHEMTHRES, cfg.LOSS.OHEMKEEP)
     return CrossEntropy(ignore)

@@ -1,7 +1,7 @@
 """Running averages and top-k accuracy for classification."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -26,10 +26,6 @@ class AverageMeter:
         self.count += n
         self.avg = self.sum / self.count if self.count else 0.0
 
-    def set_totals(self, total: float, count: int) -> None:
-        """Replace the sum and count (e.g. by the values summed over all processes)."""
-        self.sum, self.count = float(total), int(count)
-        self.avg = self.sum / self.count if self.count else 0.0
 
     def __str__(self) -> str:
         return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
@@ -51,8 +47,3 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
     """Top-k accuracy in percent for each k."""
     n = max(1, target.shape[0])
     return [100.0 * c / n for c in topk_correct(logits, target, topk)]
-
-
-def summarize(meters: Dict[str, AverageMeter]) -> Dict[str, float]:
-    """``{name: average}`` of a dict of meters."""
-    return {k: m.avg for k, m in meters.items()}

@@ -46,3 +46,8 @@ def require_files(folder: str, names: Sequence[str], what: str, hint: str) -> No
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise FileNotFoundError(f"{what}: {os.path.abspath(folder)} lacks {', '.join(missing)}. {hint}")
+
+
+def ignore_label(cfg) -> int:
+    """The label of pixels that carry no loss and no score: ``TRAIN.IGNORE_LABEL``, 255 when negative."""
+    return int(cfg.TRAIN.IGNORE_LABEL) if cfg.TRAIN.IGNORE_LABEL >= 0 else 255

@@ -114,11 +114,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    """True on rank 0, or when not distributed."""
-    return get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every process (no-op when not distributed)."""
     if is_initialized():
@@ -147,13 +142,6 @@ def all_reduce_sum(value: Union[torch.Tensor, Number]) -> Union[torch.Tensor, fl
     return float(t.item())
 
 
-def all_reduce_mean(value: Union[torch.Tensor, Number]) -> Union[torch.Tensor, float]:
-    """Mean of ``value`` over all processes (unchanged when not distributed)."""
-    total = all_reduce_sum(value)
-    n = get_world_size()
-    return total / n if n > 1 else total
-
-
 def all_gather_object(obj: Any) -> List[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` when not distributed)."""
     if not is_initialized():
@@ -161,15 +149,6 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every process."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def cleanup() -> None:
@@ -196,3 +175,9 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model

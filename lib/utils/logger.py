@@ -12,7 +12,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
+
+from tqdm import tqdm
 
 from .checkpoint import check_writable
 
@@ -60,3 +62,11 @@ def create_logger(cfg, cfg_path: Optional[str], phase: str = "train", rank: Opti
     if rank == 0:
         log.info("output folder %s, TensorBoard folder %s", out_dir, tb_dir)
     return log, str(out_dir), str(tb_dir)
+
+
+def progress_bar(iterable: Iterable, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar shown only when ``enabled`` and stderr is a terminal: in a log file (``> log``,
+    SLURM, nohup) a bar's every refresh would be a line of its own, and the log lines every
+    PRINT_FREQ steps and the epoch summaries already say what it would."""
+    show = enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(iterable, disable=not show, leave=False, dynamic_ncols=True, **kwargs)

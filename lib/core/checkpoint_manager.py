@@ -1,0 +1,305 @@
+"""The files of a training run, one scheme for every task (rank 0 writes, atomically):
+
+=============================  ==================================================================
+``checkpoint.pth.tar``         the latest full training state: written after every epoch and when a
+                               stop signal ends the run mid-epoch; what ``TRAIN.RESUME`` continues
+``checkpoint_ep{N:04d}.pth.tar``  the last ``TRAIN.KEEP_CHECKPOINTS`` epoch copies (when > 1)
+``checkpoint_healthy.pth.tar`` the latest state from before an epoch the health check found
+                               unhealthy (kept until a healthy epoch comes back)
+``model_best.pth.tar``         ``{"model", "epoch", "best_metric", <metric>, "config"}``: the weights
+                               of the best held-out score; never replaced by a worse one
+``final_state.pth``            the final weights as a bare state dict (as the original MDEQ / HRNet)
+``results.json``               the final held-out metrics, counters, wall time
+=============================  ==================================================================
+
+A training state holds the model, optimizer, scheduler and AMP scaler states, the position
+(``epoch``, ``batch_in_epoch``: the next batch to run), the loop's counters, the best metric, the
+config, every rank's RNG states (Python, NumPy, torch, CUDA), the sampler's seed and the state of
+the health check, so that a resumed run continues exactly (same batches in the same order, same
+random numbers). It is never written while steps are being skipped or with non-finite weights.
+Files of earlier versions (``best_acc`` / ``best_miou`` entries, ``best.pth``) still load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..utils.distributed import all_gather_object, unwrap
+from ..utils.optim import load_scheduler_state
+from ..utils.rng import get_rng_state, set_rng_state
+from .signals import GracefulStop, TrainingInterrupted, resume_command
+from .state import ResumableSampler, TrainState
+from .step_guard import TrainingDiverged
+
+logger = logging.getLogger(__name__)
+
+LATEST = "checkpoint.pth.tar"
+EPOCH_PREFIX = "checkpoint_ep"
+HEALTHY = "checkpoint_healthy.pth.tar"
+BEST = "model_best.pth.tar"
+FINAL = "final_state.pth"
+RESULTS = "results.json"
+FORMAT_VERSION = 3
+_OLD_BEST_KEYS = ("best_acc", "best_miou")  # format 2 named the best metric per task
+
+
+def params_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite."""
+    return all(bool(torch.isfinite(t).all().item()) for t in unwrap(model).state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional[Dict[str, Any]]:
+    """Before anything is written or read: the training state to resume from, or None for a fresh run.
+
+    Removes stale temporary files of interrupted writes. ``TRAIN.RESUME`` / ``AUTO_RESUME`` resume
+    from ``TRAIN.CHECKPOINT`` (default: the run's ``checkpoint.pth.tar``).
+
+    Raises:
+        CheckpointError: a fresh run would overwrite an earlier run's checkpoint; or the file to resume
+            from is truncated / refused / not a training state (the message names the epoch copies).
+        FileNotFoundError: ``TRAIN.CHECKPOINT`` names a file that does not exist.
+    """
+    latest = os.path.join(out_dir, LATEST)
+    resume_file = cfg.TRAIN.CHECKPOINT or latest
+    if is_main and os.path.isdir(out_dir):
+        for f in os.listdir(out_dir):
+            if f.startswith(".tmp-" + EPOCH_PREFIX) or f.startswith(".tmp-checkpoint"):
+                logger.warning("removing %s, the temporary file of a checkpoint write that was interrupted",
+                               os.path.join(out_dir, f))
+                os.remove(os.path.join(out_dir, f))
+    if not (cfg.TRAIN.RESUME or cfg.AUTO_RESUME):
+        if os.path.isfile(latest):
+            raise CheckpointError(
+                f"{latest} exists (an earlier run): starting afresh would overwrite it. Continue that run "
+                f"with TRAIN.RESUME True, or choose another OUTPUT_DIR (--modelDir), or move the folder away.")
+        return None
+    if not os.path.isfile(resume_file):
+        if resume_file != latest:
+            raise FileNotFoundError(f"TRAIN.CHECKPOINT {resume_file} does not exist: give an existing "
+                                    f"checkpoint, or leave TRAIN.CHECKPOINT empty to resume from {latest}")
+        logger.warning("TRAIN.RESUME is set but %s does not exist: starting from scratch", latest)
+        return None
+    try:
+        ckpt = load_checkpoint(resume_file, map_location=device)
+    except CheckpointError as e:
+        copies = sorted((f for f in os.listdir(out_dir) if f.startswith(EPOCH_PREFIX) or f == HEALTHY),
+                        reverse=True) if os.path.isdir(out_dir) else []
+        alt = (f" Other states in {out_dir}: {', '.join(copies)}; resume from one with TRAIN.CHECKPOINT "
+               f"<file>." if copies else "")
+        raise CheckpointError(f"cannot resume: {e}.{alt}") from e
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
+        raise CheckpointError(f"cannot resume from {resume_file}: it is not a training checkpoint (no "
+                              f"model / optimizer / epoch entries); use TRAIN.MODEL_FILE to load weights only")
+    ckpt["_path"] = resume_file
+    return ckpt
+
+
+class CheckpointManager:
+    """Saves and restores the full training state of one run; owns every file of the run folder.
+
+    Args:
+        out_dir: the run's output folder.
+        cfg: the run's config (TRAIN.KEEP_CHECKPOINTS; saved in every file).
+        is_main: whether this process writes files.
+        best_metric: the name of the held-out score to maximise (``'top1'``, ``'miou'``).
+        model, optimizer, scheduler, scaler, sampler, state: the objects whose state is saved; the
+            model may be DDP-wrapped, scheduler / scaler may be None.
+        stateful: further objects with ``state_dict()`` / ``load_state_dict()`` (the health check).
+        world_size: processes in this run.
+    """
+
+    def __init__(self, out_dir: str, cfg, is_main: bool, best_metric: str, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, sampler: ResumableSampler,
+                 state: TrainState, stateful: Optional[Mapping[str, Any]] = None, world_size: int = 1) -> None:
+        self.out_dir, self.cfg, self.is_main = out_dir, cfg, is_main
+        self.best_metric, self.best = best_metric, float("-inf")
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.sampler, self.state, self.stateful = sampler, state, dict(stateful or {})
+        self.world_size = int(world_size)
+        self.keep = int(cfg.TRAIN.KEEP_CHECKPOINTS)
+        self.latest = os.path.join(out_dir, LATEST)
+        self.last_saved: Optional[str] = None  # what the latest file holds, for the messages
+        self.keeping_healthy = False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    # ---------------------------------------------------------------- saving
+    def _training_state(self, epoch: int, batch_in_epoch: int) -> Dict[str, Any]:
+        rng_all = all_gather_object(get_rng_state())  # a collective: every rank calls save_latest
+        st = self.state
+        ckpt: Dict[str, Any] = {
+            "format_version": FORMAT_VERSION, "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch),
+            "global_step": int(st.global_step), "bad_steps": int(st.bad_steps), "skipped_steps": int(st.skipped_steps),
+            "best_metric": self.best_metric, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
+            "world_size": self.world_size, "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "sampler": self.sampler.state(),
+        }
+        if self.scheduler is not None:
+            ckpt["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            ckpt["scaler"] = self.scaler.state_dict()
+        for name, obj in self.stateful.items():
+            ckpt[name] = obj.state_dict()
+        return ckpt
+
+    def save_latest(self, epoch: int, batch_in_epoch: int, epoch_end: bool) -> Optional[str]:
+        """Write the training state as ``checkpoint.pth.tar`` (and, at an epoch end, as an epoch copy).
+
+        Call on every rank (the RNG states are gathered). Refused (logged, returns None) while steps
+        are being skipped or when a weight is not finite: the last checkpoint from before the
+        trouble stays. Returns the path written (on every rank) or None.
+        """
+        where = f"epoch {epoch}, batch {batch_in_epoch}, global step {self.state.global_step}"
+        ckpt = self._training_state(epoch, batch_in_epoch)
+        if self.state.bad_steps > 0 or not params_finite(self.model):
+            why = (f"the last {self.state.bad_steps} steps were skipped" if self.state.bad_steps > 0
+                   else "some weights are not finite")
+            logger.warning("not saving a checkpoint at %s: %s; %s keeps %s", where, why, self.latest,
+                           self.last_saved or "the state from before the trouble")
+            return None
+        if self.is_main:
+            save_checkpoint(ckpt, self.latest)
+            if epoch_end and self.keep > 1:
+                save_checkpoint(ckpt, self.path(f"{EPOCH_PREFIX}{int(epoch):04d}.pth.tar"))
+                self._prune()
+            logger.info("checkpoint saved: %s (%s)", self.latest, where)
+        self.last_saved = where
+        return self.latest
+
+    def keep_healthy_copy(self) -> Optional[str]:
+        """Before an unhealthy epoch's state overwrites the latest checkpoint: keep the latest one as
+        ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one."""
+        target = self.path(HEALTHY)
+        if not self.keeping_healthy and self.is_main and os.path.isfile(self.latest):
+            shutil.copyfile(self.latest, target + ".part")
+            os.replace(target + ".part", target)
+        self.keeping_healthy = True
+        return target if os.path.isfile(target) or not self.is_main else None
+
+    def healthy_again(self) -> None:
+        self.keeping_healthy = False
+
+    def _prune(self) -> None:
+        copies = sorted(f for f in os.listdir(self.out_dir) if f.startswith(EPOCH_PREFIX) and f.endswith(".pth.tar"))
+        for f in copies[:max(0, len(copies) - self.keep)]:
+            os.remove(self.path(f))
+
+    def update_best(self, value: float, epoch: int) -> bool:
+        """Record a held-out score; a better one (NaN never is) is saved as ``model_best.pth.tar``."""
+        if not (value == value and value > self.best):
+            return False
+        self.best = float(value)
+        if self.is_main:
+            save_checkpoint({"model": unwrap(self.model).state_dict(), "epoch": int(epoch) + 1,
+                             "best_metric": self.best_metric, self.best_metric: self.best,
+                             "config": self.cfg.dump()}, self.path(BEST))
+            logger.info("new best %s %.4f (epoch %d) -> %s", self.best_metric, value, epoch, self.path(BEST))
+        return True
+
+    def save_final(self, results: Dict[str, Any]) -> None:
+        """``final_state.pth`` (bare state dict) and ``results.json``."""
+        if not self.is_main:
+            return
+        save_checkpoint(unwrap(self.model).state_dict(), self.path(FINAL))
+        with open(self.path(RESULTS), "w") as f:
+            json.dump(results, f, indent=2, allow_nan=True)
+
+    # ---------------------------------------------------------------- resuming
+    def restore(self, ckpt: Dict[str, Any], seed: int, rank: int) -> Tuple[int, int]:
+        """Load ``ckpt`` (from :func:`resume_checkpoint`) into the objects; returns ``(epoch, batch_in_epoch)``.
+
+        Raises:
+            CheckpointError: the checkpoint's model or optimizer does not fit this run.
+        """
+        src = ckpt.get("_path", "the checkpoint")
+        try:
+            unwrap(self.model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"cannot resume from {src}: its model does not fit this config "
+                                  f"(another architecture?): {e}") from e
+        self._restore_optimizer(ckpt, src)
+        st = self.state
+        st.global_step, st.bad_steps, st.skipped_steps = (int(ckpt.get(k, 0)) for k in
+                                                          ("global_step", "bad_steps", "skipped_steps"))
+        for name, obj in self.stateful.items():
+            if ckpt.get(name) is not None:
+                obj.load_state_dict(ckpt[name])
+        epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
+        if batch and int(ckpt.get("world_size", self.world_size)) != self.world_size:
+            logger.warning("the checkpoint was written mid-epoch by %s processes, this run has %d: epoch %d "
+                           "restarts from its first batch", ckpt.get("world_size"), self.world_size, epoch)
+            batch = 0
+        saved_seed = (ckpt.get("sampler") or {}).get("seed", seed)
+        if int(saved_seed) != int(seed):
+            logger.warning("the checkpoint's SEED is %s, this run's %s: the data order differs from the "
+                           "interrupted run's", saved_seed, seed)
+        self._restore_rng(ckpt.get("rng"), rank)
+        best = ckpt.get("best", next((ckpt[k] for k in _OLD_BEST_KEYS if k in ckpt), float("-inf")))
+        self.best = float(best)
+        self.last_saved = f"epoch {epoch}, batch {batch}, global step {st.global_step}"
+        logger.info("resumed from %s: epoch %d, global step %d, batch %d of the epoch, lr %.6g, best %s %.4g",
+                    src, epoch, st.global_step, batch, self.optimizer.param_groups[0]["lr"], self.best_metric,
+                    self.best)
+        return epoch, batch
+
+    def _restore_optimizer(self, ckpt: Dict[str, Any], src: str) -> None:
+        saved_keys = set((ckpt["optimizer"].get("param_groups") or [{}])[0]) - {"initial_lr"}
+        own_keys = set(self.optimizer.state_dict()["param_groups"][0]) - {"initial_lr"}
+        if saved_keys != own_keys:
+            raise CheckpointError(f"cannot resume from {src}: its optimizer has the settings {sorted(saved_keys)}, "
+                                  f"this run's {type(self.optimizer).__name__} {sorted(own_keys)}; resume with "
+                                  f"the TRAIN.OPTIMIZER of the interrupted run")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        sched = self.scheduler
+        if sched is not None and ckpt.get("scheduler") is not None:
+            base_lrs = list(getattr(sched, "base_lrs", []))  # from this run's TRAIN.LR
+            load_scheduler_state(sched, ckpt["scheduler"])
+            if base_lrs and base_lrs != list(sched.base_lrs):
+                logger.warning("TRAIN.LR differs from the checkpoint's (%s -> %s): the schedule continues from "
+                               "step %d with the new base rate", sched.base_lrs, base_lrs, sched.last_epoch)
+                sched.base_lrs = base_lrs
+                load_scheduler_state(sched, sched.state_dict())  # re-sync the optimizer's rates
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+    def _restore_rng(self, rng: Any, rank: int) -> None:
+        if isinstance(rng, list) and len(rng) == self.world_size:
+            set_rng_state(rng[rank])
+        elif isinstance(rng, dict):
+            set_rng_state(rng)
+        elif rng:
+            logger.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored",
+                           len(rng), self.world_size)
+
+    # ---------------------------------------------------------------- messages
+    def describe_latest(self) -> str:
+        """``'<path> (epoch E, batch B, global step S)'`` of the latest checkpoint, or a note that none exists."""
+        if self.last_saved:
+            return f"{self.latest} ({self.last_saved})"
+        return f"none yet ({self.latest} was never written: a resumed run starts from scratch)"
+
+    def interrupted(self, stopper: GracefulStop, saved: Optional[str]) -> TrainingInterrupted:
+        """Log how to resume after a stop signal and return the exception to raise."""
+        what = f"saved {self.describe_latest()}" if saved else f"the latest checkpoint is {self.describe_latest()}"
+        msg = (f"stopped by {stopper.name or 'a signal'}: {what}. To resume, run the same command with "
+               f"TRAIN.RESUME True: {resume_command()}")
+        logger.error("%s", msg)
+        return TrainingInterrupted(msg, stopper.signum or signal.SIGTERM)
+
+    def diverged(self, err: TrainingDiverged) -> TrainingDiverged:
+        """Log the divergence with the checkpoint to go back to and return the exception to raise."""
+        msg = (f"{err} The last checkpoint from before the trouble is {self.describe_latest()}; it was left "
+               f"intact. Resume from it with a lower TRAIN.LR: {resume_command()}")
+        logger.error("%s", msg)
+        return TrainingDiverged(msg)

@@ -1,0 +1,211 @@
+"""Image classification (CIFAR-10, ImageNet, the embedded digits): the task the engine
+(:mod:`mdeq.core.trainer`) trains, its held-out evaluation, and the programs ``tools/cls_train.py``
+and ``tools/cls_valid.py``.
+
+Training writes the files of :mod:`mdeq.core.checkpoint_manager` to ``OUTPUT_DIR/<dataset>/<cfg
+stem>/``; the best metric is the held-out top-1 (``model_best.pth.tar``). Evaluation writes
+``valid_results.json`` there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+from ..datasets import build_cls_datasets, build_cls_val_dataset
+from ..models import count_parameters, get_cls_net
+from ..utils.checkpoint import load_weights
+from ..utils.distributed import DistInfo, all_reduce_sum, cleanup, unwrap
+from ..utils.logger import progress_bar
+from .checkpoint_manager import FINAL
+from .launch import base_parser, config_from_args, setup_process
+from .launch import parse_args as parse_launch_args
+from .metrics import topk_correct
+from .solver_stats import solver_scalars
+from .state import make_loader
+from .trainer import Task, fit
+
+logger = logging.getLogger(__name__)
+
+
+def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
+    """FLOPs of one evaluation of f_theta for one image (None if they cannot be counted)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        try:
+            p = next(net.parameters())
+            x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
+            with torch.no_grad():
+                inj = net.injection(x)
+                z = [inj.new_zeros(1, *s) for s in net.state_shapes(inj)]
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    net.fullstage(z, inj)
+            return int(counter.get_total_flops())
+        finally:
+            net.train(was_training)
+    except Exception as e:  # the summary is informative only
+        logger.debug("FLOP count skipped: %s", e)
+        return None
+
+
+def _check_classes(ds: Dataset, cfg) -> None:
+    classes = getattr(getattr(ds, "dataset", ds), "classes", None)
+    if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
+        raise ConfigError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but DATASET.DATASET "
+                          f"{cfg.DATASET.DATASET!r} has {len(classes)} classes")
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is_main: bool = True,
+             **model_kwargs: Any) -> Dict[str, float]:
+    """Held-out loss, top-1 / top-5 (%) and the forward solver's statistics, each rank its shard of
+    ``loader`` (:class:`~mdeq.utils.distributed.ShardSampler`), sums reduced: exact for the whole set.
+    ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium)."""
+    net = unwrap(model)
+    net.eval()
+    amp = bool(cfg.TRAIN.AMP) and device.type == "cuda"
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-5, samples
+    solver: Dict[str, Tuple[float, float]] = {}
+    bar = progress_bar(loader, enabled=is_main, desc="valid")
+    for images, target in bar:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = net(images, **model_kwargs).float()
+        n = target.shape[0]
+        c1, c5 = topk_correct(logits, target, (1, 5))
+        sums += torch.tensor([criterion(logits, target).item(), c1, c5, n], dtype=torch.float64)
+        for k, v in solver_scalars(net.solver_stats).items():
+            s, c = solver.get(k, (0.0, 0.0))
+            solver[k] = (s + v * n, c + n)
+        bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)
+    loss, c1, c5, n = all_reduce_sum(sums).tolist()
+    result = {"loss": loss / n if n else float("nan"), "top1": 100.0 * c1 / n if n else 0.0,
+              "top5": 100.0 * c5 / n if n else 0.0, "num_samples": int(n)}
+    for k in ("f_steps", "f_abs", "f_rel"):
+        s, c = solver.get(k, (0.0, 0.0))
+        s, c = all_reduce_sum(s), all_reduce_sum(c)
+        if c:
+            result[k] = s / c
+    return result
+
+
+class ClassificationTask(Task):
+    """Cross-entropy on class labels; held-out top-1 / top-5."""
+
+    name = "classification"
+    best_metric = "top1"
+
+    def build_model(self, cfg, for_training: bool) -> nn.Module:
+        model = get_cls_net(cfg)
+        if for_training and cfg.TRAIN.MODEL_FILE:
+            load_weights(model, cfg.TRAIN.MODEL_FILE)
+            logger.info("initialised from %s", cfg.TRAIN.MODEL_FILE)
+        return model
+
+    def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
+        train_set, val_set = build_cls_datasets(cfg)
+        _check_classes(val_set, cfg)
+        return train_set, val_set
+
+    def build_criterion(self, cfg) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+        c1, c5 = topk_correct(output, target, (1, 5))
+        return {"top1": 100.0 * c1, "top5": 100.0 * c5}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, cfg, info: DistInfo) -> Dict[str, Any]:
+        return validate(model, loader, cfg, info.device, is_main=info.is_main)
+
+    def describe(self, result: Dict[str, Any]) -> str:
+        return (f"held-out loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+                f"({result['num_samples']} images, f steps {result.get('f_steps', float('nan')):.1f}, "
+                f"rel residual {result.get('f_rel', float('nan')):.3g})")
+
+    def health_problem(self, cfg, train: Dict[str, float], val: Dict[str, Any]) -> Optional[str]:
+        """Held-out top-1 at chance level (at most 1.5 / classes) while the training loss is no better
+        than a uniform guess (0.9 ln classes or more): the model has stopped learning anything."""
+        classes = int(cfg.MODEL.NUM_CLASSES)
+        chance, uniform = 100.0 / classes, math.log(classes)
+        if val and val["top1"] <= 1.5 * chance and train["loss"] >= 0.9 * uniform:
+            return (f"held-out top-1 {val['top1']:.1f}% is at chance level ({chance:.1f}%) and the training loss "
+                    f"{train['loss']:.4g} is no better than a uniform guess (ln {classes} = {uniform:.2f})")
+        return None
+
+    def summary(self, model: nn.Module, cfg) -> Dict[str, Any]:
+        """Parameter count and FLOPs of one f evaluation (logged)."""
+        n = count_parameters(unwrap(model))
+        size = list(cfg.MODEL.IMAGE_SIZE) if len(cfg.MODEL.IMAGE_SIZE) == 2 else [32, 32]
+        flops = f_flops(model, size)
+        logger.info("model: %s, %s trainable parameters; one f evaluation: %s (input %dx%d)",
+                    type(unwrap(model)).__name__, f"{n:,}", "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs",
+                    size[0], size[1])
+        return {"parameters": n, "f_flops": flops}
+
+
+# ---------------------------------------------------------------------------------------- programs
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
+    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``."""
+    p = base_parser(description)
+    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
+    return parse_launch_args(p, argv)
+
+
+def _setup(args: argparse.Namespace, phase: str):
+    cfg = config_from_args(args, ["PERCENT", float(args.percent)] if args.percent != 1.0 else [])
+    info, out_dir, tb_dir = setup_process(cfg, args.cfg, phase, args.local_rank)
+    logger.info("overrides: %s", " ".join(map(str, args.opts)) or "none")
+    return cfg, info, out_dir, tb_dir
+
+
+def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
+    cfg, info, out_dir, tb_dir = _setup(parse_args(argv, "Train an MDEQ image classifier"), "train")
+    try:
+        return fit(ClassificationTask(), cfg, info, out_dir, tb_dir)
+    finally:
+        cleanup()
+
+
+def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
+    cfg, info, out_dir, _ = _setup(parse_args(argv, "Evaluate an MDEQ image classifier"), "valid")
+    try:
+        task = ClassificationTask()
+        model = task.build_model(cfg, for_training=False).to(info.device)
+        path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
+                                    f"TEST.MODEL_FILE, or train first so that {FINAL} exists)")
+        load_weights(model, path)
+        logger.info("weights: %s", path)
+        summary = task.summary(model, cfg)
+        val_set = build_cls_val_dataset(cfg)
+        _check_classes(val_set, cfg)
+        t0 = time.time()
+        res = validate(model, make_loader(val_set, cfg, info, train=False), cfg, info.device, is_main=info.is_main)
+        res.update(model_file=path, time_s=time.time() - t0, **summary)
+        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, mean f steps %.2f, "
+                    "final residual rel %.3g abs %.3g", cfg.DATASET.DATASET, res["num_samples"], res["top1"],
+                    res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
+                    res.get("f_abs", float("nan")))
+        if info.is_main:
+            with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
+                json.dump(res, f, indent=2)
+        return res
+    finally:
+        cleanup()

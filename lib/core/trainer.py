@@ -1,0 +1,446 @@
+"""The one training engine of mdeq: :func:`train_one_epoch` and :func:`fit`, used by every task.
+
+A :class:`Task` (classification: :mod:`mdeq.core.classification`, segmentation:
+:mod:`mdeq.core.segmentation`) supplies only what differs: its datasets, model, criterion, the
+metrics of a training batch, the held-out evaluation and the name of its best metric. Everything
+else is decided here, once:
+
+* **Warm-up.** While the global step is below ``TRAIN.PRETRAIN_STEPS`` the model runs its unrolled
+  weight-tied stack (``mode="unrolled"``), afterwards the equilibrium solver with the implicit
+  backward. With ``MODEL.SOFTPLUS_WARMUP`` f uses softplus during the first
+  ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
+* **Bad steps.** A step whose loss or gradient is not finite, or whose forward solver hit its
+  divergence guard, on any rank, is skipped by every rank (:class:`~mdeq.core.step_guard.StepGuard`):
+  no rank runs backward for a bad forward, no rank updates for a bad gradient, so the replicas stay
+  identical. A skipped step still counts: it advances the global step and the LR schedule, which
+  stay tied to the batches consumed (the schedule ends at ``TRAIN.END_EPOCH`` whatever was
+  skipped, and the resume position is exact). ``TRAIN.MAX_BAD_STEPS`` in a row stop the run.
+* **Health.** Each epoch is judged (:class:`~mdeq.core.health.HealthMonitor`); an unhealthy one
+  is logged with its numbers, keeps the last healthy checkpoint, and with
+  ``TRAIN.STOP_ON_UNHEALTHY`` stops the run as divergence does.
+* **Signals, checkpoints, resume**: :mod:`mdeq.core.signals`, :mod:`mdeq.core.checkpoint_manager`.
+* **Logs.** A line every ``PRINT_FREQ`` steps (``epoch E [i/n] step S loss L ...``) and per epoch;
+  TensorBoard scalars at the step that produced them (``train/*``, ``solver/*``, ``valid/*``); a
+  progress bar on a terminal only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+from ..utils.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, unwrap
+from ..utils.logger import progress_bar
+from ..utils.optim import build_optimizer, build_scheduler
+from .checkpoint_manager import CheckpointManager, resume_checkpoint
+from .health import ADVICE, HealthMonitor
+from .signals import GracefulStop
+from .solver_stats import SOLVER_KEYS, format_solver_stats, solver_scalars, solver_stats
+from .state import TrainState, make_loader, start_epoch
+from .step_guard import StepGuard, TrainingDiverged, grad_norm_of
+
+logger = logging.getLogger(__name__)
+
+
+class Task:
+    """What a task supplies to the engine; subclasses override what differs from these defaults."""
+
+    #: shown in the logs
+    name = "task"
+    #: the key of :meth:`evaluate`'s result to maximise (``model_best.pth.tar``)
+    best_metric = "score"
+    #: drop the last incomplete training batch (batch norm on a batch of one is undefined)
+    drop_last = False
+
+    def build_model(self, cfg, for_training: bool) -> nn.Module:
+        """The model on the CPU, with pretrained / initial weights loaded (TRAIN.MODEL_FILE, ...)."""
+        raise NotImplementedError
+
+    def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
+        """(training set, held-out set or None)."""
+        raise NotImplementedError
+
+    def build_criterion(self, cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_distributed(self, model: nn.Module, info: DistInfo) -> nn.Module:
+        """A chance to convert layers before DDP wraps the model (e.g. SyncBatchNorm)."""
+        return model
+
+    def unpack(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets) of a loader batch."""
+        return batch[0], batch[1]
+
+    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+        """Sums over the batch of per-sample training metrics (the epoch reports sum / samples)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, cfg, info: DistInfo) -> Dict[str, Any]:
+        """Held-out evaluation (every rank its shard, results reduced); must contain :attr:`best_metric`."""
+        raise NotImplementedError
+
+    def describe(self, result: Dict[str, Any]) -> str:
+        """The evaluation as text for the log."""
+        return " ".join(f"{k} {v:.4g}" for k, v in self.scalars(result).items())
+
+    def scalars(self, result: Dict[str, Any]) -> Dict[str, float]:
+        """The numbers of an evaluation that go to TensorBoard and results.json."""
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def health_problem(self, cfg, train: Dict[str, float], val: Dict[str, Any]) -> Optional[str]:
+        """A task's own sign that an epoch with equilibrium steps went bad (None: none seen)."""
+        return None
+
+    def summary(self, model: nn.Module, cfg) -> Dict[str, Any]:
+        """Facts about the model for results.json (parameter count, FLOPs ...)."""
+        return {}
+
+
+@dataclass
+class Run:
+    """The objects of one training run, built by :func:`build_run`."""
+
+    cfg: Any
+    info: DistInfo
+    task: Task
+    model: nn.Module            # DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: nn.Module
+    loader: DataLoader
+    val_loader: Optional[DataLoader]
+    state: TrainState = field(default_factory=TrainState)
+    health: HealthMonitor = field(default_factory=HealthMonitor)
+    writer: Any = None
+
+    @property
+    def net(self) -> nn.Module:
+        return unwrap(self.model)
+
+    @property
+    def amp(self) -> bool:
+        return self.scaler is not None
+
+    def mode(self, step: int) -> str:
+        return "unrolled" if step < self.cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
+
+
+# ------------------------------------------------------------------------------------------ one step
+@dataclass
+class StepResult:
+    loss: float                  # nan when skipped
+    skipped: bool
+    stats: Dict[str, Any]
+    grad_norm: Optional[float]
+    lr: float                    # the rate this step used
+    metrics: Dict[str, float]
+    samples: int
+
+
+def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int, guard: StepGuard) -> StepResult:
+    """Forward, guard, backward, update for one batch; advances the global step and the schedule."""
+    step, device = run.state.global_step, images.device
+    mode = run.mode(step)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, enabled=run.amp):
+        output = run.model(images, train_step=step)  # MERGE: mode=mode
+        loss = run.criterion(output.float(), target)
+    stats = solver_stats(run.model)
+    reason = guard.forward_problem(loss, stats)
+    grad_norm = None
+    if reason is None:
+        if run.amp:
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.optimizer)
+        else:
+            loss.backward()
+        grad_norm = grad_norm_of(run.model, run.cfg.TRAIN.CLIP)
+        if not run.amp:  # with AMP the scaler skips non-finite steps itself
+            reason = guard.gradient_problem(grad_norm)
+        stats = solver_stats(run.model)  # now with the backward's statistics
+    lr = run.optimizer.param_groups[0]["lr"]
+    if reason is None:
+        if run.amp:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        guard.good()
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        guard.bad(reason, epoch, step, loss, grad_norm, stats, mode)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    run.state.global_step += 1
+    run.health.observe(stats)
+    metrics = run.task.batch_metrics(output.detach().float(), target)
+    return StepResult(float("nan") if reason else loss.item(), reason is not None, stats, grad_norm, lr, metrics,
+                      int(target.shape[0]))
+
+
+# ------------------------------------------------------------------------------------------ one epoch
+class EpochMeter:
+    """Sums of a training epoch, reduced over the processes at the end."""
+
+    def __init__(self) -> None:
+        self.loss = self.good = self.samples = 0.0
+        self.metrics: Dict[str, float] = {}
+        self.solver: Dict[str, Tuple[float, int]] = {}
+
+    def update(self, r: StepResult) -> None:
+        if not r.skipped:
+            self.loss, self.good = self.loss + r.loss, self.good + 1
+        self.samples += r.samples
+        for k, v in r.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+        for k, v in solver_scalars(r.stats).items():
+            s, c = self.solver.get(k, (0.0, 0))
+            self.solver[k] = (s + v, c + 1)
+
+    def reduce(self, device: torch.device) -> Dict[str, float]:
+        keys = sorted(self.metrics)
+        skeys = list(SOLVER_KEYS)
+        vec = [self.loss, self.good, self.samples] + [self.metrics[k] for k in keys]
+        vec += [x for k in skeys for x in self.solver.get(k, (0.0, 0))]
+        tot = all_reduce_sum(torch.tensor(vec, dtype=torch.float64, device=device)).tolist()
+        out = {"loss": tot[0] / tot[1] if tot[1] else float("nan"), "steps": int(tot[1])}
+        out.update({k: tot[3 + j] / tot[2] if tot[2] else float("nan") for j, k in enumerate(keys)})
+        base = 3 + len(keys)
+        for j, k in enumerate(skeys):
+            s, c = tot[base + 2 * j], tot[base + 2 * j + 1]
+            if c:
+                out[k] = s / c
+        return out
+
+
+def _report_step(run: Run, epoch: int, i: int, total: int, step: int, r: StepResult, bar: Any) -> None:
+    if not run.info.is_main:
+        return
+    scalars = solver_scalars(r.stats)
+    bar.set_postfix({"loss": f"{r.loss:.4f}", "f": f"{scalars.get('f_steps', 0):.0f}", "lr": f"{r.lr:.2e}",
+                     **({"jac": f"{scalars['jac_loss']:.3g}"} if "jac_loss" in scalars else {})}, refresh=False)
+    if step % max(1, run.cfg.PRINT_FREQ) and i != total - 1:
+        return
+    extra = " ".join(f"{k} {v / max(1, r.samples):.4g}" for k, v in r.metrics.items())
+    logger.info("epoch %d [%d/%d] step %d loss %.6f %slr %.4g %s", epoch, i, total, step, r.loss,
+                f"{extra} " if extra else "", r.lr, format_solver_stats(r.stats))
+    w = run.writer
+    if w is not None:
+        w.add_scalar("train/loss", r.loss, step)
+        w.add_scalar("train/lr", r.lr, step)
+        w.add_scalar("train/equilibrium", float(r.stats.get("mode") == "equilibrium"), step)
+        if r.grad_norm is not None:
+            w.add_scalar("train/grad_norm", r.grad_norm, step)
+        for k, v in r.metrics.items():
+            w.add_scalar(f"train/{k}", v / max(1, r.samples), step)
+        for k, v in scalars.items():
+            w.add_scalar(f"solver/{k}", v, step)
+
+
+def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optional[GracefulStop] = None
+                    ) -> Dict[str, float]:
+    """One pass over ``run.loader`` (from batch ``start_batch`` of the epoch, for a resumed run).
+
+    Updates ``run.state`` in place: ``global_step``, the bad-step counters, ``batch_in_epoch``,
+    ``stop`` when TRAIN.MAX_ITERS is reached, ``interrupted`` when ``stopper`` asked to stop (the
+    epoch then ends at that step boundary). Returns the epoch's means over all processes: ``loss``
+    (over the steps not skipped), ``steps``, the task's training metrics and the solver statistics.
+
+    Raises:
+        TrainingDiverged: TRAIN.MAX_BAD_STEPS consecutive steps were skipped.
+    """
+    cfg, state, device = run.cfg, run.state, run.info.device
+    run.model.train()
+    if cfg.MODEL.SOFTPLUS_WARMUP:
+        run.net.set_softplus(epoch < cfg.TRAIN.SOFTPLUS_EPOCHS)
+    guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
+    meter = EpochMeter()
+    total = start_batch + len(run.loader)
+    state.batch_in_epoch = start_batch
+    bar = progress_bar(run.loader, enabled=run.info.is_main, total=len(run.loader), desc=f"train {epoch}")
+    for i, batch in enumerate(bar, start=start_batch):
+        if 0 <= cfg.TRAIN.MAX_ITERS <= state.global_step:
+            state.stop = True
+            break
+        images, target = (t.to(device, non_blocking=True) for t in run.task.unpack(batch))
+        step = state.global_step
+        result = train_step(run, images, target, epoch, guard)
+        state.batch_in_epoch = i + 1
+        meter.update(result)
+        _report_step(run, epoch, i, total, step, result, bar)
+        if stopper is not None and stopper.should_stop():
+            state.interrupted = True
+            break
+    bar.close()
+    out = meter.reduce(device)
+    out["lr"] = run.optimizer.param_groups[0]["lr"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the run
+def build_run(task: Task, cfg, info: DistInfo, tb_dir: str) -> Run:
+    """Model, data, optimizer, schedule (per step), AMP scaler, criterion and TensorBoard writer;
+    the model is not yet DDP-wrapped (a checkpoint is restored into it first)."""
+    model = task.build_model(cfg, for_training=True).to(info.device)
+    train_set, val_set = task.build_datasets(cfg)
+    loader = make_loader(train_set, cfg, info, train=True, drop_last=task.drop_last)
+    if len(loader) == 0:
+        raise ConfigError(f"the training set ({len(train_set)} samples) gives no full batch of "
+                          f"TRAIN.BATCH_SIZE_PER_GPU = {cfg.TRAIN.BATCH_SIZE_PER_GPU} per process on "
+                          f"{info.world_size} processes")
+    val_loader = make_loader(val_set, cfg, info, train=False) if val_set is not None else None
+    logger.info("%s: %d training samples (%d steps per epoch, global batch %d), %s held-out", task.name,
+                len(train_set), len(loader), cfg.TRAIN.BATCH_SIZE_PER_GPU * info.world_size,
+                "no" if val_set is None else len(val_set))
+    optimizer = build_optimizer(cfg, model)
+    amp = bool(cfg.TRAIN.AMP) and info.device.type == "cuda"
+    if cfg.TRAIN.AMP and not amp:
+        logger.warning("TRAIN.AMP is set but the device is %s: training in float32", info.device)
+    writer = None
+    if info.is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(log_dir=tb_dir)
+    return Run(cfg=cfg, info=info, task=task, model=model, optimizer=optimizer,
+               scheduler=build_scheduler(cfg, optimizer, len(loader)),
+               scaler=torch.amp.GradScaler("cuda") if amp else None,
+               criterion=task.build_criterion(cfg).to(info.device), loader=loader, val_loader=val_loader,
+               writer=writer)
+
+
+def param_checksum(model: nn.Module) -> float:
+    """Sum of all parameters in float64, to compare replicas across ranks (buffers such as batch-norm
+    running statistics are left out: each rank updates them from its own batches)."""
+    return float(sum(p.detach().double().sum().item() for p in unwrap(model).parameters()))
+
+
+def _evaluate(run: Run, epoch: Optional[int]) -> Dict[str, Any]:
+    if run.val_loader is None:
+        return {}
+    res = run.task.evaluate(run.model, run.val_loader, run.cfg, run.info)
+    if run.writer is not None and epoch is not None:
+        for k, v in run.task.scalars(res).items():
+            run.writer.add_scalar(f"valid/{k}", v, run.state.global_step)
+    return res
+
+
+def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[str, float],
+                  val: Dict[str, Any]) -> None:
+    """Warn about an unhealthy epoch (or stop, with TRAIN.STOP_ON_UNHEALTHY) before its state is saved."""
+    equilibrium = run.health.equilibrium_steps > 0
+    problems, numbers = run.health.end_epoch(train["loss"], run.info.device)
+    own = run.task.health_problem(run.cfg, train, val) if equilibrium else None
+    problems += [own] if own else []
+    if not problems:
+        manager.healthy_again()
+        return
+    what = f"{'; '.join(problems)} ({numbers})"
+    if run.cfg.TRAIN.STOP_ON_UNHEALTHY:
+        raise TrainingDiverged(f"training is unhealthy at epoch {epoch} (TRAIN.STOP_ON_UNHEALTHY): {what}. "
+                               f"To go on: {ADVICE}.")
+    kept = manager.keep_healthy_copy()
+    logger.warning("epoch %d looks unhealthy: %s. To go on: %s; TRAIN.STOP_ON_UNHEALTHY True stops such a run. "
+                   "The state from before this epoch is kept as %s.", epoch, what, ADVICE,
+                   kept or "(no earlier checkpoint)")
+
+
+def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: int, stopper: GracefulStop
+               ) -> Dict[str, Any]:
+    """Train one epoch, evaluate, judge, save; raises on a stop signal (after saving)."""
+    t0 = time.time()
+    start_epoch(run.loader, epoch, start_batch, run.cfg.SEED, run.info.rank)
+    tr = train_one_epoch(run, epoch, start_batch, stopper)
+    if run.state.interrupted:  # SIGTERM / SIGINT: save where we are and leave
+        saved = manager.save_latest(epoch, run.state.batch_in_epoch, epoch_end=False)
+        barrier()
+        raise manager.interrupted(stopper, saved)
+    val = _evaluate(run, epoch)
+    train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + SOLVER_KEYS)
+    solver = " ".join(f"{k} {tr[k]:.3g}" for k in SOLVER_KEYS if k in tr)
+    logger.info("epoch %d (%s%s, %.0fs): train loss %.4f %s| %s | %s, lr %.3g, skipped steps %d", epoch,
+                run.mode(run.state.global_step - 1), ", softplus" if run.cfg.MODEL.SOFTPLUS_WARMUP and
+                epoch < run.cfg.TRAIN.SOFTPLUS_EPOCHS else "", time.time() - t0, tr["loss"],
+                f"{train_metrics} " if train_metrics else "", run.task.describe(val) if val else "no held-out set",
+                solver or "no solver statistics", tr["lr"], run.state.skipped_steps)
+    if run.writer is not None:
+        run.writer.add_scalar("train_epoch/loss", tr["loss"], epoch)
+    _judge_health(run, manager, epoch, tr, val)
+    saved = manager.save_latest(epoch + 1, 0, epoch_end=True)
+    if saved and val:
+        manager.update_best(float(val.get(run.task.best_metric, float("nan"))), epoch)
+    barrier()
+    if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
+        raise manager.interrupted(stopper, saved)
+    return val
+
+
+def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str, Any]:
+    """Train ``task`` from scratch or from the checkpoint to resume, evaluate, write the run's files
+    (:mod:`mdeq.core.checkpoint_manager`); returns the final results (as in ``results.json``)."""
+    start_time = time.time()
+    ckpt = resume_checkpoint(out_dir, cfg, info.is_main, info.device)  # a bad file fails before the data is read
+    if info.is_main:
+        logger.info("config:\n%s", cfg.dump())
+    run = build_run(task, cfg, info, tb_dir)
+    manager = CheckpointManager(out_dir, cfg, info.is_main, task.best_metric, run.model, run.optimizer,
+                                run.scheduler, run.scaler, run.loader.sampler, run.state,
+                                stateful={"health": run.health}, world_size=info.world_size)
+    begin, start_batch = (cfg.TRAIN.BEGIN_EPOCH, 0) if ckpt is None else manager.restore(ckpt, cfg.SEED, info.rank)
+    del ckpt
+    summary = task.summary(run.model, cfg)
+    if info.distributed:
+        model = task.prepare_distributed(run.model, info)
+        run.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        manager.model = run.model
+    end = cfg.TRAIN.END_EPOCH
+    if begin >= end:
+        logger.info("the run is finished (the checkpoint is at epoch %d, TRAIN.END_EPOCH is %d): nothing to train; "
+                    "evaluating its weights. Raise TRAIN.END_EPOCH to train longer.", begin, end)
+    else:
+        logger.info("training epochs %d..%d, warm-up (unrolled) for the first %d steps", begin, end - 1,
+                    cfg.TRAIN.PRETRAIN_STEPS)
+    val: Dict[str, Any] = {}
+    epoch = begin - 1
+    try:
+        with GracefulStop() as stopper:
+            for epoch in range(begin, end):
+                val = _run_epoch(run, manager, epoch, start_batch, stopper)
+                start_batch = 0
+                if run.state.stop:
+                    logger.info("TRAIN.MAX_ITERS = %d reached at epoch %d", cfg.TRAIN.MAX_ITERS, epoch)
+                    break
+    except TrainingDiverged as e:
+        raise manager.diverged(e) from e
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    if not val:  # nothing was trained (a finished run): evaluate the weights as they are
+        val = _evaluate(run, None)
+    return _finish(run, manager, val, epoch + 1, time.time() - start_time, summary)
+
+
+def _finish(run: Run, manager: CheckpointManager, val: Dict[str, Any], epochs: int, wall: float,
+            summary: Dict[str, Any]) -> Dict[str, Any]:
+    checksums = all_gather_object(param_checksum(run.model))
+    if run.info.distributed:
+        same = all(abs(c - checksums[0]) <= 1e-9 * max(1.0, abs(checksums[0])) for c in checksums)
+        (logger.info if same else logger.error)("parameter checksums per rank: %s (%s)", checksums,
+                                                "identical" if same else "REPLICAS DIFFER")
+    best = manager.best if math.isfinite(manager.best) else None
+    results = {**run.task.scalars(val), f"best_{run.task.best_metric}": best, "epochs": epochs,
+               "global_step": run.state.global_step, "skipped_steps": run.state.skipped_steps, "wall_time_s": wall,
+               "world_size": run.info.world_size, "rank_checksums": checksums, **summary}
+    manager.save_final(results)
+    logger.info("done: %s; best %s %s; %d steps (%d skipped); wall time %.1fs; files in %s",
+                run.task.describe(val) if val else "no held-out set", run.task.best_metric,
+                "n/a" if best is None else f"{best:.4f}", run.state.global_step, run.state.skipped_steps, wall,
+                manager.out_dir)
+    return results

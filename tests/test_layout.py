@@ -1,0 +1,73 @@
+"""The code's shape, as the README's code map promises it: layered packages, one training loop,
+short functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parents[1] / "lib"
+
+#: each package of mdeq and the packages it may import (the layers of README's code map)
+ALLOWED = {
+    "config": set(),
+    "utils": {"config"},
+    "solvers": {"config", "utils"},
+    "modules": {"config", "utils", "solvers"},
+    "models": {"config", "utils", "solvers", "modules"},
+    "datasets": {"config", "utils"},
+    "core": {"config", "utils", "solvers", "modules", "models", "datasets"},
+    "analysis": {"config", "utils", "solvers", "modules", "models", "datasets", "core"},
+}
+
+
+def _modules():
+    for path in sorted(LIB.rglob("*.py")):
+        yield path, ast.parse(path.read_text(), filename=str(path))
+
+
+def _imported_packages(path: Path, tree: ast.AST):
+    """The mdeq packages a module imports (relative or absolute imports)."""
+    package = path.relative_to(LIB).parts[0] if len(path.relative_to(LIB).parts) > 1 else None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and node.module.startswith("mdeq."):
+                yield node.module.split(".")[1]
+            elif node.level >= 2 and node.module:
+                yield node.module.split(".")[0]
+            elif node.level == 1 and package is None and node.module:  # lib/__init__.py
+                yield node.module.split(".")[0]
+            elif node.level == 1 and package:
+                yield package
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_the_layers_below_them(package):
+    bad = []
+    for path, tree in _modules():
+        rel = path.relative_to(LIB).parts
+        if len(rel) < 2 or rel[0] != package:
+            continue
+        for imported in _imported_packages(path, tree):
+            if imported != package and imported not in ALLOWED[package]:
+                bad.append(f"{path.relative_to(LIB)} imports mdeq.{imported}")
+    assert not bad, bad
+
+
+def test_no_function_in_lib_is_longer_than_80_lines():
+    long = [f"{path.relative_to(LIB)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, tree in _modules() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
+
+
+def test_one_training_loop_for_every_task():
+    defs = [f"{path.relative_to(LIB)}" for path, tree in _modules() for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name == "train_one_epoch"]
+    assert defs == ["core/trainer.py"], defs
+    tools = Path(LIB.parent, "tools")
+    for tool, task in (("cls_train.py", "classification"), ("seg_train.py", "segmentation")):
+        assert f"mdeq.core.{task}" in (tools / tool).read_text()
+    for task in ("classification", "segmentation"):
+        assert "from .trainer import Task, fit" in (LIB / "core" / f"{task}.py").read_text()

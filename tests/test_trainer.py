@@ -1,0 +1,166 @@
+"""The training engine shared by the tasks (mdeq.core.trainer): the bad-step policy, the health
+check, the checkpoint files. End-to-end runs of the tools are in test_cls_pipeline.py,
+test_seg_pipeline.py and test_reliability.py."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdeq.config import load_config
+from mdeq.core.checkpoint_manager import BEST, CheckpointManager
+from mdeq.core.classification import ClassificationTask
+from mdeq.core.health import HealthMonitor
+from mdeq.core.segmentation import SegmentationTask
+from mdeq.core.state import ResumableSampler, TrainState
+from mdeq.core.step_guard import TrainingDiverged
+from mdeq.core.trainer import Run, train_one_epoch
+from mdeq.models import get_cls_net
+from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
+from mdeq.utils.distributed import DistInfo
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CFG = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
+SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
+
+
+def _run(task, cfg, model, loader, criterion) -> Run:
+    return Run(cfg=cfg, info=DistInfo(), task=task, model=model,
+               optimizer=torch.optim.SGD(model.parameters(), lr=0.05), scheduler=None, scaler=None,
+               criterion=criterion, loader=loader, val_loader=None)
+
+
+class NaNEvery(nn.Module):
+    """Cross-entropy whose value is NaN on every ``period``-th call (1: always)."""
+
+    def __init__(self, period: int, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.period, self.ignore_index, self.calls = period, ignore_index, 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        loss = F.cross_entropy(output, target, ignore_index=self.ignore_index)
+        return loss * float("nan") if self.calls % self.period == 0 else loss
+
+
+def test_classification_bad_steps_are_skipped_and_counted_then_stop():
+    """Real MDEQ: a NaN loss skips the update (weights unchanged) but counts as a step (global step
+    and schedule advance); TRAIN.MAX_BAD_STEPS in a row stop the run; a finite loss trains."""
+    cfg = load_config(DIGITS_CFG, ["TRAIN.MAX_BAD_STEPS", 3, "TRAIN.PRETRAIN_STEPS", 0, "MODEL.F_THRES", 4,
+                                   "MODEL.B_THRES", 4])
+    model = get_cls_net(cfg)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    run = _run(ClassificationTask(), cfg, model, [(x, y)] * 5, NaNEvery(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with a non-finite loss"):
+        train_one_epoch(run, 0)
+    assert run.state.skipped_steps == 3 and run.state.global_step == 2  # raised during the third step
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.equal(v, before[k]), k
+    # a finite loss trains, uses the equilibrium solver and its backward, and resets the count
+    run.state.bad_steps = 0
+    run.criterion, run.loader = nn.CrossEntropyLoss(), [(x, y)] * 2
+    res = train_one_epoch(run, 0)
+    assert run.state.bad_steps == 0 and run.state.global_step == 4 and math.isfinite(res["loss"])
+    assert res["b_steps"] > 0 and res["steps"] == 2 and 0 <= res["top1"] <= 100
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "weight" in k)
+
+
+class TinySeg(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 19, 1)
+        self.solver_stats = {"mode": "unrolled", "f_steps": 3}
+
+    def forward(self, x, **_):
+        return self.conv(x)
+
+
+def test_segmentation_bad_steps_follow_the_same_policy():
+    """(image, label, name) batches; every second loss NaN: 3 updates, 3 skipped, 6 steps counted."""
+    cfg = load_config(SEG_CFG, ["TRAIN.MAX_BAD_STEPS", "3", "PRINT_FREQ", "1"])
+    batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 19, (2, 8, 8)), ["a", "b"]) for _ in range(6)]
+    model = TinySeg()
+    w0 = model.conv.weight.detach().clone()
+    run = _run(SegmentationTask(), cfg, model, batches, NaNEvery(2, ignore_index=255))
+    res = train_one_epoch(run, 0)
+    assert res["steps"] == 3 and run.state.skipped_steps == 3 and run.state.global_step == 6
+    assert run.state.batch_in_epoch == 6
+    assert torch.isfinite(model.conv.weight).all() and not torch.equal(model.conv.weight, w0)
+    run.criterion, run.state = NaNEvery(1, ignore_index=255), TrainState()
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        train_one_epoch(run, 1)
+    assert run.criterion.calls == 3
+
+
+# ------------------------------------------------------------------------------------------ health
+def _eq(f_rel: float, fallback: bool) -> dict:
+    return {"mode": "equilibrium", "f_rel": f_rel, "b_fallback": fallback}
+
+
+def test_health_check_names_fallbacks_residual_and_loss_rise():
+    h = HealthMonitor()
+    for _ in range(10):
+        h.observe(_eq(0.01, False))
+        h.observe({"mode": "unrolled", "f_steps": 6})   # warm-up steps are not judged
+    assert h.end_epoch(0.5, torch.device("cpu")) == ([], "backward fallbacks 0% of 10 equilibrium steps, final "
+                                                       "forward relative residual 0.01")
+    for i in range(10):
+        h.observe(_eq(0.5 if i >= 5 else 0.01, i % 4 != 0))   # 70 % fallbacks; the last quarter far off
+    problems, _ = h.end_epoch(0.6, torch.device("cpu"))
+    assert len(problems) == 2
+    assert "fell back to the one-step gradient on 70% of 10 equilibrium steps" in problems[0]
+    assert "mean relative residual of 0.5" in problems[1]
+    # the loss: judged against the lowest epoch mean, which survives a resume
+    state = h.state_dict()
+    h2 = HealthMonitor()
+    h2.load_state_dict(state)
+    assert h2.end_epoch(0.8, torch.device("cpu")) == ([], "no equilibrium steps")  # 1.6x: not far enough
+    (problem,), _ = h2.end_epoch(2.3, torch.device("cpu"))
+    assert "rose to 2.3, 4.6x the lowest epoch mean so far (0.5)" in problem
+    assert HealthMonitor().end_epoch(float("nan"), torch.device("cpu"))[0] == []
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _manager(tmp_path, model, cfg, best_metric="top1") -> CheckpointManager:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = ResumableSampler(list(range(10)), seed=cfg.SEED)
+    return CheckpointManager(str(tmp_path), cfg, True, best_metric, model, opt, None, None, sampler, TrainState(),
+                             stateful={"health": HealthMonitor()})
+
+
+def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
+    cfg = load_config(DIGITS_CFG)
+    model = nn.Linear(2, 2)
+    m = _manager(tmp_path, model, cfg)
+    assert m.update_best(50.0, 0)
+    saved = load_checkpoint(tmp_path / BEST)
+    assert saved["best_metric"] == "top1" and saved["top1"] == 50.0 and saved["epoch"] == 1
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not m.update_best(40.0, 1) and not m.update_best(float("nan"), 2)
+    assert torch.equal(load_checkpoint(tmp_path / BEST)["model"]["weight"], saved["model"]["weight"])
+    assert m.update_best(60.0, 3) and load_checkpoint(tmp_path / BEST)["top1"] == 60.0
+
+
+def test_checkpoints_of_the_previous_format_still_resume(tmp_path):
+    """Format 2 named the best metric per task (best_acc / best_miou) and had no health state."""
+    cfg = load_config(DIGITS_CFG)
+    model = nn.Linear(2, 2)
+    m = _manager(tmp_path, model, cfg)
+    assert m.save_latest(3, 0, epoch_end=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ckpt["best_metric"] == "top1" and "health" in ckpt
+    old = {k: v for k, v in ckpt.items() if k not in ("best", "best_metric", "health")}
+    old.update(format_version=2, best_acc=87.5, global_step=30)
+    save_checkpoint(old, tmp_path / "old.pth.tar")
+    m2 = _manager(tmp_path, nn.Linear(2, 2), cfg)
+    old["_path"] = str(tmp_path / "old.pth.tar")
+    assert m2.restore(old, cfg.SEED, 0) == (3, 0)
+    assert m2.best == 87.5 and m2.state.global_step == 30
+    assert torch.equal(m2.model.weight, model.weight)
