@@ -141,7 +141,7 @@ def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp
     # the newest checkpoint loads and is the epoch-0 one
     ckpt = load_checkpoint(out / "checkpoint.pth.tar")
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]) == (1, 0, STEPS_PER_EPOCH)
-    assert {"model", "optimizer", "scheduler", "rng", "sampler", "best_acc", "bad_steps"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "rng", "sampler", "best", "bad_steps", "health"} <= set(ckpt)
     if point == "checkpoint-write":
         assert any(p.name.startswith(".tmp-") for p in out.iterdir())  # the abandoned temporary file
     text = _resume_and_compare(tmp_path, reference, STEPS_PER_EPOCH)
