@@ -26,5 +26,7 @@ setup(
         "opencv-python-headless",
         "Pillow",
         "tqdm",
+        "scikit-learn",  # the quickstart's digits, the solver tools' sample photographs
+        "matplotlib",  # tools/plot_convergence.py
     ],
 )
