@@ -21,6 +21,7 @@ setup(
         "torch>=2.0",
         "torchvision>=0.15",
         "yacs>=0.1.8",
+        "PyYAML",
         "numpy",
         "tensorboardX",
         "opencv-python-headless",
