@@ -41,7 +41,8 @@ def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) ->
     backbone = {k: v for k, v in sd.items() if k.startswith(BACKBONE)}
     dropped = sorted({k.split(".")[0] for k in sd if not k.startswith(BACKBONE)})
     if not any(k.startswith("fullstage.") for k in backbone):
-        raise CheckpointError(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ checkpoint?")
+        raise CheckpointError(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ "
+                              f"checkpoint?")
     if cfg_path:
         from mdeq.config import load_config
         from mdeq.models import get_seg_net

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+from .default import get_default_config
+
 #: full key -> what to use instead ('' where nothing corresponds)
 IGNORED: Dict[str, str] = {
     "GPUS": "torchrun --nproc_per_node and CUDA_VISIBLE_DEVICES choose the devices",
@@ -61,9 +63,8 @@ IGNORED: Dict[str, str] = {
     "DEBUG.SAVE_HEATMAPS_PRED": "",
 }
 
-#: sections of the original that hold ignored keys only
-IGNORED_SECTIONS = frozenset(k.split(".")[0] for k in IGNORED if "." in k) - {"MODEL", "LOSS", "DATASET", "TRAIN",
-                                                                              "TEST"}
+#: sections of the original that hold ignored keys only (``DEBUG``): not in the defaults at all
+IGNORED_SECTIONS = frozenset(k.split(".")[0] for k in IGNORED if "." in k) - set(get_default_config().keys())
 
 
 def split_ignored(data: Dict[str, Any], prefix: str = "") -> Tuple[Dict[str, Any], List[str]]:

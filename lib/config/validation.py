@@ -49,7 +49,8 @@ class Range:
     def describe(self) -> str:
         """The range in words, e.g. ``'>= 1'``, ``'in [0, 1)'``, ``'>= 1 (or < 0: no limit)'``."""
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:
@@ -60,6 +61,7 @@ class Range:
 
 
 def _num(x: float) -> str:
+    """``1`` for 1.0, ``0.5`` for 0.5: ranges read as they are written in the table."""
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
@@ -136,6 +138,8 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
 
 
 def _lookup(cfg: CN, full_key: str) -> Tuple[bool, Any]:
+    """(found, value) of a dotted key; a key the config lacks is skipped, not an error (the table may
+    name keys of a section that another branch adds)."""
     node: Any = cfg
     for part in full_key.split("."):
         if not isinstance(node, CN) or part not in node:

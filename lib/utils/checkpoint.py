@@ -82,6 +82,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 
 def _not_a_checkpoint(path: str, what: str) -> CheckpointError:
+    """The "not a checkpoint" error for ``path``, ``what`` saying why."""
     return CheckpointError(f"{path} is not a checkpoint ({what}): give a file written by torch.save, e.g. "
                            f"checkpoint.pth.tar / final_state.pth of a run, or the original's .pkl")
 
