@@ -21,10 +21,13 @@ setup(
         "torch>=2.0",
         "torchvision>=0.15",
         "yacs>=0.1.8",
+        "PyYAML",
         "numpy",
         "tensorboardX",
         "opencv-python-headless",
         "Pillow",
         "tqdm",
+        "scikit-learn",  # the quickstart's digits, the solver tools' sample photographs
+        "matplotlib",  # tools/plot_convergence.py
     ],
 )

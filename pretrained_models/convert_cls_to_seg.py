@@ -9,45 +9,61 @@ duplicated equilibrium stage is reduced to ``fullstage``). The output holds the 
 (``downsample.*``, ``stage0.*``) and f_theta (``fullstage.*``) only: the classification head is
 dropped. With ``--cfg`` the result is checked against the segmentation net of that config
 (every stem and f_theta weight present, with the right shape).
+
+Exit status: 0 done, 2 bad input (a missing file or one that is not a checkpoint, a checkpoint
+without an equilibrium stage or that does not fit ``--cfg``; one-line message), see
+:mod:`mdeq.core.cli`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any, Dict, Optional, Sequence
 
-from mdeq.utils.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
+import torch
 
-BACKBONE = ("downsample.", "stage0.", "fullstage.")
+from mdeq.core.cli import tool_main
+from mdeq.models import BACKBONE_PREFIXES
+from mdeq.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, save_checkpoint
+
 logger = logging.getLogger("convert_cls_to_seg")
 
 
-def convert(src: str, dst: str, cfg_path: str = "", opts=()) -> dict:
-    sd = extract_state_dict(load_checkpoint(src))
-    backbone = {k: v for k, v in sd.items() if k.startswith(BACKBONE)}
-    dropped = sorted({k.split(".")[0] for k in sd if not k.startswith(BACKBONE)})
+def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) -> Dict[str, torch.Tensor]:
+    """Write the backbone of the classification checkpoint ``src`` to ``dst`` and return it.
+
+    Raises:
+        CheckpointError: ``src`` is not a checkpoint, has no equilibrium stage, or does not fit the
+            segmentation net of ``cfg_path``.
+    """
+    sd = extract_state_dict(load_checkpoint(src), src)
+    backbone = {k: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIXES)}
+    dropped = sorted({k.split(".")[0] for k in sd if not k.startswith(BACKBONE_PREFIXES)})
     if not any(k.startswith("fullstage.") for k in backbone):
-        raise SystemExit(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ checkpoint?")
+        raise CheckpointError(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ "
+                              f"checkpoint?")
     if cfg_path:
         from mdeq.config import load_config
         from mdeq.models import get_seg_net
         want = {k: v for k, v in get_seg_net(load_config(cfg_path, list(opts))).state_dict().items()
-                if k.startswith(BACKBONE)}
+                if k.startswith(BACKBONE_PREFIXES)}
         missing = sorted(k for k in want if k not in backbone)
         shapes = sorted(f"{k}: {tuple(backbone[k].shape)} vs {tuple(want[k].shape)}"
                         for k in want if k in backbone and backbone[k].shape != want[k].shape)
         if missing or shapes:
-            raise SystemExit(f"{src} does not fit the segmentation net of {cfg_path}:\n  missing: {missing[:20]}"
-                             f"\n  shape mismatches: {shapes[:20]}")
+            raise CheckpointError(f"{src} does not fit the segmentation net of {cfg_path}: missing {missing[:20]}; "
+                                  f"shape mismatches {shapes[:20]}")
         extra = sorted(k for k in backbone if k not in want)
         if extra:
-            raise SystemExit(f"{src} has backbone weights the segmentation net of {cfg_path} lacks: {extra[:20]}")
+            raise CheckpointError(f"{src} has backbone weights the segmentation net of {cfg_path} lacks: {extra[:20]}")
     save_checkpoint(backbone, dst)
     logger.info("%s -> %s: %d backbone tensors kept; dropped modules: %s", src, dst, len(backbone), dropped)
     return backbone
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Convert as the command line ``argv`` (default ``sys.argv[1:]``) says."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", help="classification checkpoint (ours or the original's .pkl)")
     p.add_argument("dst", help="output file for MODEL.PRETRAINED")
@@ -59,4 +75,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main)

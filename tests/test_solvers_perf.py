@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mdeq.config import load_config
+from mdeq.datasets.common import DatasetError
 from mdeq.models import get_cls_net
 from mdeq.solvers import anderson, broyden, fixed_point
 from mdeq.utils.checkpoint import load_weights
@@ -206,5 +207,5 @@ def test_tool_inputs_are_real_photographs_or_a_recorded_batch(tmp_path):
     torch.save({"input": x[:4]}, tmp_path / "rec.pt")
     assert torch.equal(recorded_batch(tmp_path / "rec.pt", 6), x[[0, 1, 2, 3, 0, 1]])
     torch.save(torch.zeros(3, 5), tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad.pt: expected a \\(N, 3, H, W\\)"):
+    with pytest.raises(DatasetError, match="bad.pt: expected a \\(N, 3, H, W\\)"):  # bad input: exit status 2
         recorded_batch(tmp_path / "bad.pt", 2)

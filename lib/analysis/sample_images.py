@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.cifar import MEAN as CIFAR_MEAN, STD as CIFAR_STD
+from ..datasets.common import DatasetError
 from ..datasets.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
+from ..utils.checkpoint import CheckpointError, load_checkpoint
 
 Tensor = torch.Tensor
 
@@ -50,11 +52,19 @@ def photo_batch(batch: int, size: int, mean: Sequence[float], std: Sequence[floa
 
 def recorded_batch(path: str | Path, batch: int) -> Tensor:
     """``batch`` images from a file holding a (N, 3, H, W) tensor or a dict with one under ``'input'``
-    (read with ``weights_only=True``), repeated in order when N < batch."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    (read with ``weights_only=True``), repeated in order when N < batch.
+
+    Raises:
+        DatasetError: a file that is missing, is not a tensor file, or holds no image batch.
+    """
+    try:
+        obj = load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise DatasetError(f"cannot use {path} as a recorded batch (--images): {e}") from e
     x = obj.get("input") if isinstance(obj, dict) else obj
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"{path}: expected a (N, 3, H, W) image tensor, or a dict with one under 'input'")
+        raise DatasetError(f"{path}: expected a (N, 3, H, W) image tensor, or a dict with one under 'input' "
+                           f"(--images)")
     return x[torch.arange(batch) % x.shape[0]].float()
 
 

@@ -1,8 +1,10 @@
 """Default configuration: every key an experiment file may set.
 
-The key names are those of the original MDEQ repository, so its yaml files load unchanged.
-Keys the original lacks (solver choice, L-Broyden memory, stopping tolerance and mode, ...)
-are marked ``# new``.
+The key names are those of the original MDEQ repository. Keys the original lacks (solver choice,
+L-Broyden memory, stopping tolerance and mode, ...) are marked ``# new``. The original's keys that
+nothing here reads (HRNet's pose-estimation settings, ``DEBUG.*``, ``TRAIN.EXTRA_LR``, ...) are not
+defaults: :mod:`mdeq.config.original` lists them, and its yaml files still load (with one warning
+naming them). The allowed values of each key are in :mod:`mdeq.config.validation`.
 """
 from yacs.config import CfgNode as CN
 
@@ -11,13 +13,11 @@ _C = CN()
 _C.OUTPUT_DIR = "output/"
 _C.LOG_DIR = "log/"
 _C.DATA_DIR = ""
-_C.GPUS = (0,)
 _C.WORKERS = 4
 _C.PERCENT = 1.0
 _C.PRINT_FREQ = 20
 _C.AUTO_RESUME = False
 _C.PIN_MEMORY = True
-_C.RANK = 0
 _C.SEED = 0  # new: base seed of every random generator (each rank adds its rank)
 _C.DETERMINISTIC = False  # new: deterministic algorithms (for exact resume tests)
 
@@ -29,10 +29,8 @@ _C.CUDNN.ENABLED = True
 # ------------------------------------------------------------------ model
 _C.MODEL = CN()
 _C.MODEL.NAME = "mdeq"
-_C.MODEL.INIT_WEIGHTS = True
 _C.MODEL.WNORM = False
 _C.MODEL.PRETRAINED = ""
-_C.MODEL.NUM_JOINTS = 17
 _C.MODEL.NUM_LAYERS = 5
 _C.MODEL.NUM_GROUPS = 4
 _C.MODEL.DROPOUT = 0.0
@@ -41,11 +39,7 @@ _C.MODEL.F_THRES = 30
 _C.MODEL.B_THRES = 40
 _C.MODEL.DOWNSAMPLE_TIMES = 2
 _C.MODEL.EXPANSION_FACTOR = 5
-_C.MODEL.TAG_PER_JOINT = True
-_C.MODEL.TARGET_TYPE = "gaussian"
 _C.MODEL.IMAGE_SIZE = [256, 256]
-_C.MODEL.HEATMAP_SIZE = [64, 64]
-_C.MODEL.SIGMA = 2
 _C.MODEL.BN_MOMENTUM = -1.0  # new: <0 means the original's choice (0.1 classification, 0.01 segmentation)
 # new: equilibrium solvers ('broyden', 'anderson' or 'fixed_point') for the forward and backward
 _C.MODEL.F_SOLVER = "broyden"
@@ -77,10 +71,6 @@ _C.LOSS = CN()
 _C.LOSS.USE_OHEM = False
 _C.LOSS.OHEMTHRES = 0.9
 _C.LOSS.OHEMKEEP = 100000
-_C.LOSS.CLASS_BALANCE = True
-_C.LOSS.TOPK = 8
-_C.LOSS.USE_TARGET_WEIGHT = True
-_C.LOSS.USE_DIFFERENT_JOINTS_WEIGHT = False
 
 # ------------------------------------------------------------------ dataset
 _C.DATASET = CN()
@@ -89,18 +79,8 @@ _C.DATASET.DATASET = "cifar10"
 _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.NUM_CLASSES = 1000
 _C.DATASET.TEST_SET = "valid"
-_C.DATASET.DATA_FORMAT = "jpg"
-_C.DATASET.HYBRID_JOINTS_TYPE = ""
-_C.DATASET.SELECT_DATA = False
-_C.DATASET.EXTRA_TRAIN_SET = ""
 _C.DATASET.AUGMENT = True  # new: CIFAR random crop + flip (False: the paper's no-augmentation setting)
 _C.DATASET.DOWNLOAD = False  # new: let torchvision download CIFAR-10 when it is missing
-_C.DATASET.FLIP = True
-_C.DATASET.SCALE_FACTOR = 0.25
-_C.DATASET.ROT_FACTOR = 30
-_C.DATASET.PROB_HALF_BODY = 0.0
-_C.DATASET.NUM_JOINTS_HALF_BODY = 8
-_C.DATASET.COLOR_RGB = False
 
 # ------------------------------------------------------------------ training
 _C.TRAIN = CN()
@@ -115,19 +95,15 @@ _C.TRAIN.LR_FACTOR = 0.1
 _C.TRAIN.LR_STEP = [90, 110]
 _C.TRAIN.LR = 0.001
 _C.TRAIN.LR_SCHEDULER = "step"
-_C.TRAIN.EXTRA_LR = 0.001
 _C.TRAIN.OPTIMIZER = "adam"
 _C.TRAIN.MOMENTUM = 0.9
 _C.TRAIN.WD = 0.0001
 _C.TRAIN.NESTEROV = False
-_C.TRAIN.GAMMA1 = 0.99
-_C.TRAIN.GAMMA2 = 0.0
 _C.TRAIN.PRETRAIN_STEPS = 100000
 _C.TRAIN.SOFTPLUS_EPOCHS = 0  # new: epochs with softplus in f (needs MODEL.SOFTPLUS_WARMUP)
 _C.TRAIN.IGNORE_LABEL = -1
 _C.TRAIN.BEGIN_EPOCH = 0
 _C.TRAIN.END_EPOCH = 140
-_C.TRAIN.EXTRA_EPOCH = 0
 _C.TRAIN.RESUME = False
 _C.TRAIN.CHECKPOINT = ""
 _C.TRAIN.MODEL_FILE = ""
@@ -142,31 +118,10 @@ _C.TRAIN.MAX_ITERS = -1  # new: stop after this many optimizer steps (<0: no lim
 # ------------------------------------------------------------------ testing
 _C.TEST = CN()
 _C.TEST.BATCH_SIZE_PER_GPU = 32
-_C.TEST.IMAGE_SIZE = [2048, 1024]  # width, height
-_C.TEST.BASE_SIZE = 2048
-_C.TEST.NUM_SAMPLES = 0
 _C.TEST.FLIP_TEST = False
-_C.TEST.POST_PROCESS = False
-_C.TEST.SHIFT_HEATMAP = False
 _C.TEST.MULTI_SCALE = False
-_C.TEST.CENTER_CROP_TEST = False
 _C.TEST.SCALE_LIST = [1.0]
-_C.TEST.USE_GT_BBOX = False
-_C.TEST.IMAGE_THRE = 0.1
-_C.TEST.NMS_THRE = 0.6
-_C.TEST.SOFT_NMS = False
-_C.TEST.OKS_THRE = 0.5
-_C.TEST.IN_VIS_THRE = 0.0
-_C.TEST.COCO_BBOX_FILE = ""
-_C.TEST.BBOX_THRE = 1.0
 _C.TEST.MODEL_FILE = ""
-
-_C.DEBUG = CN()
-_C.DEBUG.DEBUG = False
-_C.DEBUG.SAVE_BATCH_IMAGES_GT = False
-_C.DEBUG.SAVE_BATCH_IMAGES_PRED = False
-_C.DEBUG.SAVE_HEATMAPS_GT = False
-_C.DEBUG.SAVE_HEATMAPS_PRED = False
 
 
 def get_default_config() -> CN:

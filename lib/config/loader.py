@@ -3,17 +3,23 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, List, Sequence, Set, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from .default import get_default_config
+from .original import IGNORED, describe, split_ignored
+from .validation import ConfigError, validate_config
 
+__all__ = ["ConfigError", "load_config", "merge_opts", "validate_config"]
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the defaults."""
+logger = logging.getLogger(__name__)
+
+# (source, keys) already warned about in this process: a tool may load its config twice
+_WARNED: Set[Tuple[str, Tuple[str, ...]]] = set()
 
 
 def _decode(value: Any) -> Any:
@@ -72,12 +78,20 @@ def _merge(cfg: CN, updates: dict, source: str, prefix: str = "") -> None:
             cfg[key] = _coerce(_decode(value), cfg[key], full_key, source)
 
 
-def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> None:
-    """Apply ``KEY VALUE`` pairs (e.g. ``['MODEL.DROPOUT', 0.0]``) to a mutable config."""
+def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> List[str]:
+    """Apply ``KEY VALUE`` pairs (e.g. ``['MODEL.DROPOUT', 0.0]``) to a mutable config.
+
+    Returns the keys of the original MDEQ that this implementation ignores (:mod:`.original`),
+    which are accepted and not applied.
+    """
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"{source}: overrides come as KEY VALUE pairs; got an odd list {opts!r}")
+    ignored: List[str] = []
     for full_key, value in zip(opts[0::2], map(_decode, opts[1::2])):
+        if str(full_key) in IGNORED:
+            ignored.append(str(full_key))
+            continue
         node = cfg
         parts = str(full_key).split(".")
         walked = []
@@ -87,17 +101,33 @@ def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> No
                 raise ConfigError(f"{source}: unknown config key {full_key} = {value!r} (no section {'.'.join(walked)})")
             node = node[part]
         _merge(node, {parts[-1]: value}, source, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+    return ignored
+
+
+def _warn_ignored(keys: List[str], source: str) -> None:
+    """One warning naming every ignored key of the original (once per process, on rank 0 only)."""
+    seen = tuple(dict.fromkeys(keys))
+    if not seen or (source, seen) in _WARNED or os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    _WARNED.add((source, seen))
+    logger.warning("%s: keys of the original MDEQ configuration that this implementation ignores "
+                   "(accepted, no effect): %s", source, describe(list(seen)))
 
 
 def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ()) -> CN:
     """Defaults, then the yaml file at ``path``, then the ``KEY VALUE`` overrides; returns a frozen CfgNode.
 
+    Keys of the original MDEQ that this implementation ignores are accepted with one warning that
+    names them all; the values are then checked against their ranges (:mod:`.validation`).
+
     Raises:
         FileNotFoundError: the file does not exist.
-        ConfigError: an unknown key, a value of the wrong type, or unparsable yaml; the message names
-            the key, the value and the file.
+        ConfigError: an unknown key, a value of the wrong type or out of its range, or unparsable
+            yaml; the message names the key, the value and the file.
     """
+    opts = list(opts)
     cfg = get_default_config()
+    ignored: List[str] = []
     if path is not None:
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -109,33 +139,12 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ())
             raise ConfigError(f"{path}: not valid yaml: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+        data, ignored = split_ignored(data)
         _merge(cfg, data, path)
-    merge_opts(cfg, list(opts))
-    validate_config(cfg, path or "defaults")
+    ignored += merge_opts(cfg, opts)
+    source = path or "defaults"
+    validate_config(cfg, f"{source} + command line" if opts else source)
+    _warn_ignored(ignored, source)
     cfg.freeze()
     return cfg
 
-
-def validate_config(cfg: CN, source: str) -> None:
-    """Checks across keys that types alone cannot catch."""
-    stage = cfg.MODEL.EXTRA.FULL_STAGE
-    nb = stage.NUM_BRANCHES
-    for key in ("NUM_BLOCKS", "NUM_CHANNELS"):
-        if len(stage[key]) != nb:
-            raise ConfigError(
-                f"{source}: MODEL.EXTRA.FULL_STAGE.{key} has {len(stage[key])} entries {list(stage[key])} "
-                f"but NUM_BRANCHES is {nb}")
-    for key, choices in (("F_SOLVER", ("broyden", "anderson", "fixed_point")),
-                         ("B_SOLVER", ("broyden", "anderson", "fixed_point")),
-                         ("STOP_MODE", ("abs", "rel")),
-                         ("STATE_LAYOUT", ("nchw", "channels_last"))):
-        if cfg.MODEL[key] not in choices:
-            raise ConfigError(f"{source}: MODEL.{key} = {cfg.MODEL[key]!r}; choose one of {choices}")
-    if not 0.0 <= cfg.MODEL.DROPOUT < 1.0:
-        raise ConfigError(f"{source}: MODEL.DROPOUT = {cfg.MODEL.DROPOUT} must lie in [0, 1)")
-    if cfg.MODEL.DOWNSAMPLE_TIMES not in (0, 1, 2):
-        raise ConfigError(f"{source}: MODEL.DOWNSAMPLE_TIMES = {cfg.MODEL.DOWNSAMPLE_TIMES} must be 0, 1 or 2")
-    for c in stage.NUM_CHANNELS:
-        if c % cfg.MODEL.NUM_GROUPS:
-            raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
-                              f"{cfg.MODEL.NUM_GROUPS}")

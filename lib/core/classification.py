@@ -188,7 +188,7 @@ def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         task = ClassificationTask()
         model = task.build_model(cfg, for_training=False).to(info.device)
         path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):  # a folder or a non-checkpoint file: load_weights says what it is
             raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
                                     f"TEST.MODEL_FILE, or train first so that {FINAL} exists)")
         load_weights(model, path)

@@ -4,11 +4,15 @@ Exit statuses:
 
 * 0 — done;
 * 2 — bad input, nothing was run or the run stopped before touching earlier output: a config error
-  (unknown / mistyped key or value), a missing config file, missing or unreadable data, a checkpoint
-  that is refused / truncated / of another architecture, an output folder that cannot be written,
-  more processes than devices;
-* 3 — training diverged (``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps); the message names the
-  last checkpoint from before the trouble;
+  (unknown / mistyped key, a value of the wrong type or out of its range), a missing config file,
+  missing or unreadable data (a label image that is not 8-bit label ids), a file that is not a
+  checkpoint, a checkpoint that is refused / truncated / of another architecture, an output folder
+  that cannot be written, more processes than devices; also a checkpoint write that failed (disk
+  full, I/O error: :class:`~mdeq.utils.checkpoint.CheckpointWriteError`), which leaves the previous
+  checkpoint intact;
+* 3 — training diverged (``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps), or an epoch failed the
+  health check with ``TRAIN.STOP_ON_UNHEALTHY``; the message names the last checkpoint from before
+  the trouble;
 * 128 + signal number (143 for SIGTERM, 130 for SIGINT) — stopped by a signal after saving a
   checkpoint; the message says how to resume.
 
@@ -33,7 +37,8 @@ logger = logging.getLogger("mdeq")
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
-#: exceptions that mean "the input is wrong": reported as one line, exit status 2
+#: exceptions that mean "the input is wrong" (or the output cannot be written): reported as one line,
+#: exit status 2. OutputDirError covers CheckpointWriteError.
 BAD_INPUT = (ConfigError, FileNotFoundError, CheckpointError, DatasetError, OutputDirError, DeviceError)
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, train_ids_to_label_ids
 from ..datasets.common import ignore_label
-from ..models import count_parameters, get_seg_net
+from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, cleanup, unwrap
 from ..utils.logger import progress_bar
@@ -41,9 +41,6 @@ from .trainer import Task, fit
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
-
-#: the modules of a classification MDEQ that initialise a segmentation MDEQ (MODEL.PRETRAINED)
-BACKBONE_PREFIXES = ("downsample.", "stage0.", "fullstage.")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -120,6 +120,23 @@ def label_ids_to_train_ids(label: np.ndarray, ignore_label: int = 255) -> np.nda
     return out
 
 
+#: the largest official label id (the licence plate's -1 never appears in the 8-bit label images)
+MAX_LABEL_ID = max(l.id for l in LABELS)
+
+
+def check_label_ids(label: np.ndarray, path: str) -> None:
+    """Raise :class:`CityscapesError` naming ``path`` unless ``label`` is an 8-bit image of official
+    label ids (0..33): a 16-bit image, or ids beyond 33 (a train-id image with 255, an instance-id
+    image), would otherwise be mapped silently or fail with an index error far from the file."""
+    top = int(label.max()) if label.size else 0
+    if label.dtype != np.uint8:
+        raise CityscapesError(f"label {path} is a {label.dtype} image (values up to {top}); expected 8-bit label "
+                              f"ids 0..{MAX_LABEL_ID} (*_gtFine_labelIds.png)")
+    if top > MAX_LABEL_ID:
+        raise CityscapesError(f"label {path} holds the value {top}, beyond the official label ids 0..{MAX_LABEL_ID}: "
+                              f"the list needs *_gtFine_labelIds.png (not *_labelTrainIds.png or *_instanceIds.png)")
+
+
 def train_ids_to_label_ids(pred: np.ndarray) -> np.ndarray:
     """Map train ids (0..18; anything else -> 0 'unlabeled') to official label ids, uint8."""
     pred = np.asarray(pred).astype(np.int64)
@@ -261,6 +278,7 @@ class CityscapesDataset(Dataset):
         if lab.ndim != 2:
             raise CityscapesError(f"label {path} has shape {lab.shape}; expected a single-channel image of "
                                   f"label ids (*_gtFine_labelIds.png, not the colour image)")
+        check_label_ids(lab, path)
         return self._lut[lab.astype(np.int64) + 1]
 
     def normalize(self, img: np.ndarray) -> np.ndarray:

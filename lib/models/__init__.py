@@ -7,6 +7,10 @@ from .cls_net import Bottleneck, MDEQClsNet
 from .mdeq_core import EquilibriumProblem, MDEQModule, MDEQNet
 from .seg_net import MDEQSegNet
 
+#: the modules that a classification MDEQ and a segmentation MDEQ share (stem and f_theta): what
+#: MODEL.PRETRAINED initialises and what pretrained_models/convert_cls_to_seg.py keeps
+BACKBONE_PREFIXES = ("downsample.", "stage0.", "fullstage.")
+
 
 def get_cls_net(cfg) -> MDEQClsNet:
     """The classification MDEQ of ``cfg`` (BN momentum 0.1 unless MODEL.BN_MOMENTUM), initialised."""
@@ -31,5 +35,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["get_cls_net", "get_seg_net", "count_parameters", "MDEQClsNet", "MDEQSegNet", "MDEQNet",
+__all__ = ["BACKBONE_PREFIXES", "get_cls_net", "get_seg_net", "count_parameters", "MDEQClsNet", "MDEQSegNet", "MDEQNet",
            "MDEQModule", "EquilibriumProblem", "Bottleneck"]

@@ -9,15 +9,20 @@
 """
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import pickle
+import pickletools
 import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
+
+from .distributed import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,10 @@ class CheckpointError(RuntimeError):
 
 class OutputDirError(OSError):
     """An output folder that cannot be created or written."""
+
+
+class CheckpointWriteError(OutputDirError):
+    """Writing a checkpoint failed (disk full, quota, I/O error); the file it replaces is intact."""
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
@@ -51,21 +60,80 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> No
                              f"permissions / free disk space") from e
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` and errors that say what is wrong with the file."""
-    path = os.fspath(path)
+#: how a zip archive starts: torch.save's format since torch 1.6
+_ZIP_MAGIC = b"PK\x03\x04"
+#: bytes read to tell a pickle from another file
+_SNIFF_BYTES = 1 << 16
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """Whether ``head`` (the start of a file) parses as pickle opcodes up to a STOP or to its end.
+
+    torch's legacy format and the original's ``.pkl`` are pickle streams; text, yaml, JSON, images
+    and numpy files are not, and fail on their first bytes. Parsing the opcodes runs nothing.
+    """
+    stream = io.BytesIO(head)
+    try:
+        for _ in pickletools.genops(stream):
+            pass
+        return True
+    except ValueError:
+        # running out of bytes is no evidence against a pickle longer than the head (or a truncated
+        # one, which torch.load then reports as such); an unknown opcode before the end is
+        return stream.tell() >= len(head)
+
+
+def _not_a_checkpoint(path: str, what: str) -> CheckpointError:
+    """The "not a checkpoint" error for ``path``, ``what`` saying why."""
+    return CheckpointError(f"{path} is not a checkpoint ({what}): give a file written by torch.save, e.g. "
+                           f"checkpoint.pth.tar / final_state.pth of a run, or the original's .pkl")
+
+
+def _check_format(path: str) -> None:
+    """Raise a "not a checkpoint" error for a folder, an empty file or a file of another format."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the checkpoint inside it "
+                              f"(e.g. {os.path.join(path, 'checkpoint.pth.tar')})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write that made it was interrupted")
+        raise _not_a_checkpoint(path, "the file is empty, 0 bytes; was the write that made it interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if not head.startswith(_ZIP_MAGIC) and not _looks_like_pickle(head):
+        raise _not_a_checkpoint(path, f"it starts with {head[:12]!r}, neither a zip archive nor a pickle")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors that say what is wrong with the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: a folder, an empty file or another kind of file ("not a checkpoint"), a
+            file that needs arbitrary unpickling (refused, nothing in it runs), a truncated or
+            corrupt checkpoint.
+    """
+    path = os.fspath(path)
+    _check_format(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it needs arbitrary unpickling, which can run code; only tensors, "
-            f"numbers, strings and containers of them are accepted ({str(e).splitlines()[0]})") from e
+            f"numbers, strings and containers of them are accepted ({_reason(e)})") from e
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({e})") from e
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        # a pickle stream that is not torch.save's layout (what torch reports as e.g. "KeyError: 101")
+        raise _not_a_checkpoint(path, f"a pickle stream torch cannot read: {type(e).__name__} {e}") from e
+
+
+def _reason(err: BaseException) -> str:
+    """The line of torch's weights-only error that names the offending object, without its advice
+    to retry with ``weights_only=False`` (which would run the file's code)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln]
+    return (useful or lines or [type(err).__name__])[0]
 
 
 def _umask() -> int:
@@ -83,11 +151,18 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
 
     The temporary file is ``.tmp-<name>-XXXX`` in the same folder; it is removed if the write fails.
     A process killed at any moment leaves ``path`` either old or new, never partial.
+
+    Raises:
+        CheckpointWriteError: the write failed (disk full, quota, I/O error, read-only folder); the
+            message names the folder and the reason and says that ``path`` was left as it was.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    except OSError as e:
+        raise _write_error(path, folder, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
@@ -99,9 +174,11 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
             logger.warning("%s=%s: sleeping before renaming %s to %s", SAVE_DELAY_ENV, delay, tmp, path)
             time.sleep(delay)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, folder, e) from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -113,12 +190,26 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
         pass
 
 
-def extract_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
+def _write_error(path: str, folder: str, err: OSError) -> CheckpointWriteError:
+    """The one-line error of a failed checkpoint write: folder, reason, and the state of ``path``."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno is not None and err.errno in errno.errorcode:
+        reason = f"{reason} ({errno.errorcode[err.errno]})"
+    kept = (f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path)
+            else f"no earlier {os.path.basename(path)} was there")
+    hint = " Free disk space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else " Fix the folder"
+    out = CheckpointWriteError(f"cannot write {os.path.basename(path)} in {folder}: {reason}; {kept} (the "
+                               f"partial file was removed).{hint}, then resume with TRAIN.RESUME True")
+    out.errno = err.errno
+    return out
+
+
+def extract_state_dict(obj: Any, source: str = "") -> Dict[str, torch.Tensor]:
     """The model state dict inside a loaded checkpoint, with the original's keys mapped to ours.
 
     Accepts a bare state dict (ours or the original's ``.pkl``), or our training checkpoints
     (a dict with a ``'model'`` or ``'state_dict'`` entry). Strips DDP's ``module.`` prefix and
-    drops the original's aliases of the equilibrium stage.
+    drops the original's aliases of the equilibrium stage. ``source`` (the file) prefixes the error.
     """
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
@@ -126,8 +217,9 @@ def extract_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("the file holds no state dict (expected a mapping of names to tensors, "
-                              "or a checkpoint with a 'model' or 'state_dict' entry)")
+        raise CheckpointError(f"{source or 'the file'} holds no state dict (expected a mapping of names to "
+                              f"tensors, or a checkpoint with a 'model' or 'state_dict' entry; got "
+                              f"{type(obj).__name__})")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
     has_fullstage = any(k.startswith("fullstage.") for k in sd)
     out = {}
@@ -160,8 +252,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     :class:`CheckpointError` that lists them; otherwise the matching tensors are loaded and the
     lists are returned (``{'missing': [...], 'unexpected': [...], 'shape': [...]}``).
     """
-    sd = extract_state_dict(load_checkpoint(path))
-    target = model.module if hasattr(model, "module") else model
+    sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
+    target = unwrap(model)
     model_sd = target.state_dict()
     missing, unexpected, shapes = _mismatch_report(model_sd, sd)
     if strict and (missing or unexpected or shapes):
@@ -175,16 +267,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike,
-                    required_prefixes: Iterable[str] = ("downsample.", "stage0.", "fullstage.")
-                    ) -> Dict[str, List[str]]:
+                    required_prefixes: Iterable[str]) -> Dict[str, List[str]]:
     """Initialise ``model`` from a checkpoint of another task (e.g. ImageNet -> Cityscapes).
 
     Loads every tensor whose name and shape match, logs the modules that were not found on either
     side, and raises :class:`CheckpointError` if a weight under ``required_prefixes`` (the stem and
-    f_theta by default) is missing or has another shape.
+    f_theta: :data:`mdeq.models.BACKBONE_PREFIXES`) is missing or has another shape.
     """
-    sd = extract_state_dict(load_checkpoint(path))
-    target = model.module if hasattr(model, "module") else model
+    sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
+    target = unwrap(model)
     model_sd = target.state_dict()
     missing, unexpected, shapes = _mismatch_report(model_sd, sd)
     prefixes = tuple(required_prefixes)

@@ -1,0 +1,94 @@
+"""Keys of the original MDEQ / HRNet configuration that this implementation does not use.
+
+The original's experiment files carry keys from HRNet's pose-estimation code (joints, heatmaps,
+NMS thresholds, debug images) and a few settings that nothing reads (``TRAIN.EXTRA_LR``,
+``DATASET.FLIP``, which ``TRAIN.FLIP`` shadows, ...). They are not defaults here: setting one
+would do nothing. A file or override that sets them still loads, so that the original's yaml
+files work unchanged, and :func:`split_ignored` collects them for one warning that names them all
+(with what to use instead where there is something). A key that neither the original nor this
+implementation knows stays an error.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from .default import get_default_config
+
+#: full key -> what to use instead ('' where nothing corresponds)
+IGNORED: Dict[str, str] = {
+    "GPUS": "torchrun --nproc_per_node and CUDA_VISIBLE_DEVICES choose the devices",
+    "RANK": "torchrun sets the RANK environment variable",
+    "MODEL.INIT_WEIGHTS": "",
+    "MODEL.NUM_JOINTS": "",
+    "MODEL.TAG_PER_JOINT": "",
+    "MODEL.TARGET_TYPE": "",
+    "MODEL.HEATMAP_SIZE": "",
+    "MODEL.SIGMA": "",
+    "LOSS.CLASS_BALANCE": "",
+    "LOSS.TOPK": "",
+    "LOSS.USE_TARGET_WEIGHT": "",
+    "LOSS.USE_DIFFERENT_JOINTS_WEIGHT": "",
+    "DATASET.DATA_FORMAT": "",
+    "DATASET.HYBRID_JOINTS_TYPE": "",
+    "DATASET.SELECT_DATA": "",
+    "DATASET.EXTRA_TRAIN_SET": "",
+    "DATASET.FLIP": "TRAIN.FLIP",
+    "DATASET.SCALE_FACTOR": "TRAIN.SCALE_FACTOR",
+    "DATASET.ROT_FACTOR": "",
+    "DATASET.PROB_HALF_BODY": "",
+    "DATASET.NUM_JOINTS_HALF_BODY": "",
+    "DATASET.COLOR_RGB": "",
+    "TRAIN.EXTRA_LR": "",
+    "TRAIN.GAMMA1": "",
+    "TRAIN.GAMMA2": "",
+    "TRAIN.EXTRA_EPOCH": "",
+    "TEST.IMAGE_SIZE": "evaluation runs on full-resolution images (TEST.SCALE_LIST for other scales)",
+    "TEST.BASE_SIZE": "evaluation runs on full-resolution images (TEST.SCALE_LIST for other scales)",
+    "TEST.NUM_SAMPLES": "",
+    "TEST.POST_PROCESS": "",
+    "TEST.SHIFT_HEATMAP": "",
+    "TEST.CENTER_CROP_TEST": "",
+    "TEST.USE_GT_BBOX": "",
+    "TEST.IMAGE_THRE": "",
+    "TEST.NMS_THRE": "",
+    "TEST.SOFT_NMS": "",
+    "TEST.OKS_THRE": "",
+    "TEST.IN_VIS_THRE": "",
+    "TEST.COCO_BBOX_FILE": "",
+    "TEST.BBOX_THRE": "",
+    "DEBUG.DEBUG": "",
+    "DEBUG.SAVE_BATCH_IMAGES_GT": "",
+    "DEBUG.SAVE_BATCH_IMAGES_PRED": "",
+    "DEBUG.SAVE_HEATMAPS_GT": "",
+    "DEBUG.SAVE_HEATMAPS_PRED": "",
+}
+
+#: sections of the original that hold ignored keys only (``DEBUG``): not in the defaults at all
+IGNORED_SECTIONS = frozenset(k.split(".")[0] for k in IGNORED if "." in k) - set(get_default_config().keys())
+
+
+def split_ignored(data: Dict[str, Any], prefix: str = "") -> Tuple[Dict[str, Any], List[str]]:
+    """``data`` (a nested mapping from a yaml file) without the keys of :data:`IGNORED`, and those keys.
+
+    A section of ignored keys only (``DEBUG``) goes when every key in it is one of the original's.
+    """
+    kept: Dict[str, Any] = {}
+    ignored: List[str] = []
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if full in IGNORED:
+            ignored.append(full)
+        elif isinstance(value, dict):
+            sub, sub_ignored = split_ignored(value, full + ".")
+            ignored += sub_ignored
+            if sub or full not in IGNORED_SECTIONS:
+                kept[key] = sub
+        else:
+            kept[key] = value
+    return kept, ignored
+
+
+def describe(keys: List[str]) -> str:
+    """The ignored ``keys``, each with what to use instead where there is something."""
+    return ", ".join(f"{k} (use {IGNORED[k]})" if IGNORED[k].startswith(("TRAIN.", "TEST.")) else
+                     f"{k} ({IGNORED[k]})" if IGNORED[k] else k for k in keys)

@@ -1,0 +1,187 @@
+"""What a config value may be: one table of numeric ranges and one of choices, checked at load time.
+
+A setting out of its range does not fail where it is used: a threshold of 0 makes the solver stop
+after one step and training runs on at chance accuracy, a batch size of 0 fails deep inside the
+DataLoader. So :func:`validate_config` checks every numeric solver and training setting when the
+config is loaded and raises :class:`ConfigError` naming the key, the value and what is allowed.
+
+To give a new key a range, add one line to :data:`RANGES` (or :data:`CHOICES`); list-valued keys
+are checked entry by entry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the defaults."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values, closed unless ``low_open`` / ``high_open``; ``None`` is unbounded.
+
+    ``negative_means`` (e.g. ``"no limit"``) also accepts every value below 0 as that special meaning.
+    """
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    negative_means: str = ""
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` is allowed (NaN never is)."""
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.negative_means and value < 0:
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """The range in words, e.g. ``'>= 1'``, ``'in [0, 1)'``, ``'>= 1 (or < 0: no limit)'``."""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = "any number"
+        return text + (f" (or < 0: {self.negative_means})" if self.negative_means else "")
+
+
+def _num(x: float) -> str:
+    """``1`` for 1.0, ``0.5`` for 0.5: ranges read as they are written in the table."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+
+#: numeric keys and their allowed values (list values: every entry). One line per key.
+RANGES: Dict[str, Range] = {
+    "WORKERS": AT_LEAST_0,
+    "PERCENT": Range(0, 1, low_open=True),
+    "PRINT_FREQ": AT_LEAST_1,
+    "SEED": AT_LEAST_0,
+    "MODEL.NUM_LAYERS": AT_LEAST_1,
+    "MODEL.NUM_GROUPS": AT_LEAST_1,
+    "MODEL.DROPOUT": Range(0, 1, high_open=True),
+    "MODEL.NUM_CLASSES": AT_LEAST_1,
+    "MODEL.F_THRES": AT_LEAST_1,
+    "MODEL.B_THRES": AT_LEAST_1,
+    "MODEL.F_EPS": AT_LEAST_0,
+    "MODEL.B_EPS": AT_LEAST_0,
+    "MODEL.EXPANSION_FACTOR": AT_LEAST_1,
+    "MODEL.IMAGE_SIZE": AT_LEAST_1,
+    "MODEL.BN_MOMENTUM": Range(0, 1, negative_means="the original's momentum"),
+    "MODEL.ANDERSON_BETA": POSITIVE,
+    "MODEL.ANDERSON_LAM": AT_LEAST_0,
+    "MODEL.EXTRA.FINAL_CONV_KERNEL": AT_LEAST_1,
+    "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES": AT_LEAST_1,
+    "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS": AT_LEAST_1,
+    "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS": AT_LEAST_1,
+    "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS": AT_LEAST_1,
+    "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE": AT_LEAST_1,
+    "LOSS.OHEMTHRES": Range(0, 1),
+    "LOSS.OHEMKEEP": AT_LEAST_0,
+    "DATASET.NUM_CLASSES": AT_LEAST_1,
+    "TRAIN.IMAGE_SIZE": AT_LEAST_1,
+    "TRAIN.BASE_SIZE": AT_LEAST_1,
+    "TRAIN.DOWNSAMPLERATE": AT_LEAST_1,
+    "TRAIN.SCALE_FACTOR": AT_LEAST_0,
+    "TRAIN.LR_FACTOR": POSITIVE,
+    "TRAIN.LR_STEP": AT_LEAST_0,
+    "TRAIN.LR": POSITIVE,
+    "TRAIN.MOMENTUM": Range(0, 1, high_open=True),
+    "TRAIN.WD": AT_LEAST_0,
+    "TRAIN.PRETRAIN_STEPS": AT_LEAST_0,
+    "TRAIN.SOFTPLUS_EPOCHS": AT_LEAST_0,
+    "TRAIN.BEGIN_EPOCH": AT_LEAST_0,
+    "TRAIN.END_EPOCH": AT_LEAST_1,
+    "TRAIN.BATCH_SIZE_PER_GPU": AT_LEAST_1,
+    "TRAIN.KEEP_CHECKPOINTS": AT_LEAST_0,
+    "TRAIN.MAX_BAD_STEPS": AT_LEAST_1,
+    "TRAIN.MAX_ITERS": Range(1, negative_means="no limit"),
+    "TEST.BATCH_SIZE_PER_GPU": AT_LEAST_1,
+    "TEST.SCALE_LIST": POSITIVE,
+}
+
+SOLVERS = ("broyden", "anderson", "fixed_point")
+
+#: string keys and their allowed values. One line per key.
+CHOICES: Dict[str, Tuple[Any, ...]] = {
+    "MODEL.NAME": ("mdeq",),
+    "MODEL.F_SOLVER": SOLVERS,
+    "MODEL.B_SOLVER": SOLVERS,
+    "MODEL.STOP_MODE": ("abs", "rel"),
+    "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
+    "MODEL.DOWNSAMPLE_TIMES": (0, 1, 2),
+    # the original's architecture keys: only what this implementation builds
+    "MODEL.EXTRA.FULL_STAGE.NUM_MODULES": (1,),
+    "MODEL.EXTRA.FULL_STAGE.BLOCK": ("BASIC",),
+    "MODEL.EXTRA.FULL_STAGE.FUSE_METHOD": ("SUM",),
+    "TRAIN.OPTIMIZER": ("adam", "sgd"),
+    "TRAIN.LR_SCHEDULER": ("cosine", "step", "constant"),
+}
+
+
+def _lookup(cfg: CN, full_key: str) -> Tuple[bool, Any]:
+    """(found, value) of a dotted key; a key the config lacks is skipped, not an error (the table may
+    name keys of a section that another branch adds)."""
+    node: Any = cfg
+    for part in full_key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_ranges(cfg: CN, source: str) -> None:
+    """Every key of :data:`RANGES` and :data:`CHOICES` present in ``cfg`` holds an allowed value.
+
+    Raises:
+        ConfigError: ``<source>: <KEY> = <value> is out of range: must be <range>`` (or ``choose one of``).
+    """
+    for key, allowed in RANGES.items():
+        found, value = _lookup(cfg, key)
+        if not found:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if not allowed.contains(v):
+                where = f" (entry {v!r})" if isinstance(value, (list, tuple)) else ""
+                raise ConfigError(f"{source}: {key} = {value!r}{where} is out of range: must be {allowed.describe()}")
+    for key, choices in CHOICES.items():
+        found, value = _lookup(cfg, key)
+        if found and value not in choices:
+            raise ConfigError(f"{source}: {key} = {value!r}; choose one of {choices}")
+
+
+def validate_config(cfg: CN, source: str) -> None:
+    """Ranges and choices (:func:`check_ranges`), then the checks across keys that they cannot make."""
+    check_ranges(cfg, source)
+    stage = cfg.MODEL.EXTRA.FULL_STAGE
+    nb = stage.NUM_BRANCHES
+    for key in ("NUM_BLOCKS", "NUM_CHANNELS"):
+        if len(stage[key]) != nb:
+            raise ConfigError(
+                f"{source}: MODEL.EXTRA.FULL_STAGE.{key} has {len(stage[key])} entries {list(stage[key])} "
+                f"but NUM_BRANCHES is {nb}")
+    for c in stage.NUM_CHANNELS:
+        if c % cfg.MODEL.NUM_GROUPS:
+            raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
+                              f"{cfg.MODEL.NUM_GROUPS}")
+    if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
+        raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "
+                          f"TRAIN.BEGIN_EPOCH = {cfg.TRAIN.BEGIN_EPOCH}")

@@ -1,0 +1,328 @@
+"""Every failure a user can cause gets one clear line (issue 15): out-of-range settings, files that
+are not checkpoints, label images that are not label ids, a full disk, the solver tools' inputs,
+and keys of the original's config that do nothing here.
+
+The tools run as subprocesses, exactly as a user runs them; each bad input must end with exit
+status 2 and one ``error:`` line that names the key / file / value, with no traceback.
+"""
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
+from mdeq.config.original import IGNORED
+from mdeq.core.cli import run_tool
+from mdeq.datasets.cityscapes import CityscapesDataset, CityscapesError
+from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
+SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _run(cmd: List, timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, exactly one ``error:`` line, holding every needle; no traceback anywhere."""
+    text = proc.all  # type: ignore[attr-defined]
+    assert proc.returncode == 2, f"exit status {proc.returncode}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    for n in needles:
+        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def junk(tmp_path_factory) -> Path:
+    """Files a user may pass by mistake where a checkpoint or a recorded batch belongs."""
+    d = tmp_path_factory.mktemp("junk")
+    (d / "notes.txt").write_text("hello world\nthese are my notes\n")
+    (d / "config.yaml").write_text(Path(DIGITS).read_text())
+    (d / "results.json").write_text(json.dumps({"top1": 99.3}))
+    assert cv2.imwrite(str(d / "picture.png"), np.zeros((8, 8, 3), np.uint8))
+    (d / "empty.pth").write_bytes(b"")
+    (d / "a_run").mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, d / "weights.pth")
+    return d
+
+
+# ------------------------------------------------------------------------------------- config rows
+@pytest.mark.parametrize("key,value,allowed", [
+    ("MODEL.F_THRES", "-5", ">= 1"),
+    ("MODEL.F_THRES", "0", ">= 1"),
+    ("MODEL.B_THRES", "0", ">= 1"),
+    ("MODEL.F_EPS", "-1", ">= 0"),
+    ("MODEL.B_EPS", "-1", ">= 0"),
+    ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
+])
+def test_out_of_range_setting_is_one_line_naming_key_value_and_range(tmp_path, key, value, allowed):
+    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                 "--logDir", tmp_path / "l", key, value])
+    line = _one_error_line(proc, "ConfigError", f"{key} = {value}", allowed)
+    assert "out of range" in line
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def _outside(rng, default):
+    """A value of the default's type just outside ``rng``."""
+    if rng.negative_means:  # below 0 is a special value: go between 0 and the range, or above it
+        bad = 0 if rng.low > 0 else rng.high * 2 + 1
+    elif rng.low is not None:
+        bad = rng.low if rng.low_open else rng.low - (1 if isinstance(default, int) or rng.low >= 1 else 0.5)
+    else:
+        bad = rng.high * 2 + 1
+    return float(bad) if isinstance(default, float) else int(bad)
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_range_rejects_a_value_outside_it(key):
+    rng, default = RANGES[key], get_default_config()
+    for part in key.split("."):
+        default = default[part]
+    sample = default[0] if isinstance(default, (list, tuple)) else default
+    bad = _outside(rng, sample)
+    value = [bad] * len(default) if isinstance(default, (list, tuple)) else bad
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, [key, repr(value)])
+    assert f"{key} = " in str(err.value) and repr(bad) in str(err.value) and rng.describe() in str(err.value)
+    assert not rng.contains(bad) and rng.contains(sample)
+    if rng.low is not None and not rng.low_open:
+        assert rng.contains(rng.low)
+
+
+def test_choices_and_cross_key_checks():
+    with pytest.raises(ConfigError, match=r"FULL_STAGE\.BLOCK = 'BOTTLENECK'; choose one of \('BASIC',\)"):
+        load_config(DIGITS, ["MODEL.EXTRA.FULL_STAGE.BLOCK", "BOTTLENECK"])
+    with pytest.raises(ConfigError, match="TRAIN.END_EPOCH = 3 must be greater than TRAIN.BEGIN_EPOCH = 3"):
+        load_config(DIGITS, ["TRAIN.BEGIN_EPOCH", "3", "TRAIN.END_EPOCH", "3"])
+    # special values documented in the config table stay allowed
+    cfg = load_config(DIGITS, ["MODEL.SOLVER_MEMORY", "0", "TRAIN.MAX_ITERS", "-1", "MODEL.BN_MOMENTUM", "-1",
+                               "TRAIN.CLIP", "-1", "MODEL.F_EPS", "0"])
+    assert cfg.MODEL.SOLVER_MEMORY == 0 and cfg.TRAIN.MAX_ITERS == -1
+    assert set(CHOICES) <= _default_keys()
+
+
+# ------------------------------------------------------------------------------- dead config keys
+def _default_keys(node=None, prefix: str = "") -> set:
+    node = get_default_config() if node is None else node
+    out = set()
+    for k, v in node.items():
+        out |= _default_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def test_no_default_is_dead():
+    """Every default is read outside the config package, or pinned by a one-value choice (the
+    original's architecture keys, which say what this implementation builds)."""
+    files = [p for d in ("lib", "tools") for p in (REPO / d).rglob("*.py") if "config" not in p.relative_to(REPO).parts]
+    source = "\n".join(p.read_text() for p in files)
+    dead = [k for k in sorted(_default_keys())
+            if not re.search(rf"[.\"']{k.split('.')[-1]}\b", source) and len(CHOICES.get(k, ())) != 1]
+    assert dead == []
+    assert not set(IGNORED) & _default_keys()
+
+
+def test_the_originals_unused_keys_load_with_one_warning_naming_them_all(tmp_path, caplog):
+    path = tmp_path / "original.yaml"
+    path.write_text(Path(DIGITS).read_text() + "GPUS: (0,1,2,3)\nDEBUG:\n  DEBUG: false\n"
+                    "  SAVE_HEATMAPS_GT: true\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(path, ["TEST.NMS_THRE", "0.3", "DATASET.FLIP", "False"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    for key in ("GPUS", "DEBUG.DEBUG", "DEBUG.SAVE_HEATMAPS_GT", "TEST.NMS_THRE", "DATASET.FLIP (use TRAIN.FLIP)"):
+        assert key in warnings[0]
+    assert "GPUS" not in cfg and "DEBUG" not in cfg and cfg.TRAIN.FLIP is True
+    # a key neither the original nor we know stays an error, with a spelling hint
+    with pytest.raises(ConfigError, match=r"unknown config key TEST\.NMS_THREE = 0\.3"):
+        load_config(DIGITS, ["TEST.NMS_THREE", "0.3"])
+    path.write_text(Path(DIGITS).read_text() + "DEBUG:\n  DEBUGG: true\n")
+    with pytest.raises(ConfigError, match="unknown config key DEBUG"):
+        load_config(path)
+
+
+# ------------------------------------------------------------------------------ not a checkpoint
+@pytest.mark.parametrize("name,needle", [
+    ("notes.txt", "is not a checkpoint"), ("config.yaml", "is not a checkpoint"),
+    ("results.json", "is not a checkpoint"), ("picture.png", "is not a checkpoint"),
+    ("empty.pth", "is not a checkpoint (the file is empty"), ("a_run", "is a folder, not a checkpoint file"),
+])
+def test_a_file_that_is_not_a_checkpoint_says_so(junk, name, needle):
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(junk / name)
+    msg = str(err.value)
+    assert needle in msg and str(junk / name) in msg
+    assert "weights_only=False" not in msg and "unpickling" not in msg
+    assert load_checkpoint(junk / "weights.pth")["epoch"] == 3
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_code_carrying_pickle_is_still_refused(evil_pickle):
+    bad, marker = evil_pickle
+    with pytest.raises(CheckpointError, match="refused to load .*arbitrary unpickling"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name,needle", [("notes.txt", "not a checkpoint"), ("picture.png", "not a checkpoint"),
+                                         ("a_run", "is a folder, not a checkpoint file")])
+def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, needle):
+    proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                 "--logDir", tmp_path / "l", "--testModel", junk / name])
+    _one_error_line(proc, "CheckpointError", str(junk / name), needle)
+
+
+# ----------------------------------------------------------------------------- the solver tools
+@pytest.mark.parametrize("tool,option,name,needle", [
+    ("tools/benchmark.py", "--images", "picture.png", "not a checkpoint"),
+    ("tools/benchmark.py", "--testModel", "notes.txt", "not a checkpoint"),
+    ("tools/plot_convergence.py", "--images", "weights.pth", "expected a (N, 3, H, W) image tensor"),
+    ("tools/plot_convergence.py", "--testModel", "a_run", "is a folder"),
+])
+def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name, needle):
+    extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
+    proc = _run([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra])
+    _one_error_line(proc, str(junk / name), needle)
+
+
+def test_converter_bad_input_is_one_line(junk, tmp_path):
+    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json", tmp_path / "o.pth"])
+    _one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
+    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth", tmp_path / "o.pth"])
+    _one_error_line(proc, "CheckpointError", "no equilibrium stage")
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_plot_convergence_needs_only_the_readme_install():
+    """Every third-party module that lib/, tools/ and pretrained_models/ import is in requirements.txt
+    (the README's install) and in setup.py."""
+    dist = {"PIL": "pillow", "cv2": "opencv-python-headless", "sklearn": "scikit-learn", "yaml": "pyyaml",
+            "tensorboardX": "tensorboardx"}
+    imported = set()
+    for d in ("lib", "tools", "pretrained_models"):
+        for p in (REPO / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                imported |= {n.split(".")[0] for n in names}
+    third_party = {dist.get(m, m).lower() for m in imported if m not in sys.stdlib_module_names and m != "mdeq"}
+    assert "matplotlib" in third_party
+    reqs = {re.split(r"[<>=\s#\[]", line.strip())[0].lower()
+            for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and line[0] != "#"}
+    setup = {s.lower() for s in re.findall(r"\"([A-Za-z][\w.-]*)[<>=]*[\d.]*\"", (REPO / "setup.py").read_text())}
+    assert third_party - reqs == set()
+    assert third_party - setup == set()
+
+
+# ----------------------------------------------------------------------------------------- disk full
+def test_disk_full_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    path = out / "checkpoint.pth.tar"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteError) as err:
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert err.value.errno == errno.ENOSPC
+    with caplog.at_level(logging.ERROR):
+        status = run_tool(lambda argv: save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path))
+    monkeypatch.undo()
+    assert status == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "Traceback" not in caplog.text
+    for needle in ("CheckpointWriteError", str(out), "No space left on device",
+                   "previous checkpoint.pth.tar is intact"):
+        assert needle in errors[0], errors[0]
+    assert sorted(os.listdir(out)) == ["checkpoint.pth.tar"]  # the partial file is gone
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+# the real training tool with torch.save failing as on a full disk from the second epoch's checkpoint on
+_FULL_DISK = """import errno, os, runpy, sys, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("epoch") == 2:
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = ["tools/cls_train.py"] + sys.argv[1:]
+runpy.run_path("tools/cls_train.py", run_name="__main__")
+"""
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
+            "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
+            "TEST.BATCH_SIZE_PER_GPU", "150"]
+    proc = _run([sys.executable, "-c", _FULL_DISK, "--cfg", DIGITS, *opts])
+    out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
+    _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+    assert load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------ label images
+@pytest.fixture(scope="module")
+def city(tmp_path_factory) -> Path:
+    from test_seg_pipeline import build_cityscapes_tree
+    return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
+
+
+def _bad_label_list(city: Path, name: str, label: np.ndarray) -> str:
+    """A list file of one training image whose label is ``label``; returns the list's path under ROOT."""
+    img = "leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png"
+    lab = f"gtFine/train/aachen/{name}_gtFine_labelIds.png"
+    assert cv2.imwrite(str(city / "cityscapes" / lab), label)
+    (city / "list" / "cityscapes" / f"{name}.lst").write_text(f"{img} {lab}\n")
+    return f"list/cityscapes/{name}.lst"
+
+
+def test_label_images_are_checked_for_dtype_and_range(city):
+    shape = cv2.imread(str(city / "cityscapes/leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png")).shape[:2]
+    wide = np.full(shape, 7, np.uint16)
+    wide[3, 5] = 2301
+    trainids = np.full(shape, 255, np.uint8)  # a *_labelTrainIds.png by mistake
+    for name, label, needles in (("wide", wide, ("uint16", "2301")), ("trainids", trainids, ("value 255", "0..33"))):
+        ds = CityscapesDataset(str(city), _bad_label_list(city, name, label), train=True, crop_size=(32, 64),
+                               base_size=128)
+        with pytest.raises(CityscapesError) as err:
+            ds[0]
+        assert f"{name}_gtFine_labelIds.png" in str(err.value) and all(n in str(err.value) for n in needles)
+
+
+def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
+    shape = (64, 128)
+    wide = np.full(shape, 7, np.uint16)
+    wide[0, 0] = 2301
+    lst = _bad_label_list(city, "wide16", wide)
+    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
+                 tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst, "DATASET.TEST_SET", "",
+                 "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1", "TRAIN.IMAGE_SIZE", "[64, 32]",
+                 "TRAIN.BASE_SIZE", "128"])
+    _one_error_line(proc, "CityscapesError", "wide16_gtFine_labelIds.png", "2301")
