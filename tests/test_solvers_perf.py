@@ -31,10 +31,9 @@ def tiny_problem(reference, repo):
 
 def test_lbroyden_beats_plain_iteration_at_30_evaluations_on_the_reference_model(tiny_problem):
     model, problem = tiny_problem
-    kw = dict(model.f_solver_kwargs, eps=0.0)
     with torch.no_grad():
-        b = broyden(problem.f, problem.z0, 30, **kw)
-        p = fixed_point(problem.f, problem.z0, 30, **kw)
+        b = broyden(problem.f, problem.z0, 30, **model.solver_kwargs("f", broyden, eps=0.0))
+        p = fixed_point(problem.f, problem.z0, 30, **model.solver_kwargs("f", fixed_point, eps=0.0))
     assert b.steps == p.steps == 30
     assert b.rel_residual < p.rel_residual, (b.rel_residual, p.rel_residual)
 
@@ -42,7 +41,7 @@ def test_lbroyden_beats_plain_iteration_at_30_evaluations_on_the_reference_model
 def test_anderson_on_the_reference_model_is_between_nothing_and_broyden(tiny_problem):
     model, problem = tiny_problem
     with torch.no_grad():
-        a = anderson(problem.f, problem.z0, 30, **dict(model.f_solver_kwargs, eps=0.0, memory=5))
+        a = anderson(problem.f, problem.z0, 30, **model.solver_kwargs("f", anderson, eps=0.0, memory=5))
     assert a.steps == 30 and torch.isfinite(a.z).all()
     assert a.rel_residual < a.trace[0] * 1e-1
 

@@ -109,6 +109,7 @@ class TimedSolver:
 
     def __init__(self, solver: Callable[..., SolverResult], device: torch.device | str) -> None:
         self.solver, self.device = solver, device
+        self.__wrapped__ = solver      # the model passes the wrapped solver's own options (see solver_options)
         self.reset()
 
     def reset(self) -> None:
@@ -132,11 +133,6 @@ class TimedSolver:
         synchronize(self.device)
         self.total += time.perf_counter() - start
         return result
-
-
-def _set_solvers(model, f_name: str, b_name: str) -> None:
-    from ..solvers import get_solver
-    model.f_solver, model.b_solver = get_solver(f_name), get_solver(b_name)
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -192,7 +188,7 @@ def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Di
     model.eval()
     from ..solvers import get_solver
     timed = TimedSolver(get_solver(solver), device)
-    kwargs = dict(model.f_solver_kwargs, eps=0.0)
+    kwargs = model.solver_kwargs("f", timed, eps=0.0)
     with torch.no_grad():
         inj = model.injection(x)
         problem = model.equilibrium_problem(inj)
@@ -218,28 +214,21 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     Returns the median time (s), the solver statistics of the last step and the time spent inside
     the solvers but outside f (``solver_own``, s per step).
     """
+    from ..solvers import resolve_solver
     device = x.device
     model.train()
-    saved = (model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps)
-    if solver:
-        _set_solvers(model, solver, solver)
-    f_timer, b_timer = TimedSolver(model.f_solver, device), TimedSolver(model.b_solver, device)
-    model.f_solver, model.b_solver = f_timer, b_timer
-    if unrolled_depth:
-        model.num_layers, model.pretrain_steps = unrolled_depth, 1
-    step_id = 0 if unrolled_depth else -1
+    f_timer = TimedSolver(resolve_solver(solver) if solver else model.f_solver, device)
+    b_timer = TimedSolver(resolve_solver(solver) if solver else model.b_solver, device)
+    call = _step_call(f_thres, b_thres, unrolled_depth, solver=(f_timer, b_timer))
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+        loss = F.cross_entropy(model(x, **call), y)
         loss.backward()
 
-    try:
-        step()
-        f_timer.reset(), b_timer.reset()
-        t = median_time(step, repeats, device, warmup=0)
-    finally:
-        model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps = saved
+    step()
+    f_timer.reset(), b_timer.reset()
+    t = median_time(step, repeats, device, warmup=0)
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
@@ -249,6 +238,14 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     if b_timer.calls:
         out["t_b_step"] = b_timer.in_f / b_timer.calls
     return out
+
+
+def _step_call(f_thres: int, b_thres: int, unrolled_depth: int, **extra: Any) -> Dict[str, Any]:
+    """The keywords of a benchmarked model call: unrolled at ``unrolled_depth`` if it is > 0, else
+    the equilibrium at these thresholds (``extra``: e.g. the solvers of the call)."""
+    if unrolled_depth:
+        return {"mode": "unrolled", "depth": unrolled_depth}
+    return {"mode": "equilibrium", "f_thres": f_thres, "b_thres": b_thres, **extra}
 
 
 def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
@@ -309,14 +306,10 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     model, x, y = build(spec)
     device = x.device
     model.train()
-    if unrolled_depth:
-        model.num_layers, model.pretrain_steps = unrolled_depth, 1
-    step_id = 0 if unrolled_depth else -1
     # tolerance 0: every setting runs its full thresholds
-    model.f_solver_kwargs = dict(model.f_solver_kwargs, eps=0.0)
-    model.b_solver_kwargs = dict(model.b_solver_kwargs, eps=0.0)
+    call = _step_call(f_thres, b_thres, unrolled_depth, eps=0.0)
     with torch.no_grad():
-        model(x, train_step=-1, f_thres=2)
+        model(x, mode="equilibrium", f_thres=2)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -324,7 +317,7 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     else:
         _reset_peak()
         before = (_current_rss_kb() or _peak_kb()) * 1024
-    loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+    loss = F.cross_entropy(model(x, **call), y)
     loss.backward()
     synchronize(device)
     if device.type == "cuda":
@@ -349,7 +342,7 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
     from ..solvers import anderson, broyden
     from ..solvers.anderson import history_size
     from ..solvers.broyden import history_rows
-    memory = int(model.f_solver_kwargs.get("memory", 0))
+    memory = int(model.solver_settings["f"]["memory"])
     rows = 0
     for solver in (model.f_solver, model.b_solver):
         if solver is broyden:
