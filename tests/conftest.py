@@ -18,7 +18,17 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def _find_reference() -> Path:
+    """$MDEQ_REFERENCE, else ../shared/reference beside the checkout, else shared/reference inside it
+    (how the files travel to a machine that gets only the checkout, e.g. for tools/gpu_check.sh)."""
+    env = os.environ.get("MDEQ_REFERENCE")
+    candidates = ([Path(env)] if env else []) + [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
+    return next((p for p in candidates if (p / "cifar_tiny.pkl").is_file()), candidates[0])
+
+
+REFERENCE = _find_reference()
 
 
 def pytest_addoption(parser) -> None:

@@ -161,3 +161,32 @@ def test_both_state_layouts_are_the_original_model(reference, repo, layout, devi
     assert all(s.shape[1:] == shape and s[0].unsqueeze(0).is_contiguous(memory_format=fmt)
                for s, shape in zip(states, problem.shapes))
     assert torch.equal(problem.flatten(states), z)        # (B, D) -> states -> (B, D) is the identity
+
+
+@pytest.mark.compile
+def test_compiled_f_gives_the_eager_results(reference, repo, tiny, device):
+    """MODEL.COMPILE True: unrolled and equilibrium logits as in eager mode (float tolerance), the
+    same state-dict names, and implicit gradients as exact as eager ones (the adjoint solve runs
+    its VJPs through the compiled graph, retained across calls)."""
+    eager, e = tiny
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0, "MODEL.COMPILE", True])
+    model = get_cls_net(cfg)
+    load_weights(model, reference / "cifar_tiny.pkl")
+    model.to(device)
+    assert list(model.state_dict()) == list(eager.state_dict())
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        unrolled = model(e["input"], mode="unrolled")
+        assert (unrolled - eager(e["input"], mode="unrolled")).abs().max().item() < 1e-4
+        assert (unrolled - e["unrolled_eval_logits"]).abs().max().item() < 1e-4
+        logits = model(e["input"], f_thres=60)
+        assert (logits - e["equilibrium_eval_logits"]).abs().max().item() < 2e-3
+        assert (logits - eager(e["input"], f_thres=60)).abs().max().item() < 2e-3
+    model.train()
+    loss = F.cross_entropy(model(e["input"], f_thres=60, b_thres=60), e["train_target"])
+    loss.backward()
+    ours = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
+    exact = torch.cat([e["train_grads"][n].flatten() for n, _ in model.named_parameters()])
+    cos = F.cosine_similarity(ours, exact, dim=0).item()
+    rel = ((ours - exact).norm() / exact.norm()).item()
+    assert cos >= 0.999 and rel <= 1e-2 and not model.solver_stats["b_fallback"], (cos, rel)

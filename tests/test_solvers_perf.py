@@ -207,3 +207,19 @@ def test_tool_inputs_are_real_photographs_or_a_recorded_batch(tmp_path):
     torch.save(torch.zeros(3, 5), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt: expected a \\(N, 3, H, W\\)"):
         recorded_batch(tmp_path / "bad.pt", 2)
+
+
+def test_benchmark_runs_only_the_parts_asked_for_and_a_wrapped_solver_gets_its_options(repo):
+    from mdeq.analysis.benchmark import BenchSpec, TimedSolver, format_report, run_benchmark
+    spec = BenchSpec(cfg=str(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml"), opts=["MODEL.DROPOUT", 0.0],
+                     batch_size=2, image_size=16)
+    r = run_benchmark(spec, 3, 3, ["broyden"], 1, parts=["unrolled"])
+    assert "components" in r and "unrolled" in r and not {"forward", "train", "memory"} & set(r)
+    assert r["unrolled"]["stats"] == {"mode": "unrolled", "f_steps": 3} and r["compile"] is False
+    report = format_report(r)
+    assert "| unrolled warm-up, depth 3" in report and "Forward solve" not in report and "Peak memory" not in report
+    with pytest.raises(ValueError, match="unknown benchmark part"):
+        run_benchmark(spec, 3, 3, ["broyden"], 1, parts=["trian"])
+    # the model hands a timing wrapper the options of the solver it wraps, and only those
+    model = get_cls_net(load_config(spec.cfg, spec.opts))
+    assert model.solver_kwargs("f", TimedSolver(anderson, "cpu")).keys() == {"eps", "stop_mode", "memory", "beta", "lam"}

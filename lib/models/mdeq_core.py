@@ -243,6 +243,11 @@ class MDEQNet(nn.Module):
                                         nn.ReLU())
         self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, m.WNORM)
+        self.compiled = bool(m.COMPILE)
+        if self.compiled:
+            # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which
+            # fusion cuts. Compiled in place (nn.Module.compile), so state dicts keep their names.
+            self.fullstage.compile()
 
     # ------------------------------------------------------------------ configuration
     def set_softplus(self, flag: bool) -> None:
