@@ -248,6 +248,10 @@ class MDEQNet(nn.Module):
             # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which
             # fusion cuts. Compiled in place (nn.Module.compile), so state dicts keep their names.
             self.fullstage.compile()
+            # the adjoint solve takes its VJPs through one retained graph of f (retain_graph=True),
+            # which a compiled backward that reuses ("donates") its saved buffers refuses; a process-wide
+            # setting, read when a graph is compiled and when its backward runs
+            torch._functorch.config.donated_buffer = False
 
     # ------------------------------------------------------------------ configuration
     def set_softplus(self, flag: bool) -> None:
