@@ -1,4 +1,12 @@
-"""Shared fixtures: paths to the repository and to the original implementation's reference files."""
+"""Shared fixtures: paths to the repository and to the original implementation's reference files,
+and the device the device-independent tests run on.
+
+``pytest --device cuda`` runs the tests that take the ``device`` fixture (reference, gradient,
+layout, AMP, DDP and compile tests) on the GPU and skips the others, which do not depend on the
+device; without a GPU every one of them is skipped with the reason. The default is the CPU, on
+which every test runs as it always did. ``--run-compile`` also runs the tests marked
+``compile`` (``torch.compile`` takes minutes on a small CPU).
+"""
 from __future__ import annotations
 
 import os
@@ -10,7 +18,53 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def _find_reference() -> Path:
+    """$MDEQ_REFERENCE, else ../shared/reference beside the checkout, else shared/reference inside it
+    (how the files travel to a machine that gets only the checkout, e.g. for tools/gpu_check.sh)."""
+    env = os.environ.get("MDEQ_REFERENCE")
+    candidates = ([Path(env)] if env else []) + [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
+    return next((p for p in candidates if (p / "cifar_tiny.pkl").is_file()), candidates[0])
+
+
+REFERENCE = _find_reference()
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="run the device-independent tests on this device (default cpu)")
+    parser.addoption("--run-compile", action="store_true", default=False,
+                     help="also run the tests marked 'compile' (torch.compile; slow on a small CPU)")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "compile: compiles the model with torch.compile (needs --run-compile)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    on_cuda = config.getoption("--device") == "cuda"
+    run_compile = config.getoption("--run-compile")
+    cpu_only = pytest.mark.skip(reason="--device cuda: this test does not depend on the device (no 'device' fixture)")
+    no_compile = pytest.mark.skip(reason="torch.compile test: pass --run-compile to run it")
+    for item in items:
+        if on_cuda and "device" not in getattr(item, "fixturenames", ()):
+            item.add_marker(cpu_only)
+        if "compile" in item.keywords and not run_compile:
+            item.add_marker(no_compile)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of the device-independent tests (``--device``). On CUDA, TF32 is switched off so
+    that float32 tolerances mean float32 (cuDNN convolutions use TF32 by default)."""
+    name = request.config.getoption("--device")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,18 +26,19 @@ SMALL_OVERRIDES = {
 }
 
 
-def _build(repo, key, extra=()):
+def _build(repo, key, extra=(), device="cpu"):
     path, build, shape, opts = SMALL_OVERRIDES[key]
     cfg = load_config(repo / path, opts + ["MODEL.DROPOUT", "0.0", *extra])
     torch.manual_seed(0)
-    return build(cfg).double(), torch.randn(*shape, dtype=torch.float64)
+    return build(cfg).double().to(device), torch.randn(*shape, dtype=torch.float64).to(device)
 
 
 def _loss(model, out):
+    idx = torch.arange(out.shape[2] * out.shape[3] if out.dim() == 4 else out.shape[0], device=out.device)
     if out.dim() == 4:  # segmentation: per-pixel targets from a fixed pattern
-        target = torch.arange(out.shape[2] * out.shape[3]).remainder(out.shape[1]).view(1, *out.shape[2:])
+        target = idx.remainder(out.shape[1]).view(1, *out.shape[2:])
         return F.cross_entropy(out, target.expand(out.shape[0], -1, -1))
-    return F.cross_entropy(out, torch.arange(out.shape[0]) % out.shape[1])
+    return F.cross_entropy(out, idx % out.shape[1])
 
 
 def _grads(model):
@@ -50,7 +51,7 @@ def _warm_up(model, x, steps):
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(steps):
         opt.zero_grad()
-        _loss(model, model(x, train_step=0)).backward()
+        _loss(model, model(x, mode="unrolled")).backward()
         opt.step()
 
 
@@ -68,10 +69,10 @@ def _dense_implicit_gradient(model, x, f_thres):
     z_out = fz.detach().requires_grad_()
     (dl_dz,) = torch.autograd.grad(_loss(model, model.head(problem.unflatten(z_out))), z_out)
     bsz, dim = z_star.shape
-    eye = torch.eye(dim, dtype=z_star.dtype)
+    eye = torch.eye(dim, dtype=z_star.dtype, device=z_star.device)
     w = torch.empty_like(dl_dz)
     for i in range(bsz):
-        basis = torch.zeros(dim, bsz, dim, dtype=z_star.dtype)
+        basis = torch.zeros(dim, bsz, dim, dtype=z_star.dtype, device=z_star.device)
         basis[:, i] = eye
         (rows,) = torch.autograd.grad(fz, z_leaf, basis, retain_graph=True, is_grads_batched=True)
         w[i] = torch.linalg.solve(eye - rows[:, i].T, dl_dz[i])      # rows[:, i] is J of sample i
@@ -83,12 +84,12 @@ def _dense_implicit_gradient(model, x, f_thres):
 
 
 @pytest.mark.parametrize("key", sorted(SMALL_OVERRIDES))
-def test_implicit_gradient_equals_the_exact_ift_gradient(repo, key):
-    model, x = _build(repo, key, ["MODEL.F_EPS", "1e-12", "MODEL.B_EPS", "1e-12"])
+def test_implicit_gradient_equals_the_exact_ift_gradient(repo, key, device):
+    model, x = _build(repo, key, ["MODEL.F_EPS", "1e-12", "MODEL.B_EPS", "1e-12"], device=device)
     model.train()
     _warm_up(model, x, 60)
     model.zero_grad()
-    _loss(model, model(x[:2], train_step=-1, f_thres=60, b_thres=60)).backward()
+    _loss(model, model(x[:2], mode="equilibrium", f_thres=60, b_thres=60)).backward()
     ours = _grads(model)
     assert model.solver_stats["f_rel"] < 1e-4 and not model.solver_stats["b_fallback"]
     exact = _dense_implicit_gradient(model, x[:2], 60)
@@ -117,6 +118,49 @@ def test_unrolled_warmup_runs_num_layers_and_switches_at_pretrain_steps(repo):
         assert model.solver_stats == {"mode": "unrolled", "f_steps": 3}
         model(x, train_step=5)
         assert model.solver_stats["mode"] == "equilibrium"
+
+
+def test_the_call_chooses_mode_depth_solver_and_tolerance_and_leaves_the_model_as_it_was(repo):
+    model, x = _build(repo, "cifar_small_paper", ["TRAIN.PRETRAIN_STEPS", "5", "MODEL.NUM_LAYERS", "3"])
+    model.eval()
+    with torch.no_grad():
+        unrolled = model(x, mode="unrolled")
+        assert model.solver_stats == {"mode": "unrolled", "f_steps": 3}
+        assert torch.equal(model(x, 0), unrolled)                      # the original's positional train_step
+        model(x, mode="unrolled", depth=7)
+        assert model.solver_stats == {"mode": "unrolled", "f_steps": 7}
+        model(x, mode="equilibrium", f_thres=6, solver="fixed_point", eps=0.0)
+        assert model.solver_stats["f_steps"] == 6 and len(model.solver_stats["f_trace"]) == 6
+        fixed = model(x, f_thres=6, solver=(fixed_point, "broyden"), eps=0.0)
+        plain = fixed_point(*_problem(model, x), 6, eps=0.0)
+        assert torch.allclose(model.head(model.equilibrium_problem(model.injection(x)).unflatten(plain.fz)), fixed)
+        model(x)
+        assert model.solver_stats["mode"] == "equilibrium"             # the default, whatever PRETRAIN_STEPS
+    # nothing of the calls stuck to the model
+    assert model.f_solver is broyden and model.num_layers == 3 and model.f_solver_kwargs["eps"] == 1e-5
+    for bad, match in ((dict(mode="warmup"), "mode must be one of"), (dict(mode="unrolled", train_step=0), "not both"),
+                       (dict(solver="newton"), "unknown solver 'newton'"), (dict(solver=("broyden",)), "a pair")):
+        with pytest.raises(ValueError, match=match):
+            model(x, **bad)
+
+
+def _problem(model, x):
+    problem = model.equilibrium_problem(model.injection(x))
+    return problem.f, problem.z0
+
+
+def test_solvers_reject_unknown_options_and_get_only_their_own_from_the_model(repo):
+    f = lambda z: 0.5 * z + 1.0  # noqa: E731
+    z0 = torch.zeros(2, 4)
+    for solver, bad in ((broyden, "beta"), (anderson, "workspace"), (fixed_point, "memory"), (broyden, "memroy")):
+        with pytest.raises(TypeError, match=bad):
+            solver(f, z0, 5, **{bad: 1})
+    model, _ = _build(repo, "cifar_small_paper", ["MODEL.ANDERSON_BETA", "0.7", "MODEL.SOLVER_MEMORY", "4"])
+    assert set(model.solver_kwargs("f", fixed_point)) == {"eps", "stop_mode"}
+    assert model.solver_kwargs("b", anderson)["beta"] == 0.7 and "workspace" not in model.solver_kwargs("b", anderson)
+    assert model.solver_kwargs("f", broyden)["memory"] == 4 and "beta" not in model.solver_kwargs("f", broyden)
+    with pytest.raises(ValueError, match=r"\['memroy'\] not taken by 'broyden'"):
+        model.solver_kwargs("f", broyden, memroy=3)
 
 
 def test_softplus_warmup_changes_f_and_switches_back(repo):

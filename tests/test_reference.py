@@ -1,5 +1,10 @@
-"""Our MDEQ against recordings of the original implementation (../shared/reference)."""
+"""Our MDEQ against recordings of the original implementation (../shared/reference).
+
+The model tests run on the ``device`` fixture's device (``pytest --device cuda``).
+"""
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -10,21 +15,27 @@ from mdeq.models import count_parameters, get_cls_net, get_seg_net
 from mdeq.utils.checkpoint import CheckpointError, load_weights
 
 
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
 @pytest.fixture(scope="module")
-def tiny(reference, repo):
+def tiny(reference, repo, device):
     cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0])
     model = get_cls_net(cfg)
     load_weights(model, reference / "cifar_tiny.pkl")
     expected = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)
-    return model, expected
+    return model.to(device), _to(expected, device)
 
 
 def test_unrolled_logits_match_the_original(tiny):
     model, e = tiny
     model.eval()
     with torch.no_grad():
-        logits = model(e["input"], train_step=0)
-    assert model.solver_stats["mode"] == "unrolled"
+        logits = model(e["input"], mode="unrolled")
+    assert model.solver_stats == {"mode": "unrolled", "f_steps": 10}     # NUM_LAYERS of the original config
     assert (logits - e["unrolled_eval_logits"]).abs().max().item() < 1e-4
 
 
@@ -32,14 +43,14 @@ def test_equilibrium_logits_match_the_exact_fixed_point(tiny):
     model, e = tiny
     model.eval()
     with torch.no_grad():
-        logits = model(e["input"], train_step=-1, f_thres=60)
+        logits = model(e["input"], mode="equilibrium", f_thres=60)
     err = (logits - e["equilibrium_eval_logits"]).abs().max().item()
     assert model.solver_stats["mode"] == "equilibrium"
     assert model.solver_stats["f_steps"] <= 60
     assert err < 2e-3, f"max logit error {err:.3g} (rel residual {model.solver_stats['f_rel']:.3g})"
 
 
-def test_equilibrium_logits_stay_accurate_when_the_start_moves_by_float_noise(tiny, monkeypatch):
+def test_equilibrium_logits_stay_accurate_when_the_start_moves_by_float_noise(tiny):
     """Broyden on this model is sensitive: without its step safeguard, 1e-6 noise in z0 moved the
     logit error at 60 steps between 2e-3 and 1e-2. With it, 12 such starts landed between 4.5e-4
     and 1.1e-3 (and 3.6e-4 to 2.2e-3 with MODEL.STATE_LAYOUT channels_last, whose rounding differs:
@@ -51,12 +62,14 @@ def test_equilibrium_logits_stay_accurate_when_the_start_moves_by_float_noise(ti
     for _ in range(3):
         noise_scale = 1e-6
 
+        @functools.wraps(solver)        # so that the model passes it the options of the solver it wraps
         def noisy_start(f, z0, threshold, **kw):
-            return solver(f, z0 + noise_scale * torch.randn(z0.shape, generator=gen), threshold, **kw)
+            noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+            return solver(f, z0 + noise_scale * noise, threshold, **kw)
 
-        monkeypatch.setattr(model, "f_solver", noisy_start)
         with torch.no_grad():
-            logits = model(e["input"], train_step=-1, f_thres=60)
+            logits = model(e["input"], f_thres=60, solver=(noisy_start, model.b_solver))
+        assert model.solver_stats["f_steps"] == 60 or model.solver_stats["f_rel"] < 1e-5
         err = (logits - e["equilibrium_eval_logits"]).abs().max().item()
         assert err < 2e-3, f"max logit error {err:.3g} (rel residual {model.solver_stats['f_rel']:.3g})"
 
@@ -67,7 +80,7 @@ def test_implicit_gradients_match_the_exact_gradients(tiny, monkeypatch, layout)
     monkeypatch.setattr(model, "state_layout", layout)
     model.train()
     model.zero_grad()
-    logits = model(e["input"], train_step=-1, f_thres=60, b_thres=60)
+    logits = model(e["input"], f_thres=60, b_thres=60)
     loss = F.cross_entropy(logits, e["train_target"])
     loss.backward()
     ours, exact = [], []
@@ -132,11 +145,12 @@ def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_both_state_layouts_are_the_original_model(reference, repo, layout):
+def test_both_state_layouts_are_the_original_model(reference, repo, layout, device):
     cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0, "MODEL.STATE_LAYOUT", layout])
     model = get_cls_net(cfg).eval()
     load_weights(model, reference / "cifar_tiny.pkl")
-    e = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)
+    model.to(device)
+    e = _to(torch.load(reference / "cifar_tiny.expected.pt", weights_only=True), device)
     with torch.no_grad():
         assert (model(e["input"], train_step=0) - e["unrolled_eval_logits"]).abs().max().item() < 1e-4
         problem = model.equilibrium_problem(model.injection(e["input"]))
@@ -147,3 +161,32 @@ def test_both_state_layouts_are_the_original_model(reference, repo, layout):
     assert all(s.shape[1:] == shape and s[0].unsqueeze(0).is_contiguous(memory_format=fmt)
                for s, shape in zip(states, problem.shapes))
     assert torch.equal(problem.flatten(states), z)        # (B, D) -> states -> (B, D) is the identity
+
+
+@pytest.mark.compile
+def test_compiled_f_gives_the_eager_results(reference, repo, tiny, device):
+    """MODEL.COMPILE True: unrolled and equilibrium logits as in eager mode (float tolerance), the
+    same state-dict names, and implicit gradients as exact as eager ones (the adjoint solve runs
+    its VJPs through the compiled graph, retained across calls)."""
+    eager, e = tiny
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0, "MODEL.COMPILE", True])
+    model = get_cls_net(cfg)
+    load_weights(model, reference / "cifar_tiny.pkl")
+    model.to(device)
+    assert list(model.state_dict()) == list(eager.state_dict())
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        unrolled = model(e["input"], mode="unrolled")
+        assert (unrolled - eager(e["input"], mode="unrolled")).abs().max().item() < 1e-4
+        assert (unrolled - e["unrolled_eval_logits"]).abs().max().item() < 1e-4
+        logits = model(e["input"], f_thres=60)
+        assert (logits - e["equilibrium_eval_logits"]).abs().max().item() < 2e-3
+        assert (logits - eager(e["input"], f_thres=60)).abs().max().item() < 2e-3
+    model.train()
+    loss = F.cross_entropy(model(e["input"], f_thres=60, b_thres=60), e["train_target"])
+    loss.backward()
+    ours = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
+    exact = torch.cat([e["train_grads"][n].flatten() for n, _ in model.named_parameters()])
+    cos = F.cosine_similarity(ours, exact, dim=0).item()
+    rel = ((ours - exact).norm() / exact.norm()).item()
+    assert cos >= 0.999 and rel <= 1e-2 and not model.solver_stats["b_fallback"], (cos, rel)

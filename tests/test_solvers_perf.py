@@ -32,10 +32,9 @@ def tiny_problem(reference, repo):
 
 def test_lbroyden_beats_plain_iteration_at_30_evaluations_on_the_reference_model(tiny_problem):
     model, problem = tiny_problem
-    kw = dict(model.f_solver_kwargs, eps=0.0)
     with torch.no_grad():
-        b = broyden(problem.f, problem.z0, 30, **kw)
-        p = fixed_point(problem.f, problem.z0, 30, **kw)
+        b = broyden(problem.f, problem.z0, 30, **model.solver_kwargs("f", broyden, eps=0.0))
+        p = fixed_point(problem.f, problem.z0, 30, **model.solver_kwargs("f", fixed_point, eps=0.0))
     assert b.steps == p.steps == 30
     assert b.rel_residual < p.rel_residual, (b.rel_residual, p.rel_residual)
 
@@ -43,7 +42,7 @@ def test_lbroyden_beats_plain_iteration_at_30_evaluations_on_the_reference_model
 def test_anderson_on_the_reference_model_is_between_nothing_and_broyden(tiny_problem):
     model, problem = tiny_problem
     with torch.no_grad():
-        a = anderson(problem.f, problem.z0, 30, **dict(model.f_solver_kwargs, eps=0.0, memory=5))
+        a = anderson(problem.f, problem.z0, 30, **model.solver_kwargs("f", anderson, eps=0.0, memory=5))
     assert a.steps == 30 and torch.isfinite(a.z).all()
     assert a.rel_residual < a.trace[0] * 1e-1
 
@@ -209,3 +208,19 @@ def test_tool_inputs_are_real_photographs_or_a_recorded_batch(tmp_path):
     torch.save(torch.zeros(3, 5), tmp_path / "bad.pt")
     with pytest.raises(DatasetError, match="bad.pt: expected a \\(N, 3, H, W\\)"):  # bad input: exit status 2
         recorded_batch(tmp_path / "bad.pt", 2)
+
+
+def test_benchmark_runs_only_the_parts_asked_for_and_a_wrapped_solver_gets_its_options(repo):
+    from mdeq.analysis.benchmark import BenchSpec, TimedSolver, format_report, run_benchmark
+    spec = BenchSpec(cfg=str(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml"), opts=["MODEL.DROPOUT", 0.0],
+                     batch_size=2, image_size=16)
+    r = run_benchmark(spec, 3, 3, ["broyden"], 1, parts=["unrolled"])
+    assert "components" in r and "unrolled" in r and not {"forward", "train", "memory"} & set(r)
+    assert r["unrolled"]["stats"] == {"mode": "unrolled", "f_steps": 3} and r["compile"] is False
+    report = format_report(r)
+    assert "| unrolled warm-up, depth 3" in report and "Forward solve" not in report and "Peak memory" not in report
+    with pytest.raises(ValueError, match="unknown benchmark part"):
+        run_benchmark(spec, 3, 3, ["broyden"], 1, parts=["trian"])
+    # the model hands a timing wrapper the options of the solver it wraps, and only those
+    model = get_cls_net(load_config(spec.cfg, spec.opts))
+    assert model.solver_kwargs("f", TimedSolver(anderson, "cpu")).keys() == {"eps", "stop_mode", "memory", "beta", "lam"}

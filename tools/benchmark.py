@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdeq.analysis.benchmark import BenchSpec, dump_json, format_report, run_benchmark
+from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.core.cli import tool_main
 from mdeq.utils.cpu_allocator import retain_freed_memory
@@ -38,9 +38,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--mem-thres", default="10,40", help="thresholds for the peak-memory table")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default all; the component "
+                        "timings also run for train and unrolled, whose figures divide by them)")
     p.add_argument("--json", default="", help="also write the raw results here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.parts.split(",")) - set(PARTS) - {""})
+    if unknown:
+        p.error(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -51,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
                      test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
     result = run_benchmark(spec, args.f_thres, args.b_thres, [s for s in args.solvers.split(",") if s],
-                           args.repeats, [int(t) for t in args.mem_thres.split(",") if t])
+                           args.repeats, [int(t) for t in args.mem_thres.split(",") if t],
+                           parts=[p for p in args.parts.split(",") if p])
     print(format_report(result))
     if args.json:
         dump_json(result, args.json)

@@ -109,6 +109,7 @@ class TimedSolver:
 
     def __init__(self, solver: Callable[..., SolverResult], device: torch.device | str) -> None:
         self.solver, self.device = solver, device
+        self.__wrapped__ = solver      # the model passes the wrapped solver's own options (see solver_options)
         self.reset()
 
     def reset(self) -> None:
@@ -132,11 +133,6 @@ class TimedSolver:
         synchronize(self.device)
         self.total += time.perf_counter() - start
         return result
-
-
-def _set_solvers(model, f_name: str, b_name: str) -> None:
-    from ..solvers import get_solver
-    model.f_solver, model.b_solver = get_solver(f_name), get_solver(b_name)
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -192,7 +188,7 @@ def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Di
     model.eval()
     from ..solvers import get_solver
     timed = TimedSolver(get_solver(solver), device)
-    kwargs = dict(model.f_solver_kwargs, eps=0.0)
+    kwargs = model.solver_kwargs("f", timed, eps=0.0)
     with torch.no_grad():
         inj = model.injection(x)
         problem = model.equilibrium_problem(inj)
@@ -218,28 +214,21 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     Returns the median time (s), the solver statistics of the last step and the time spent inside
     the solvers but outside f (``solver_own``, s per step).
     """
+    from ..solvers import resolve_solver
     device = x.device
     model.train()
-    saved = (model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps)
-    if solver:
-        _set_solvers(model, solver, solver)
-    f_timer, b_timer = TimedSolver(model.f_solver, device), TimedSolver(model.b_solver, device)
-    model.f_solver, model.b_solver = f_timer, b_timer
-    if unrolled_depth:
-        model.num_layers, model.pretrain_steps = unrolled_depth, 1
-    step_id = 0 if unrolled_depth else -1
+    f_timer = TimedSolver(resolve_solver(solver) if solver else model.f_solver, device)
+    b_timer = TimedSolver(resolve_solver(solver) if solver else model.b_solver, device)
+    call = _step_call(f_thres, b_thres, unrolled_depth, solver=(f_timer, b_timer))
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+        loss = F.cross_entropy(model(x, **call), y)
         loss.backward()
 
-    try:
-        step()
-        f_timer.reset(), b_timer.reset()
-        t = median_time(step, repeats, device, warmup=0)
-    finally:
-        model.f_solver, model.b_solver, model.num_layers, model.pretrain_steps = saved
+    step()
+    f_timer.reset(), b_timer.reset()
+    t = median_time(step, repeats, device, warmup=0)
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
@@ -249,6 +238,14 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     if b_timer.calls:
         out["t_b_step"] = b_timer.in_f / b_timer.calls
     return out
+
+
+def _step_call(f_thres: int, b_thres: int, unrolled_depth: int, **extra: Any) -> Dict[str, Any]:
+    """The keywords of a benchmarked model call: unrolled at ``unrolled_depth`` if it is > 0, else
+    the equilibrium at these thresholds (``extra``: e.g. the solvers of the call)."""
+    if unrolled_depth:
+        return {"mode": "unrolled", "depth": unrolled_depth}
+    return {"mode": "equilibrium", "f_thres": f_thres, "b_thres": b_thres, **extra}
 
 
 def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
@@ -309,14 +306,10 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     model, x, y = build(spec)
     device = x.device
     model.train()
-    if unrolled_depth:
-        model.num_layers, model.pretrain_steps = unrolled_depth, 1
-    step_id = 0 if unrolled_depth else -1
     # tolerance 0: every setting runs its full thresholds
-    model.f_solver_kwargs = dict(model.f_solver_kwargs, eps=0.0)
-    model.b_solver_kwargs = dict(model.b_solver_kwargs, eps=0.0)
+    call = _step_call(f_thres, b_thres, unrolled_depth, eps=0.0)
     with torch.no_grad():
-        model(x, train_step=-1, f_thres=2)
+        model(x, mode="equilibrium", f_thres=2)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -324,7 +317,7 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     else:
         _reset_peak()
         before = (_current_rss_kb() or _peak_kb()) * 1024
-    loss = F.cross_entropy(model(x, train_step=step_id, f_thres=f_thres, b_thres=b_thres), y)
+    loss = F.cross_entropy(model(x, **call), y)
     loss.backward()
     synchronize(device)
     if device.type == "cuda":
@@ -349,7 +342,7 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
     from ..solvers import anderson, broyden
     from ..solvers.anderson import history_size
     from ..solvers.broyden import history_rows
-    memory = int(model.f_solver_kwargs.get("memory", 0))
+    memory = int(model.solver_settings["f"]["memory"])
     rows = 0
     for solver in (model.f_solver, model.b_solver):
         if solver is broyden:
@@ -360,44 +353,63 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
 
 
 def peak_memory(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int = 0) -> Dict[str, Any]:
-    """:func:`peak_memory_worker` in a fresh (spawned) process, so every setting starts alike."""
+    """:func:`peak_memory_worker` in a fresh (spawned) process on the CPU, so that every setting starts
+    alike; in this process on CUDA, whose peak counter (``max_memory_allocated``) is exact and can be
+    reset, and where a fresh process would cost seconds of start-up per row."""
+    if torch.device(spec.device).type == "cuda":
+        return peak_memory_worker(spec, f_thres, b_thres, unrolled_depth)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(peak_memory_worker, (spec, f_thres, b_thres, unrolled_depth))
 
 
 # ------------------------------------------------------------------------------ the whole run
+#: the parts of a run, in the order they run (``components`` runs whenever ``train`` does: the
+#: overhead figures divide by its times)
+PARTS = ("components", "forward", "train", "unrolled", "memory")
+
+
 def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int], solvers: Sequence[str],
-                  repeats: int, mem_thres: Sequence[int] = (10, 40)) -> Dict[str, Any]:
-    """Every measurement of the benchmark; returns a JSON-able dict (see :func:`format_report`)."""
+                  repeats: int, mem_thres: Sequence[int] = (10, 40), parts: Sequence[str] = PARTS) -> Dict[str, Any]:
+    """The measurements of the benchmark named in ``parts`` (see :data:`PARTS`); returns a JSON-able
+    dict (see :func:`format_report`)."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {list(PARTS)}")
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    start = time.perf_counter()
     model, x, y = build(spec)
     f_thres = model.f_thres if f_thres is None else f_thres
     b_thres = model.b_thres if b_thres is None else b_thres
     out: Dict[str, Any] = {"spec": spec.__dict__, "f_thres": f_thres, "b_thres": b_thres,
                            "device_name": _device_name(x.device), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__}
-    logger.info("timing the components")
-    comp = time_components(model, x, y, repeats)
-    out["components"] = comp
-    logger.info("forward solves at %d evaluations", f_thres)
-    out["forward"] = {s: forward_solve(model, x, s, f_thres, repeats) for s in solvers}
-    out["train"] = {}
-    for s in solvers:
-        logger.info("training step with %s", s)
-        st = train_step(model, x, y, f_thres, b_thres, repeats, solver=s)
-        st.update(overheads(st, comp))
-        out["train"][s] = st
-    logger.info("unrolled training step at depth %d", f_thres)
-    out["unrolled"] = train_step(model, x, y, f_thres, b_thres, repeats, unrolled_depth=f_thres)
-    out["memory"] = []
-    for thres in mem_thres:
-        for depth in (0, thres):
-            logger.info("peak memory at threshold %d (%s)", thres, "unrolled" if depth else "implicit")
-            m = peak_memory(spec, thres, thres, unrolled_depth=depth)
-            m.update({"thres": thres, "mode": "unrolled" if depth else "implicit"})
-            out["memory"].append(m)
+                           "torch": torch.__version__, "compile": bool(model.compiled), "parts": list(parts)}
+    if "components" in parts or "train" in parts or "unrolled" in parts:
+        logger.info("timing the components")
+        out["components"] = time_components(model, x, y, repeats)
+    if "forward" in parts:
+        logger.info("forward solves at %d evaluations", f_thres)
+        out["forward"] = {s: forward_solve(model, x, s, f_thres, repeats) for s in solvers}
+    if "train" in parts:
+        out["train"] = {}
+        for s in solvers:
+            logger.info("training step with %s", s)
+            st = train_step(model, x, y, f_thres, b_thres, repeats, solver=s)
+            st.update(overheads(st, out["components"]))
+            out["train"][s] = st
+    if "unrolled" in parts:
+        logger.info("unrolled training step at depth %d", f_thres)
+        out["unrolled"] = train_step(model, x, y, f_thres, b_thres, repeats, unrolled_depth=f_thres)
+    if "memory" in parts:
+        out["memory"] = []
+        for thres in mem_thres:
+            for depth in (0, thres):
+                logger.info("peak memory at threshold %d (%s)", thres, "unrolled" if depth else "implicit")
+                m = peak_memory(spec, thres, thres, unrolled_depth=depth)
+                m.update({"thres": thres, "mode": "unrolled" if depth else "implicit"})
+                out["memory"].append(m)
+    out["wall_s"] = time.perf_counter() - start
     return out
 
 
@@ -408,57 +420,89 @@ def _device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def format_report(r: Dict[str, Any]) -> str:
-    """Markdown tables of a :func:`run_benchmark` result."""
-    spec, comp = r["spec"], r["components"]
-    ms = lambda t: f"{1e3 * t:.1f}"  # noqa: E731
+def _ms(t: float) -> str:
+    return f"{1e3 * t:.1f}"
+
+
+def _header_and_components(r: Dict[str, Any]) -> List[str]:
+    spec = r["spec"]
     lines = [f"**{Path(spec['cfg']).name}**, batch {spec['batch_size']}, {spec['image_size']}x{spec['image_size']}, "
              f"{spec['device']} ({r['device_name']}, {r['threads']} threads), torch {r['torch']}, "
              f"weights: {Path(spec['test_model']).name if spec['test_model'] else 'random init'}, "
              f"images: {Path(spec['images']).name if spec.get('images') else 'photo crops'}, "
-             f"T_f={r['f_thres']}, T_b={r['b_thres']}", "",
-             "| component | time (ms) |", "|---|---:|",
-             f"| one f evaluation (no grad) | {ms(comp['f'])} |",
-             f"| one VJP J^T w (adjoint step) | {ms(comp['vjp'])} (VJP/f = {comp['vjp'] / comp['f']:.2f}) |",
-             f"| f with autograd + its backward | {ms(comp['f_graph_bwd'])} |",
-             f"| stem + head, forward + backward | {ms(comp['stem_head'])} |", "",
-             f"Forward solve (eval mode), exactly {r['f_thres']} f evaluations each (tolerance 0):", "",
+             f"T_f={r['f_thres']}, T_b={r['b_thres']}, MODEL.COMPILE {r.get('compile', False)}", ""]
+    comp = r.get("components")
+    if comp:
+        lines += ["| component | time (ms) |", "|---|---:|",
+                  f"| one f evaluation (no grad) | {_ms(comp['f'])} |",
+                  f"| one VJP J^T w (adjoint step) | {_ms(comp['vjp'])} (VJP/f = {comp['vjp'] / comp['f']:.2f}) |",
+                  f"| f with autograd + its backward | {_ms(comp['f_graph_bwd'])} |",
+                  f"| stem + head, forward + backward | {_ms(comp['stem_head'])} |", ""]
+    return lines
+
+
+def _forward_table(r: Dict[str, Any]) -> List[str]:
+    lines = [f"Forward solve (eval mode), exactly {r['f_thres']} f evaluations each (tolerance 0):", "",
              "| solver | rel. residual | abs. residual | time (ms) | ms / eval | solver's own time |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, fw in r["forward"].items():
-        lines.append(f"| {name} | {fw['rel']:.2e} | {fw['abs']:.2e} | {ms(fw['time'])} | "
-                     f"{ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% |")
-    lines += ["", "Training step (forward solve + head + loss + implicit backward; same solver forward and backward):",
-              "", "| solver | step (ms) | T_f used | T_b used | f / VJP in step (ms) | f rel | b rel | overhead "
-              "| floor | vs limit | in solver |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, st in r["train"].items():
+        lines.append(f"| {name} | {fw['rel']:.2e} | {fw['abs']:.2e} | {_ms(fw['time'])} | "
+                     f"{_ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% |")
+    return lines + [""]
+
+
+def _train_table(r: Dict[str, Any]) -> List[str]:
+    lines = ["Training step (forward solve + head + loss + implicit backward; same solver forward and backward):",
+             "", "| solver | step (ms) | T_f used | T_b used | f / VJP in step (ms) | f rel | b rel | overhead "
+             "| floor | vs limit | in solver |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, st in r.get("train", {}).items():
         s = st["stats"]
-        in_step = (f"{ms(st['t_f_step'])} / {ms(st['t_b_step'])}" if "t_f_step" in st and "t_b_step" in st
+        in_step = (f"{_ms(st['t_f_step'])} / {_ms(st['t_b_step'])}" if "t_f_step" in st and "t_b_step" in st
                    else "-")
-        lines.append(f"| {name} | {ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | {in_step} | "
+        lines.append(f"| {name} | {_ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | {in_step} | "
                      f"{s.get('f_rel', float('nan')):.1e} | {s.get('b_rel', float('nan')):.1e} | "
                      f"{100 * st['overhead']:.1f}% | {100 * st['floor']:.1f}% | {100 * st['vs_limit']:.1f}% | "
                      f"{100 * st['in_solver']:.1f}% |")
-    un = r["unrolled"]
-    lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {ms(un['time'])} | {r['f_thres']} | - | - "
-                 f"| - | - | {100 * (un['time'] / ((2 * r['f_thres']) * comp['f']) - 1):.1f}%* | - | - | - |")
-    lines += ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
-              "t_f,graph+bwd + t_stem+head) - 1, with t_f and t_vjp timed inside the steps; floor = that limit / "
-              "((T_f + T_b + 2) x t_f) - 1, the overhead of a solver that cost nothing itself; in solver = time "
-              "inside the solvers outside f / step. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
-              "component table.", "",
-              "Peak memory of one training step (fresh process per row); the solver history (L-Broyden: "
-              "2 min(m + 1, T) + 1 rows of B x D) is the only part of an implicit step that depends on T:", "",
-              "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | solver history (MiB) "
-              "| step peak - history (MiB) | process peak (MiB) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    if "unrolled" in r:
+        un, t_f = r["unrolled"], r["components"]["f"]
+        lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {_ms(un['time'])} | {r['f_thres']} | - "
+                     f"| - | - | - | {100 * (un['time'] / ((2 * r['f_thres']) * t_f) - 1):.1f}%* | - | - | - |")
+    return lines + ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
+                    "t_f,graph+bwd + t_stem+head) - 1, with t_f and t_vjp timed inside the steps; floor = that limit / "
+                    "((T_f + T_b + 2) x t_f) - 1, the overhead of a solver that cost nothing itself; in solver = time "
+                    "inside the solvers outside f / step. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
+                    "component table.", ""]
+
+
+def _memory_table(r: Dict[str, Any]) -> List[str]:
+    where = ("CUDA max_memory_allocated, in this process" if r["spec"]["device"].startswith("cuda")
+             else "peak RSS, fresh process per row")
+    lines = [f"Peak memory of one training step ({where}); the solver history (L-Broyden: "
+             "2 min(m + 1, T) + 1 rows of B x D) is the only part of an implicit step that depends on T:", "",
+             "| mode | T_f = T_b (or depth) | steps used f / b | step peak (MiB) | solver history (MiB) "
+             "| step peak - history (MiB) | process peak (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for m in r["memory"]:
         s = m["stats"]
         used = f"{s.get('f_steps')} / {s.get('b_steps', '-')}"
         hist = m.get("history_mib", 0.0)
         lines.append(f"| {m['mode']} | {m['thres']} | {used} | {m['step_peak_mib']:.0f} | {hist:.0f} | "
                      f"{m['step_peak_mib'] - hist:.0f} | {m['process_peak_mib']:.0f} |")
+    return lines
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    """Markdown tables of a :func:`run_benchmark` result (the tables of the parts it ran)."""
+    lines = _header_and_components(r)
+    if "forward" in r:
+        lines += _forward_table(r)
+    if "train" in r or "unrolled" in r:
+        lines += _train_table(r)
+    if "memory" in r:
+        lines += _memory_table(r)
+    if "wall_s" in r:
+        lines.append(f"({r['wall_s']:.0f} s wall.)")
     return "\n".join(lines)
 
 

@@ -53,8 +53,8 @@ def convergence_traces(model, x: Tensor, solvers: Sequence[str], evals: int) -> 
             problem = model.equilibrium_problem(inj)
             sizes = [int(torch.Size(s).numel()) for s in problem.shapes]
             rec = StreamRecorder(problem.f, sizes)
-            kwargs = dict(model.f_solver_kwargs, eps=0.0)
-            get_solver(name)(rec, problem.z0, evals, **kwargs)
+            solver = get_solver(name)
+            solver(rec, problem.z0, evals, **model.solver_kwargs("f", solver, eps=0.0))
             out[name] = {"total": rec.total, "streams": rec.streams,
                          "shapes": [list(s) for s in problem.shapes]}
     return out

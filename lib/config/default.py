@@ -53,6 +53,9 @@ _C.MODEL.STATE_LAYOUT = "nchw"
 _C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
+# new: torch.compile f_theta (the module MODEL.EXTRA.FULL_STAGE builds), in place: the same parameter names
+# and results within float tolerance, fewer kernel launches per f evaluation; the first calls compile (minutes)
+_C.MODEL.COMPILE = False
 _C.MODEL.SOFTPLUS_WARMUP = False  # new: softplus in place of ReLU inside f while TRAIN.SOFTPLUS_EPOCHS last
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1

@@ -7,10 +7,12 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..solvers import SOLVER_KEYS
 from ..utils.distributed import unwrap
 
-#: the numeric statistics worth logging, in the order they are shown
-SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback", "jac_loss")
+#: the numeric statistics worth logging, in the order they are shown: the solvers' and the Jacobian
+#: regularisation term that the model records beside them
+LOGGED_KEYS = SOLVER_KEYS + ("jac_loss",)
 
 
 def to_float(v: Any) -> Optional[float]:
@@ -33,9 +35,9 @@ def solver_stats(model: nn.Module) -> Dict[str, Any]:
 
 
 def solver_scalars(stats: Mapping[str, Any]) -> Dict[str, float]:
-    """``{key: float}`` for the :data:`SOLVER_KEYS` present in ``stats``."""
+    """``{key: float}`` for the :data:`LOGGED_KEYS` present in ``stats``."""
     out = {}
-    for k in SOLVER_KEYS:
+    for k in LOGGED_KEYS:
         v = to_float(stats.get(k))
         if v is not None:
             out[k] = v

@@ -42,7 +42,7 @@ from ..utils.optim import build_optimizer, build_scheduler
 from .checkpoint_manager import CheckpointManager, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .signals import GracefulStop
-from .solver_stats import SOLVER_KEYS, format_solver_stats, solver_scalars, solver_stats
+from .solver_stats import LOGGED_KEYS, format_solver_stats, solver_scalars, solver_stats
 from .state import TrainState, make_loader, start_epoch
 from .step_guard import StepGuard, TrainingDiverged, grad_norm_of
 
@@ -151,7 +151,7 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
     mode = run.mode(step)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, enabled=run.amp):
-        output = run.model(images, train_step=step)  # MERGE: mode=mode
+        output = run.model(images, mode=mode)
         loss = run.criterion(output.float(), target)
     stats = solver_stats(run.model)
     reason = guard.forward_problem(loss, stats)
@@ -207,7 +207,7 @@ class EpochMeter:
 
     def reduce(self, device: torch.device) -> Dict[str, float]:
         keys = sorted(self.metrics)
-        skeys = list(SOLVER_KEYS)
+        skeys = list(LOGGED_KEYS)
         vec = [self.loss, self.good, self.samples] + [self.metrics[k] for k in keys]
         vec += [x for k in skeys for x in self.solver.get(k, (0.0, 0))]
         tot = all_reduce_sum(torch.tensor(vec, dtype=torch.float64, device=device)).tolist()
@@ -362,8 +362,8 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
         barrier()
         raise manager.interrupted(stopper, saved)
     val = _evaluate(run, epoch)
-    train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + SOLVER_KEYS)
-    solver = " ".join(f"{k} {tr[k]:.3g}" for k in SOLVER_KEYS if k in tr)
+    train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + LOGGED_KEYS)
+    solver = " ".join(f"{k} {tr[k]:.3g}" for k in LOGGED_KEYS if k in tr)
     logger.info("epoch %d (%s%s, %.0fs): train loss %.4f %s| %s | %s, lr %.3g, skipped steps %d", epoch,
                 run.mode(run.state.global_step - 1), ", softplus" if run.cfg.MODEL.SOFTPLUS_WARMUP and
                 epoch < run.cfg.TRAIN.SOFTPLUS_EPOCHS else "", time.time() - t0, tr["loss"],

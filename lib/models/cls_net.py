@@ -1,7 +1,7 @@
 """MDEQ for image classification: the equilibrium core plus an HRNet-style head."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,12 @@ class MDEQClsNet(MDEQNet):
         y = self.final_layer(y)
         return self.classifier(y.mean(dim=(2, 3)))
 
-    def forward(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
-                b_thres: Optional[int] = None) -> Tensor:
-        return self.head(self.equilibrium_states(x, train_step, f_thres, b_thres))
+    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
+        """Images (N, 3, H, W) -> logits (N, MODEL.NUM_CLASSES).
+
+        ``call``: the keywords of :meth:`MDEQNet.equilibrium_states` (``mode``, ``f_thres``,
+        ``b_thres``, ``solver``, ``depth``, ``eps``), e.g. ``model(x, mode="unrolled")`` or
+        ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
+        ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
+        """
+        return self.head(self.equilibrium_states(x, train_step=train_step, **call))

@@ -16,17 +16,23 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d
-from ..solvers import SolverWorkspace, get_solver
+from ..solvers import SolverFn, SolverWorkspace, get_solver, option_names, resolve_solver, solver_options
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
+
+#: what ``model(x, mode=...)`` computes: the equilibrium by the solvers (implicit backward), or the
+#: warm-up's ``depth`` weight-tied applications of f from z = 0 (ordinary backprop)
+MODES = ("equilibrium", "unrolled")
+#: a solver by name ('broyden', 'anderson', 'fixed_point') or as a callable; a pair is (forward, backward)
+SolverChoice = Union[str, SolverFn, Tuple[Union[str, SolverFn], Union[str, SolverFn]]]
 
 
 class Activation(nn.Module):
@@ -208,13 +214,15 @@ class MDEQNet(nn.Module):
         self.num_channels = list(stage.NUM_CHANNELS)
         self.num_layers = m.NUM_LAYERS
         self.downsample_times = m.DOWNSAMPLE_TIMES
+        # only for the original's call model(x, train_step=k) (see resolve_mode): the trainer picks the mode
         self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
         self.f_thres, self.b_thres = m.F_THRES, m.B_THRES
         self.f_solver, self.b_solver = get_solver(m.F_SOLVER), get_solver(m.B_SOLVER)
         self.solver_workspace = SolverWorkspace()   # the solvers' scratch memory, reused between calls
-        self.f_solver_kwargs = dict(eps=m.F_EPS, stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY,
-                                    beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM, workspace=self.solver_workspace)
-        self.b_solver_kwargs = dict(self.f_solver_kwargs, eps=m.B_EPS)
+        # the settings of every solver, per direction; a solve passes its solver only what it takes
+        common = dict(stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
+                      workspace=self.solver_workspace)
+        self.solver_settings: Dict[str, Dict] = {"f": dict(common, eps=m.F_EPS), "b": dict(common, eps=m.B_EPS)}
         self.solver_stats: Dict = {}
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
@@ -235,6 +243,15 @@ class MDEQNet(nn.Module):
                                         nn.ReLU())
         self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                     m.DROPOUT, m.WNORM)
+        self.compiled = bool(m.COMPILE)
+        if self.compiled:
+            # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which
+            # fusion cuts. Compiled in place (nn.Module.compile), so state dicts keep their names.
+            self.fullstage.compile()
+            # the adjoint solve takes its VJPs through one retained graph of f (retain_graph=True),
+            # which a compiled backward that reuses ("donates") its saved buffers refuses; a process-wide
+            # setting, read when a graph is compiled and when its backward runs
+            torch._functorch.config.donated_buffer = False
 
     # ------------------------------------------------------------------ configuration
     def set_softplus(self, flag: bool) -> None:
@@ -257,6 +274,53 @@ class MDEQNet(nn.Module):
             elif isinstance(mod, nn.BatchNorm2d) and mod.weight is not None:
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
+
+    def solver_kwargs(self, direction: str, solver: Optional[SolverFn] = None, **overrides) -> Dict:
+        """The options of the forward (``direction='f'``) or backward (``'b'``) solve for ``solver``
+        (default: the configured one): the model's settings that this solver takes, then
+        ``overrides`` (e.g. ``eps=0.0``). An override the solver does not take is a ValueError."""
+        if direction not in self.solver_settings:
+            raise ValueError(f"solver direction must be 'f' or 'b', got {direction!r}")
+        solver = (self.f_solver if direction == "f" else self.b_solver) if solver is None else solver
+        names = option_names(solver)
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ValueError(f"solver option(s) {unknown} not taken by {getattr(solver, '__name__', solver)!r} "
+                             f"(it takes {list(names)})")
+        return {**solver_options(solver, self.solver_settings[direction]), **overrides}
+
+    @property
+    def f_solver_kwargs(self) -> Dict:
+        """The configured forward solver's options (see :meth:`solver_kwargs`)."""
+        return self.solver_kwargs("f")
+
+    @property
+    def b_solver_kwargs(self) -> Dict:
+        """The configured backward solver's options (see :meth:`solver_kwargs`)."""
+        return self.solver_kwargs("b")
+
+    def resolve_mode(self, mode: Optional[str] = None, train_step: Optional[int] = None) -> str:
+        """``mode`` ('equilibrium' or 'unrolled'), or the original's rule for ``train_step``:
+        unrolled for ``0 <= train_step < TRAIN.PRETRAIN_STEPS``, else equilibrium (the default)."""
+        if mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            if train_step is not None:
+                raise ValueError(f"give mode ({mode!r}) or train_step ({train_step}), not both")
+            return mode
+        if train_step is not None and 0 <= train_step < self.pretrain_steps:
+            return "unrolled"
+        return "equilibrium"
+
+    def _call_solvers(self, solver: Optional[SolverChoice]) -> Tuple[SolverFn, SolverFn]:
+        """(forward, backward) solvers of one call: the configured ones, or the override ``solver``."""
+        if solver is None:
+            return self.f_solver, self.b_solver
+        if isinstance(solver, tuple):
+            if len(solver) != 2:
+                raise ValueError(f"solver: a pair (forward, backward) expected, got {len(solver)} entries")
+            return resolve_solver(solver[0]), resolve_solver(solver[1])
+        return resolve_solver(solver), resolve_solver(solver)
 
     # ------------------------------------------------------------------ forward
     def injection(self, x: Tensor) -> Tensor:
@@ -296,27 +360,45 @@ class MDEQNet(nn.Module):
         problem.f = f
         return problem
 
-    def equilibrium_states(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
-                           b_thres: Optional[int] = None) -> List[Tensor]:
-        """Images (N, 3, H, W) -> the list of per-resolution states at the output of the MDEQ stage.
+    def equilibrium_states(self, x: Tensor, mode: Optional[str] = None, f_thres: Optional[int] = None,
+                           b_thres: Optional[int] = None, *, train_step: Optional[int] = None,
+                           solver: Optional[SolverChoice] = None, depth: Optional[int] = None,
+                           eps: Optional[float] = None) -> List[Tensor]:
+        """Images (N, 3, H, W) -> the list of per-resolution states (N, C_i, H_i, W_i) at the output
+        of the MDEQ stage.
 
-        For ``0 <= train_step < TRAIN.PRETRAIN_STEPS``: ``NUM_LAYERS`` weight-tied applications of f
-        from z = 0 (the warm-up), differentiated by ordinary backprop. Otherwise the equilibrium
-        from the forward solver, with the implicit backward when autograd is on.
+        Args:
+            x: (N, 3, H, W) images.
+            mode: ``'equilibrium'`` (default): the forward solver's equilibrium, with the implicit
+                backward when autograd is on. ``'unrolled'``: ``depth`` weight-tied applications of f
+                from z = 0 (the warm-up), differentiated by ordinary backprop.
+            f_thres, b_thres: forward / backward solver budgets for this call (default
+                ``MODEL.F_THRES`` / ``B_THRES``); equilibrium mode only.
+            train_step: the original's API instead of ``mode`` (see :meth:`resolve_mode`).
+            solver: this call's solver, forward and backward, by name or as a callable, or a pair
+                (forward, backward); default ``MODEL.F_SOLVER`` / ``B_SOLVER``. Each gets the model's
+                settings that its signature names (a wrapper with ``__wrapped__`` those of the solver
+                it wraps).
+            depth: the unrolled depth for this call (default ``MODEL.NUM_LAYERS``); unrolled mode only.
+            eps: the stopping tolerance of both solves for this call (``0``: run the full budgets).
         """
+        mode = self.resolve_mode(mode, train_step)
         inj = self.injection(x)
         problem = self.equilibrium_problem(inj)
-        if 0 <= train_step < self.pretrain_steps:
+        if mode == "unrolled":
+            depth = self.num_layers if depth is None else int(depth)
             z = problem.z0
-            for _ in range(self.num_layers):
+            for _ in range(depth):
                 z = problem.f(z)
-            self.solver_stats = {"mode": "unrolled", "f_steps": self.num_layers}
+            self.solver_stats = {"mode": "unrolled", "f_steps": depth}
             return problem.unflatten(z)
 
+        f_solver, b_solver = self._call_solvers(solver)
+        tol = {} if eps is None else {"eps": eps}
         f_thres = self.f_thres if f_thres is None else f_thres
         b_thres = self.b_thres if b_thres is None else b_thres
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            result = self.f_solver(problem.f, problem.z0, f_thres, **self.f_solver_kwargs)
+            result = f_solver(problem.f, problem.z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
         stats = {"mode": "equilibrium", **result.stats("f"), "f_trace": result.trace}
         self.solver_stats = stats
         if result.diverged:
@@ -324,8 +406,8 @@ class MDEQNet(nn.Module):
                            result.rel_residual, result.steps)
         # the output is f(z*) in both branches: with autograd, the one differentiable application of f
         if torch.is_grad_enabled():
-            z = attach_implicit_backward(problem.f, result.z, self.b_solver, b_thres, stats=stats,
-                                         **self.b_solver_kwargs)
+            z = attach_implicit_backward(problem.f, result.z, b_solver, b_thres, stats=stats,
+                                         **self.solver_kwargs("b", b_solver, **tol))
         else:
             z = result.fz
         return problem.unflatten(z)

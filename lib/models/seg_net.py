@@ -1,7 +1,7 @@
 """MDEQ for semantic segmentation: the equilibrium core plus a light per-pixel head."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,12 @@ class MDEQSegNet(MDEQNet):
         ups = [states[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=True) for s in states[1:]]
         return self.last_layer(torch.cat(ups, dim=1))
 
-    def forward(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
-                b_thres: Optional[int] = None) -> Tensor:
-        return self.head(self.equilibrium_states(x, train_step, f_thres, b_thres))
+    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
+        """Images (N, 3, H, W) -> logits (N, DATASET.NUM_CLASSES, H_1, W_1).
+
+        ``call``: the keywords of :meth:`MDEQNet.equilibrium_states` (``mode``, ``f_thres``,
+        ``b_thres``, ``solver``, ``depth``, ``eps``), e.g. ``model(x, mode="unrolled")`` or
+        ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
+        ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
+        """
+        return self.head(self.equilibrium_states(x, train_step=train_step, **call))

@@ -30,7 +30,7 @@ def history_size(threshold: int, memory: int) -> int:
 
 @torch.no_grad()
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
-             memory: int = 5, beta: float = 1.0, lam: float = 1e-4, **_unused) -> SolverResult:
+             memory: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
 
     Args:

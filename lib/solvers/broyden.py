@@ -140,7 +140,7 @@ def history_rows(threshold: int, memory: int) -> int:
 @torch.no_grad()
 def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
             memory: int = 12, restart: float = 10.0, max_step: float = 3.0,
-            workspace: Optional[SolverWorkspace] = None, **_unused) -> SolverResult:
+            workspace: Optional[SolverWorkspace] = None) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
 
     Args:

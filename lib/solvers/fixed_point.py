@@ -8,8 +8,12 @@ from .residuals import FixedPointFn, IterateTracker, SolverResult
 
 @torch.no_grad()
 def fixed_point(f: FixedPointFn, z0: torch.Tensor, threshold: int, eps: float = 1e-3,
-                stop_mode: str = "rel", **_unused) -> SolverResult:
-    """Iterate ``z <- f(z)`` from ``z0`` (B, D) for at most ``threshold`` evaluations of f."""
+                stop_mode: str = "rel") -> SolverResult:
+    """Iterate ``z <- f(z)`` from ``z0`` (B, D) for at most ``threshold`` evaluations of f.
+
+    ``eps`` and ``stop_mode`` as for :func:`~mdeq.solvers.broyden.broyden`; it takes no other option
+    (an unknown keyword is a TypeError naming it).
+    """
     tracker = IterateTracker(z0, eps, stop_mode)
     z = z0
     steps = 0

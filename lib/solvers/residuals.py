@@ -19,6 +19,12 @@ FixedPointFn = Callable[[Tensor], Tensor]
 
 _TINY = 1e-12
 
+#: The solver statistics that a training or evaluation loop averages and logs, in the order it
+#: shows them: the forward solve (``f_*``), the adjoint solve (``b_*``, only after a backward pass)
+#: and whether the adjoint solve fell back to the one-step gradient. ``model.solver_stats`` holds
+#: these keys and more (traces, ``mode``, convergence flags); see :meth:`SolverResult.stats`.
+SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback")
+
 
 def solver_memory(memory: int, threshold: int) -> int:
     """m, the history a limited-memory solver keeps: ``memory``, or ``threshold`` when ``memory <= 0``
