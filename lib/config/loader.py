@@ -128,9 +128,11 @@ def validate_config(cfg: CN, source: str) -> None:
     for key, choices in (("F_SOLVER", ("broyden", "anderson", "fixed_point")),
                          ("B_SOLVER", ("broyden", "anderson", "fixed_point")),
                          ("STOP_MODE", ("abs", "rel")),
-                         ("STATE_LAYOUT", ("nchw", "channels_last"))):
+                         ("STATE_LAYOUT", ("nchw", "channels_last")),
+                         ("GRAD", ("implicit", "phantom", "jfb"))):
         if cfg.MODEL[key] not in choices:
             raise ConfigError(f"{source}: MODEL.{key} = {cfg.MODEL[key]!r}; choose one of {choices}")
+    _validate_training_cost(cfg, source)
     if not 0.0 <= cfg.MODEL.DROPOUT < 1.0:
         raise ConfigError(f"{source}: MODEL.DROPOUT = {cfg.MODEL.DROPOUT} must lie in [0, 1)")
     if cfg.MODEL.DOWNSAMPLE_TIMES not in (0, 1, 2):
@@ -139,3 +141,19 @@ def validate_config(cfg: CN, source: str) -> None:
         if c % cfg.MODEL.NUM_GROUPS:
             raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
                               f"{cfg.MODEL.NUM_GROUPS}")
+
+
+def _validate_training_cost(cfg: CN, source: str) -> None:
+    """The gradient-mode and Jacobian-regularisation keys (MODEL.GRAD, PHANTOM_*, JAC_*)."""
+    m = cfg.MODEL
+    checks = (("PHANTOM_STEPS", m.PHANTOM_STEPS >= 1, "must be >= 1"),
+              ("PHANTOM_TAU", 0.0 < m.PHANTOM_TAU <= 1.0, "must lie in (0, 1]"),
+              ("JAC_LOSS_WEIGHT", m.JAC_LOSS_WEIGHT >= 0.0, "must be >= 0"),
+              ("JAC_LOSS_FREQ", m.JAC_LOSS_FREQ > 0.0 and (m.JAC_LOSS_FREQ < 1.0 or float(m.JAC_LOSS_FREQ).is_integer()),
+               "must be a probability in (0, 1) or a whole period >= 1"),
+              ("JAC_INCREMENTAL", m.JAC_INCREMENTAL >= 0.0, "must be >= 0"),
+              ("JAC_PROBES", m.JAC_PROBES >= 1, "must be >= 1"),
+              ("SPECTRAL_RADIUS_ITERS", m.SPECTRAL_RADIUS_ITERS >= 0, "must be >= 0"))
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{source}: MODEL.{key} = {m[key]!r} {why}")

@@ -45,7 +45,7 @@ FORMAT_VERSION = 2
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
-SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback")
+SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback", "jac_loss")
 
 
 class TrainingDiverged(RuntimeError):

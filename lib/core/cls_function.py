@@ -30,10 +30,11 @@ from ..utils.distributed import all_reduce_sum
 from .checkpointing import (GracefulStop, StepGuard, TrainingDiverged, TrainState, format_solver_stats,
                             grad_norm_of, unwrap)
 from .metrics import AverageMeter, topk_correct
+from .regularization import JacobianRegularizer
 
 logger = logging.getLogger(__name__)
 
-SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel")
+SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "jac_loss")
 
 __all__ = ["TrainState", "TrainingDiverged", "train_one_epoch", "validate", "unwrap", "SOLVER_KEYS"]
 
@@ -84,6 +85,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
     model.train()
     amp = _use_amp(cfg, device)
     guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
+    reg = JacobianRegularizer.from_cfg(cfg)
     meters = {k: AverageMeter(k) for k in ("loss", "top1", "top5", "batch_time") + SOLVER_KEYS}
     correct1 = correct5 = seen = 0
     loss_sum = 0.0
@@ -104,8 +106,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         warmup = 0 <= step < cfg.TRAIN.PRETRAIN_STEPS
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=amp):
-            logits = model(images, train_step=step)
+            logits = model(images, train_step=step, jac_loss=reg.active(step))
             loss = criterion(logits.float(), target)
+        loss = reg.add(loss, model, epoch)
         stats = _stats(model)
         bad_reason = guard.forward_problem(loss, stats)
         grad_norm = None
@@ -154,6 +157,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     "f": f"{meters['f_steps'].val:.0f}", "lr": f"{lr:.2e}"}
             if meters["b_steps"].count:
                 post["b"] = f"{meters['b_steps'].val:.0f}"
+            if meters["jac_loss"].count:
+                post["jac"] = f"{meters['jac_loss'].val:.3g}"
             bar.set_postfix(post, refresh=False)
         if writer is not None and (step % print_freq == 0 or i == (total or 0) - 1):
             writer.add_scalar("train/loss", loss.item() if bad_reason is None else float("nan"), step)
@@ -209,7 +214,7 @@ def validate(model: nn.Module, loader: Iterable, criterion: nn.Module, cfg, devi
     net.eval()
     amp = _use_amp(cfg, device)
     loss_sum = c1_sum = c5_sum = n_sum = 0.0
-    solver = {k: AverageMeter(k) for k in ("f_steps", "f_abs", "f_rel")}
+    solver = {k: AverageMeter(k) for k in ("f_steps", "f_abs", "f_rel", "spectral_radius")}
     bar = tqdm(loader, desc=desc, disable=not is_main, leave=False, dynamic_ncols=True)
     for images, target in bar:
         images = images.to(device, non_blocking=True)
@@ -239,7 +244,7 @@ def validate(model: nn.Module, loader: Iterable, criterion: nn.Module, cfg, devi
         if c:
             result[k] = s / c
     if writer is not None:
-        for k in ("loss", "top1", "top5", "f_steps", "f_rel"):
+        for k in ("loss", "top1", "top5", "f_steps", "f_rel", "spectral_radius"):
             if k in result:
                 writer.add_scalar(f"{desc}/{k}", result[k], step)
     return result

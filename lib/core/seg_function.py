@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..utils.distributed import all_reduce_sum
 from .checkpointing import GracefulStop, StepGuard, TrainingDiverged, TrainState, grad_norm_of, unwrap
 from .criterion import resize_logits
+from .regularization import JacobianRegularizer
 from .seg_metrics import confusion_matrix, scores_from_confusion
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _scalar(v) -> Optional[float]:
 def solver_scalars(stats: Dict) -> Dict[str, float]:
     """The numeric solver statistics worth logging (``f_steps``, ``f_rel``, ``b_steps``, ...)."""
     out = {}
-    for key in ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback"):
+    for key in ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback", "jac_loss"):
         v = _scalar(stats.get(key))
         if v is not None:
             out[key] = v
@@ -91,6 +92,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     print_freq = max(1, cfg.PRINT_FREQ)
     amp = scaler is not None
     guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
+    reg = JacobianRegularizer.from_cfg(cfg)
     loss_sum, n_steps, n_skipped = 0.0, 0, 0
     start = time.time()
     total = start_batch + len(loader)
@@ -105,8 +107,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         step = state.global_step
         phase = "warm-up" if 0 <= step < pretrain_steps else "equilibrium"
         with torch.autocast(device_type=device.type, enabled=amp):
-            logits = model(images, train_step=step)
+            logits = model(images, train_step=step, jac_loss=reg.active(step))
             loss = criterion(logits.float(), labels)
+        loss = reg.add(loss, model, epoch)
         stats = dict(getattr(net, "solver_stats", {}) or {})
         optimizer.zero_grad(set_to_none=True)
         reason = guard.forward_problem(loss, stats)

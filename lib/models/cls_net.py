@@ -80,5 +80,5 @@ class MDEQClsNet(MDEQNet):
         return self.classifier(y.mean(dim=(2, 3)))
 
     def forward(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
-                b_thres: Optional[int] = None) -> Tensor:
-        return self.head(self.equilibrium_states(x, train_step, f_thres, b_thres))
+                b_thres: Optional[int] = None, jac_loss: bool = False) -> Tensor:
+        return self.head(self.equilibrium_states(x, train_step, f_thres, b_thres, jac_loss=jac_loss))

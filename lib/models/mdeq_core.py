@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d
+from ..modules import (VariationalDropout2d, attach_implicit_backward, attach_phantom_backward, conv2d,
+                       hutchinson_jac_loss, spectral_radius)
 from ..solvers import SolverWorkspace, get_solver
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,9 @@ class MDEQNet(nn.Module):
                                     beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM, workspace=self.solver_workspace)
         self.b_solver_kwargs = dict(self.f_solver_kwargs, eps=m.B_EPS)
         self.solver_stats: Dict = {}
+        self.grad_mode, self.phantom_steps, self.phantom_tau = m.GRAD, m.PHANTOM_STEPS, m.PHANTOM_TAU
+        self.jac_probes, self.spectral_radius_iters = m.JAC_PROBES, m.SPECTRAL_RADIUS_ITERS
+        self.jac_loss: Optional[Tensor] = None  # the last forward's JR term (with graph), see equilibrium_states
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
@@ -297,20 +301,33 @@ class MDEQNet(nn.Module):
         return problem
 
     def equilibrium_states(self, x: Tensor, train_step: int = -1, f_thres: Optional[int] = None,
-                           b_thres: Optional[int] = None) -> List[Tensor]:
+                           b_thres: Optional[int] = None, jac_loss: bool = False) -> List[Tensor]:
         """Images (N, 3, H, W) -> the list of per-resolution states at the output of the MDEQ stage.
 
         For ``0 <= train_step < TRAIN.PRETRAIN_STEPS``: ``NUM_LAYERS`` weight-tied applications of f
         from z = 0 (the warm-up), differentiated by ordinary backprop. Otherwise the equilibrium
-        from the forward solver, with the implicit backward when autograd is on.
+        from the forward solver, differentiated as ``MODEL.GRAD`` says when autograd is on.
+
+        With ``jac_loss`` (and autograd on) the normalised Hutchinson estimate of ||J_f||_F^2 is taken
+        at the one differentiable application of f the backward already builds (the last one in the
+        warm-up, the one at z* otherwise) and left in ``self.jac_loss`` (scalar with graph; None when
+        not computed) and, as a float, in ``solver_stats['jac_loss']``.
         """
+        self.jac_loss = None
         inj = self.injection(x)
         problem = self.equilibrium_problem(inj)
+        want_jac = bool(jac_loss) and torch.is_grad_enabled()
         if 0 <= train_step < self.pretrain_steps:
             z = problem.z0
-            for _ in range(self.num_layers):
-                z = problem.f(z)
+            for k in range(self.num_layers):
+                last = k == self.num_layers - 1
+                z_in = z.requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
+                z = problem.f(z_in)
+                if want_jac and last:
+                    self._record_jac_loss(z_in, z)
             self.solver_stats = {"mode": "unrolled", "f_steps": self.num_layers}
+            if self.jac_loss is not None:
+                self.solver_stats["jac_loss"] = float(self.jac_loss.detach())
             return problem.unflatten(z)
 
         f_thres = self.f_thres if f_thres is None else f_thres
@@ -322,10 +339,27 @@ class MDEQNet(nn.Module):
         if result.diverged:
             logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
                            result.rel_residual, result.steps)
-        # the output is f(z*) in both branches: with autograd, the one differentiable application of f
         if torch.is_grad_enabled():
-            z = attach_implicit_backward(problem.f, result.z, self.b_solver, b_thres, stats=stats,
-                                         **self.b_solver_kwargs)
+            z = self._differentiable_output(problem, result.z, b_thres, stats, want_jac)
         else:
             z = result.fz
+            if self.spectral_radius_iters > 0 and not self.training:
+                stats["spectral_radius"] = float(spectral_radius(problem.f, result.z, self.spectral_radius_iters).mean())
+        if self.jac_loss is not None:
+            stats["jac_loss"] = float(self.jac_loss.detach())
         return problem.unflatten(z)
+
+    def _record_jac_loss(self, z_in: Tensor, z_out: Tensor) -> None:
+        self.jac_loss = hutchinson_jac_loss(z_in, z_out, self.jac_probes)
+
+    def _differentiable_output(self, problem: EquilibriumProblem, z_star: Tensor, b_thres: int, stats: Dict,
+                               want_jac: bool) -> Tensor:
+        """(B, D) output with autograd for the equilibrium ``z_star``: f(z*) with the implicit backward,
+        or the phantom / JFB iterate (MODEL.GRAD); the JR term is taken at the application of f at z*."""
+        record = self._record_jac_loss if want_jac else None
+        if self.grad_mode == "implicit":
+            return attach_implicit_backward(problem.f, z_star, self.b_solver, b_thres, stats=stats,
+                                            on_application=record, **self.b_solver_kwargs)
+        steps, tau = (1, 1.0) if self.grad_mode == "jfb" else (self.phantom_steps, self.phantom_tau)
+        stats["b_steps"] = steps  # f applications the backward differentiates through
+        return attach_phantom_backward(problem.f, z_star, steps, tau, on_application=record)
