@@ -182,3 +182,64 @@ def test_spectral_radius_of_a_linear_map():
     rho = spectral_radius(lambda v: v @ a.T, z, iters=60)
     assert rho.shape == (2,)
     assert torch.allclose(rho.double(), torch.full((2,), 0.9, dtype=torch.float64), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def test_sweep_on_the_reference_checkpoint_has_falling_residuals(reference, repo, tmp_path):
+    from mdeq.analysis.sweep import format_sweep_table, plot_sweep, run_sweep
+    from mdeq.utils.checkpoint import load_weights
+    cfg = load_config(repo / "experiments/cifar/cls_mdeq_TINY.yaml", ["MODEL.DROPOUT", 0.0])
+    model = get_cls_net(cfg)
+    load_weights(model, reference / "cifar_tiny.pkl")
+    model.eval()
+    e = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)
+
+    def evaluate(t: int):
+        with torch.no_grad():
+            logits = model(e["input"], f_thres=t)
+        return {"top1": 100.0 * (logits.argmax(1) == e["labels"]).float().mean().item(), **model.solver_stats}
+
+    rows = run_sweep(evaluate, [2, 4, 8, 16, 32])
+    res = [r.rel_residual for r in rows]
+    assert all(b < a for a, b in zip(res, res[1:])), res
+    assert rows[0].f_steps == 2 and rows[-1].f_steps <= 32
+    table = format_sweep_table({"cifar_tiny.pkl": rows}, "top-1 (%)")
+    assert table.count("\n") == 6 and "| cifar_tiny.pkl | 32 |" in table
+    png = plot_sweep({"a": rows, "b": rows[:3]}, str(tmp_path / "s.png"), "top-1 (%)")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_budgets_errors():
+    from mdeq.analysis.sweep import parse_budgets
+    assert parse_budgets("2,4, 8") == [2, 4, 8]
+    for bad in ("2,x", "0,4", ""):
+        with pytest.raises(ValueError, match="--f-thres-sweep"):
+            parse_budgets(bad)
+
+
+def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
+    import json
+    from test_seg_pipeline import SEG_CFG, TINY, build_cityscapes_tree
+    from mdeq.core.seg_runner import parse_seg_args, test_main
+    from mdeq.models import get_seg_net
+    from mdeq.utils.checkpoint import save_checkpoint
+    monkeypatch.chdir(repo)
+    root = build_cityscapes_tree(tmp_path / "data")
+    opts = ["DATASET.ROOT", str(root), *TINY]
+    files = []
+    for seed in (0, 1):  # two checkpoints: two curves
+        torch.manual_seed(seed)
+        net = get_seg_net(load_config(repo / SEG_CFG, opts))
+        files.append(str(tmp_path / f"m{seed}.pth"))
+        save_checkpoint(net.state_dict(), files[-1])
+    out = tmp_path / "out"
+    rows = test_main(parse_seg_args("t", test=True, argv=[
+        "--cfg", SEG_CFG, "--modelDir", str(out), "--logDir", str(tmp_path / "log"),
+        "--testModel", ",".join(files), "--f-thres-sweep", "1,3", *opts]))
+    assert list(rows) == files
+    for r in rows.values():
+        assert [x["budget"] for x in r] == [1, 3] and 0.0 <= r[0]["metric"] <= 100.0
+        assert r[0]["f_steps"] == 1 and r[1]["rel_residual"] < r[0]["rel_residual"]
+    folder = out / "cityscapes" / "seg_mdeq_SMALL"
+    assert (folder / "f_thres_sweep.png").stat().st_size > 0
+    assert json.loads((folder / "f_thres_sweep.json").read_text()) == rows

@@ -47,10 +47,16 @@ FINAL = "final_state.pth"
 
 
 # ---------------------------------------------------------------------------------------- set-up
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
-    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``."""
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "", sweep: bool = False) -> argparse.Namespace:
+    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``;
+    with ``sweep`` (cls_valid) also ``--f-thres-sweep``."""
     p = base_parser(description)
     p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
+    if sweep:
+        p.add_argument("--f-thres-sweep", dest="f_thres_sweep", default="",
+                       help="evaluate at each of these forward budgets, e.g. 2,4,8,16,32 (table in the log, "
+                            "PNG plot and JSON in the output folder); --testModel may then list several "
+                            "checkpoints, comma-separated, one curve each")
     return parse_launch_args(p, argv)
 
 
@@ -263,11 +269,13 @@ def _train(cfg, info: DistInfo, out_dir: str, tb_dir: str, start_time: float) ->
 # ---------------------------------------------------------------------------------------- evaluation
 def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
-    args = parse_args(argv, "Evaluate an MDEQ image classifier")
+    args = parse_args(argv, "Evaluate an MDEQ image classifier", sweep=True)
     cfg, info, out_dir, _ = setup(args, "valid")
     try:
         device = info.device
         model = get_cls_net(cfg).to(device)
+        if args.f_thres_sweep:
+            return _sweep(cfg, info, out_dir, model, args.f_thres_sweep)
         path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
@@ -292,3 +300,21 @@ def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return res
     finally:
         cleanup()
+
+
+def _sweep(cfg, info: DistInfo, out_dir: str, model: nn.Module, budgets: str) -> Dict[str, Any]:
+    """``cls_valid.py --f-thres-sweep``: held-out top-1 and residuals of each checkpoint at each budget."""
+    from ..analysis.sweep import parse_budgets, sweep_models
+    thresholds = parse_budgets(budgets)
+    files = [p for p in (cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)).split(",") if p]
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (--testModel)")
+    val_ds = build_cls_val_dataset(cfg)
+    loader = _loader(val_ds, cfg.TEST.BATCH_SIZE_PER_GPU, ShardSampler(len(val_ds), info.rank, info.world_size),
+                     cfg, info, False)
+    rows = sweep_models(files, lambda p: load_weights(model, p),
+                        lambda t: validate(model, loader, nn.CrossEntropyLoss(), cfg, info.device, is_main=info.is_main,
+                                           f_thres=t, desc=f"F_THRES {t}"),
+                        thresholds, out_dir, "top1", "held-out top-1 (%)", write=info.is_main)
+    return {p: [r.as_dict() for r in rs] for p, rs in rows.items()}

@@ -50,9 +50,14 @@ def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str
     if test:
         p.add_argument("--no-pictures", dest="pictures", action="store_false",
                        help="do not write prediction pictures of a labelled list")
+        p.add_argument("--f-thres-sweep", dest="f_thres_sweep", default="",
+                       help="mIoU and residuals at each of these forward budgets, e.g. 2,4,8,16,32 (table in the "
+                            "log, PNG and JSON in the output folder); --testModel may list several checkpoints, "
+                            "comma-separated")
     args = parse_launch_args(p, argv)
     if not test:
         args.pictures = False
+        args.f_thres_sweep = ""
     return args
 
 
@@ -258,6 +263,8 @@ def test_main(args: argparse.Namespace) -> Dict:
     cfg = config_from_args(args)
     ctx = setup(args, cfg, "test")
     try:
+        if args.f_thres_sweep:
+            return _sweep(cfg, ctx, args.f_thres_sweep)
         return _test(cfg, ctx, pictures=args.pictures)
     finally:
         cleanup()
@@ -305,3 +312,26 @@ def _test(cfg, ctx: Context, pictures: bool = True) -> Dict:
             json.dump(report, f, indent=2, allow_nan=True)
         logger.info("results written to %s, pictures to %s", json_path, pic_dir)
     return scores
+
+
+def _sweep(cfg, ctx: Context, budgets: str) -> Dict:
+    """``seg_test.py --f-thres-sweep``: mIoU (%), mean relative residual and f steps of each checkpoint at
+    each forward budget (no pictures)."""
+    from ..analysis.sweep import SolverStatsRecorder, parse_budgets, sweep_models
+    thresholds = parse_budgets(budgets)
+    files = [p for p in (cfg.TEST.MODEL_FILE or os.path.join(ctx.out_dir, "final_state.pth")).split(",") if p]
+    model = build_model(cfg, ctx, for_training=False)
+    loader = make_loader(CityscapesDataset.from_config(cfg, "test"), cfg, ctx, train=False)
+    ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
+    scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
+
+    def run(t: int) -> Dict:
+        model.f_thres = t  # the budget every forward of this evaluation uses
+        with SolverStatsRecorder(model) as rec:
+            scores = evaluate(model, loader, cfg.DATASET.NUM_CLASSES, ctx.device, ignore, scales=scales,
+                              flip=cfg.TEST.FLIP_TEST, rank=ctx.rank, class_names=CLASS_NAMES)
+        return {"miou": 100.0 * scores["miou"], "f_steps": scores["mean_f_steps"], "f_rel": rec.means()["f_rel"]}
+
+    rows = sweep_models(files, lambda p: load_weights(model, p, strict=True), run, thresholds, ctx.out_dir,
+                        "miou", "mIoU (%)", write=ctx.main)
+    return {p: [r.as_dict() for r in rs] for p, rs in rows.items()}
