@@ -243,3 +243,19 @@ def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
     folder = out / "cityscapes" / "seg_mdeq_SMALL"
     assert (folder / "f_thres_sweep.png").stat().st_size > 0
     assert json.loads((folder / "f_thres_sweep.json").read_text()) == rows
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_backward_mode_rows_count_the_evaluations(repo):
+    from mdeq.analysis.benchmark import BACKWARD_MODES, BenchSpec, backward_mode_worker, format_backward_modes
+    spec = BenchSpec(cfg=str(repo / DIGITS), opts=["MODEL.PHANTOM_STEPS", 3], batch_size=2, image_size=32, threads=1)
+    rows = [backward_mode_worker(spec, mode, 4, 5, repeats=1) for mode in BACKWARD_MODES]
+    by = {r["mode"]: r for r in rows}
+    assert all(r["f_nograd"] == 4 and r["time"] > 0 for r in rows)  # the same forward solve in every mode
+    assert by["implicit"]["f_graph"] == by["implicit + JR"]["f_graph"] == 1  # JR: no second forward graph
+    assert by["implicit"]["vjp"] == by["implicit + JR"]["vjp"] == 5
+    assert by["phantom"]["f_graph"] == 3 and by["jfb"]["f_graph"] == 1
+    assert by["phantom"]["vjp"] == by["jfb"]["vjp"] == 0
+    assert by["implicit + JR"]["stats"]["jac_loss"] > 0 and "jac_loss" not in by["implicit"]["stats"]
+    table = format_backward_modes(rows, 4)
+    assert "| implicit + JR |" in table and "| jfb |" in table

@@ -81,9 +81,16 @@ def run_comparison(variants: Sequence[Variant], seeds: Sequence[int], out_root: 
 
 
 def read_runs(path: Path) -> List[Dict]:
-    """The rows of a ``runs.jsonl`` written by :func:`run_comparison`."""
+    """The rows of a ``runs.jsonl`` written by :func:`run_comparison`; the first row of a (variant, seed)
+    pair when two runs wrote the same pair."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    seen, unique = set(), []
+    for r in rows:
+        if (r["variant"], r["seed"]) not in seen:
+            seen.add((r["variant"], r["seed"]))
+            unique.append(r)
+    return unique
 
 
 def _mean_std(values: List[float], fmt: str) -> str:
