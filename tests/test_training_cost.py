@@ -259,3 +259,17 @@ def test_benchmark_backward_mode_rows_count_the_evaluations(repo):
     assert by["implicit + JR"]["stats"]["jac_loss"] > 0 and "jac_loss" not in by["implicit"]["stats"]
     table = format_backward_modes(rows, 4)
     assert "| implicit + JR |" in table and "| jfb |" in table
+
+
+def test_spectral_radius_is_reported_in_evaluation_only(repo):
+    net = _digits_net(repo, "MODEL.SPECTRAL_RADIUS_ITERS", 4)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    rho = net.solver_stats["spectral_radius"]
+    assert math.isfinite(rho) and rho > 0
+    net.train()
+    with torch.no_grad():
+        net(x)
+    assert "spectral_radius" not in net.solver_stats  # training steps do not pay for it

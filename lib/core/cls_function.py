@@ -243,6 +243,8 @@ def validate(model: nn.Module, loader: Iterable, criterion: nn.Module, cfg, devi
         s, c = all_reduce_sum(m.sum), all_reduce_sum(float(m.count))
         if c:
             result[k] = s / c
+    if "spectral_radius" in result and is_main:
+        logger.info("%s: spectral radius of J_f(z*) (power-method estimate) %.4f", desc, result["spectral_radius"])
     if writer is not None:
         for k in ("loss", "top1", "top5", "f_steps", "f_rel", "spectral_radius"):
             if k in result:

@@ -35,7 +35,7 @@ def hutchinson_jac_loss(z_in: Tensor, z_out: Tensor, probes: int = 1,
     if probes < 1:
         raise ValueError(f"probes = {probes} must be >= 1")
     total = z_out.new_zeros((), dtype=torch.float32)
-    for k in range(probes):
+    for _ in range(probes):
         v = torch.randn(z_out.shape, generator=generator, device=z_out.device, dtype=z_out.dtype)
         (vj,) = torch.autograd.grad(z_out, z_in, v, retain_graph=True, create_graph=True)
         total = total + vj.float().pow(2).sum()
