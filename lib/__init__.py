@@ -6,9 +6,9 @@ Subpackages:
     mdeq.modules   layers: implicit backward, weight norm, variational dropout
     mdeq.models    the multiscale equilibrium core and the classification / segmentation nets
     mdeq.datasets  CIFAR-10, ImageNet, the embedded digits set, Cityscapes
-    mdeq.core      train / validate loops, losses, metrics
+    mdeq.analysis  solver benchmark, convergence traces, forward-budget sweeps, sample images
+    mdeq.core      the training engine (trainer.py) and the tasks (classification, segmentation), losses, metrics
     mdeq.utils     base layer: checkpoint files, logging, distributed helpers, optimisers
-    mdeq.analysis  solver benchmark, convergence traces, sample images (imports models and datasets)
 """
 
 __version__ = "0.1.0"

@@ -17,8 +17,8 @@ ALLOWED = {
     "modules": {"config", "utils", "solvers"},
     "models": {"config", "utils", "solvers", "modules"},
     "datasets": {"config", "utils"},
-    "core": {"config", "utils", "solvers", "modules", "models", "datasets"},
-    "analysis": {"config", "utils", "solvers", "modules", "models", "datasets", "core"},
+    "analysis": {"config", "utils", "solvers", "modules", "models", "datasets"},
+    "core": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis"},
 }
 
 

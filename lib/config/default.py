@@ -57,6 +57,19 @@ _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
 # and results within float tolerance, fewer kernel launches per f evaluation; the first calls compile (minutes)
 _C.MODEL.COMPILE = False
 _C.MODEL.SOFTPLUS_WARMUP = False  # new: softplus in place of ReLU inside f while TRAIN.SOFTPLUS_EPOCHS last
+# new: the gradient of the equilibrium: 'implicit' (adjoint solve under B_THRES, the paper's), 'phantom'
+# (PHANTOM_STEPS damped steps z <- (1 - PHANTOM_TAU) z + PHANTOM_TAU f(z) from z*, backpropagated; Geng et al. 2021)
+# or 'jfb' (one step, tau = 1: the Jacobian-free gradient of Fung et al. 2022). The forward solve is the same.
+_C.MODEL.GRAD = "implicit"
+_C.MODEL.PHANTOM_STEPS = 5  # new: k of the phantom gradient
+_C.MODEL.PHANTOM_TAU = 0.5  # new: tau of the phantom gradient, in (0, 1]
+# new: Jacobian regularisation (Bai et al. 2021): loss += weight * ||v^T J_f(z*)||^2 / (probes * numel(z)), the
+# normalisation of the authors' code, so the JR paper's weights carry over unchanged; 0 turns it off
+_C.MODEL.JAC_LOSS_WEIGHT = 0.0
+_C.MODEL.JAC_LOSS_FREQ = 1.0  # new: >= 1: apply JR every JAC_LOSS_FREQ-th step; in (0, 1): on that fraction of steps
+_C.MODEL.JAC_INCREMENTAL = 0.0  # new: the JR weight grows by this much per epoch (weight + JAC_INCREMENTAL * epoch)
+_C.MODEL.JAC_PROBES = 1  # new: Gaussian probes per JR estimate
+_C.MODEL.SPECTRAL_RADIUS_ITERS = 0  # new: power iterations for a spectral-radius estimate of J_f(z*) in evaluation (0: off)
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1
 _C.MODEL.EXTRA.FULL_STAGE = CN()

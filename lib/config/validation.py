@@ -116,6 +116,13 @@ RANGES: Dict[str, Range] = {
     "TRAIN.MAX_ITERS": Range(1, negative_means="no limit"),
     "TEST.BATCH_SIZE_PER_GPU": AT_LEAST_1,
     "TEST.SCALE_LIST": POSITIVE,
+    "MODEL.PHANTOM_STEPS": AT_LEAST_1,
+    "MODEL.PHANTOM_TAU": Range(0, 1, low_open=True),
+    "MODEL.JAC_LOSS_WEIGHT": AT_LEAST_0,
+    "MODEL.JAC_LOSS_FREQ": POSITIVE,   # and below 1 or whole: see validate_config
+    "MODEL.JAC_INCREMENTAL": AT_LEAST_0,
+    "MODEL.JAC_PROBES": AT_LEAST_1,
+    "MODEL.SPECTRAL_RADIUS_ITERS": AT_LEAST_0,
 }
 
 SOLVERS = ("broyden", "anderson", "fixed_point")
@@ -127,6 +134,7 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
     "MODEL.B_SOLVER": SOLVERS,
     "MODEL.STOP_MODE": ("abs", "rel"),
     "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
+    "MODEL.GRAD": ("implicit", "phantom", "jfb"),
     "MODEL.DOWNSAMPLE_TIMES": (0, 1, 2),
     # the original's architecture keys: only what this implementation builds
     "MODEL.EXTRA.FULL_STAGE.NUM_MODULES": (1,),
@@ -182,6 +190,10 @@ def validate_config(cfg: CN, source: str) -> None:
         if c % cfg.MODEL.NUM_GROUPS:
             raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
                               f"{cfg.MODEL.NUM_GROUPS}")
+    freq = cfg.MODEL.get("JAC_LOSS_FREQ", 1.0)
+    if freq >= 1.0 and not float(freq).is_integer():
+        raise ConfigError(f"{source}: MODEL.JAC_LOSS_FREQ = {freq!r} must be a probability in (0, 1) or a whole "
+                          f"period >= 1 (apply the Jacobian loss every JAC_LOSS_FREQ-th step)")
     if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
         raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "
                           f"TRAIN.BEGIN_EPOCH = {cfg.TRAIN.BEGIN_EPOCH}")

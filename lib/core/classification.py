@@ -30,11 +30,15 @@ from .checkpoint_manager import FINAL
 from .launch import base_parser, config_from_args, setup_process
 from .launch import parse_args as parse_launch_args
 from .metrics import topk_correct
-from .solver_stats import solver_scalars
+from .solver_stats import to_float
 from .state import make_loader
+from .sweep import add_sweep_option, sweep_checkpoints
 from .trainer import Task, fit
 
 logger = logging.getLogger(__name__)
+
+#: the model's statistics that an evaluation averages (spectral_radius with MODEL.SPECTRAL_RADIUS_ITERS > 0)
+EVAL_KEYS = ("f_steps", "f_abs", "f_rel", "spectral_radius")
 
 
 def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
@@ -88,14 +92,16 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
         sums += torch.tensor([criterion(logits, target).item(), c1, c5, n], dtype=torch.float64)
-        for k, v in solver_scalars(net.solver_stats).items():
-            s, c = solver.get(k, (0.0, 0.0))
-            solver[k] = (s + v * n, c + n)
+        for k in EVAL_KEYS:
+            v = to_float(net.solver_stats.get(k))
+            if v is not None:
+                s, c = solver.get(k, (0.0, 0.0))
+                solver[k] = (s + v * n, c + n)
         bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)
     loss, c1, c5, n = all_reduce_sum(sums).tolist()
     result = {"loss": loss / n if n else float("nan"), "top1": 100.0 * c1 / n if n else 0.0,
               "top5": 100.0 * c5 / n if n else 0.0, "num_samples": int(n)}
-    for k in ("f_steps", "f_abs", "f_rel"):
+    for k in EVAL_KEYS:
         s, c = solver.get(k, (0.0, 0.0))
         s, c = all_reduce_sum(s), all_reduce_sum(c)
         if c:
@@ -132,9 +138,10 @@ class ClassificationTask(Task):
         return validate(model, loader, cfg, info.device, is_main=info.is_main)
 
     def describe(self, result: Dict[str, Any]) -> str:
+        rho = f", spectral radius {result['spectral_radius']:.3f}" if "spectral_radius" in result else ""
         return (f"held-out loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
                 f"({result['num_samples']} images, f steps {result.get('f_steps', float('nan')):.1f}, "
-                f"rel residual {result.get('f_rel', float('nan')):.3g})")
+                f"rel residual {result.get('f_rel', float('nan')):.3g}{rho})")
 
     def health_problem(self, cfg, train: Dict[str, float], val: Dict[str, Any]) -> Optional[str]:
         """Held-out top-1 at chance level (at most 1.5 / classes) while the training loss is no better
@@ -158,10 +165,14 @@ class ClassificationTask(Task):
 
 
 # ---------------------------------------------------------------------------------------- programs
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
-    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``."""
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "", sweep: bool = False
+               ) -> argparse.Namespace:
+    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``;
+    with ``sweep`` (cls_valid) also ``--f-thres-sweep``."""
     p = base_parser(description)
     p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
+    if sweep:
+        add_sweep_option(p)
     return parse_launch_args(p, argv)
 
 
@@ -183,10 +194,16 @@ def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
-    cfg, info, out_dir, _ = _setup(parse_args(argv, "Evaluate an MDEQ image classifier"), "valid")
+    args = parse_args(argv, "Evaluate an MDEQ image classifier", sweep=True)
+    cfg, info, out_dir, _ = _setup(args, "valid")
     try:
         task = ClassificationTask()
         model = task.build_model(cfg, for_training=False).to(info.device)
+        if args.f_thres_sweep:
+            loader = make_loader(build_cls_val_dataset(cfg), cfg, info, train=False)
+            return sweep_checkpoints(
+                cfg, out_dir, args.f_thres_sweep, lambda p: load_weights(model, p), "top1", "held-out top-1 (%)",
+                lambda t: validate(model, loader, cfg, info.device, is_main=info.is_main, f_thres=t), info.is_main)
         path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
         if not os.path.exists(path):  # a folder or a non-checkpoint file: load_weights says what it is
             raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "

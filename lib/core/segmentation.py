@@ -37,6 +37,7 @@ from .launch import parse_args as parse_launch_args
 from .seg_metrics import confusion_matrix, scores_from_confusion
 from .solver_stats import to_float
 from .state import make_loader
+from .sweep import add_sweep_option, sweep_checkpoints
 from .trainer import Task, fit
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,11 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Sequence[float] = (1.0,),
-            flip: bool = False) -> Tensor:
+            flip: bool = False, **model_kwargs: Any) -> Tensor:
     """Class probabilities (N, C, H, W) at ``size`` (H, W), averaged over the ``scales`` (the image
     resized bilinearly) and, with ``flip``, the horizontally flipped image. The solver statistics
-    of the last forward stay in ``model.solver_stats``."""
+    of the last forward stay in ``model.solver_stats``; ``model_kwargs`` go to every model call
+    (``f_thres=...``)."""
     probs = None
     h, w = images.shape[-2:]
     views = 0
@@ -57,7 +59,7 @@ def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Seque
         x = images if s == 1.0 else F.interpolate(images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
                                                     mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
-            logits = model(x.flip(-1) if flipped else x)
+            logits = model(x.flip(-1) if flipped else x, **model_kwargs)
             if flipped:
                 logits = logits.flip(-1)
             p = F.softmax(resize_logits(logits.float(), size), dim=1)
@@ -70,35 +72,38 @@ def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Seque
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device, ignore: int = 255,
              scales: Sequence[float] = (1.0,), flip: bool = False, is_main: bool = True,
              class_names: Optional[Sequence[str]] = None,
-             on_prediction: Optional[Callable[[np.ndarray, str], None]] = None) -> Dict[str, Any]:
+             on_prediction: Optional[Callable[[np.ndarray, str], None]] = None, **model_kwargs: Any) -> Dict[str, Any]:
     """Evaluate on ``loader`` (image, label, name batches; labels at full resolution).
 
     Returns the scores of :func:`mdeq.core.seg_metrics.scores_from_confusion` plus ``confusion``
-    (list of lists), ``mean_f_steps`` (forward solver steps per image, over the images of every
-    rank) and ``images``. ``on_prediction(pred, name)`` gets each predicted train-id map (H, W)
-    uint8 on the rank that computed it.
+    (list of lists), ``mean_f_steps`` and ``mean_f_rel`` (forward solver steps and final relative
+    residual per image, over the images of every rank) and ``images``. ``on_prediction(pred, name)``
+    gets each predicted train-id map (H, W) uint8 on the rank that computed it; ``model_kwargs`` go
+    to the model calls.
     """
     net = unwrap(model)
     net.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    steps = torch.zeros(3, dtype=torch.float64, device=device)  # sum of f_steps * images, those images, all images
+    # sums of f_steps * images, f_rel * images, those images, all images
+    steps = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        pred = predict(net, images, labels.shape[-2:], scales, flip).argmax(dim=1)
+        pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
         conf += confusion_matrix(pred, labels, num_classes, ignore)
-        f_steps = to_float(net.solver_stats.get("f_steps"))
+        f_steps, f_rel = (to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel"))
         if f_steps is not None:
-            steps[0] += f_steps * images.shape[0]
-            steps[1] += images.shape[0]
-        steps[2] += images.shape[0]
+            steps[:3] += torch.tensor([f_steps, f_rel if f_rel is not None else math.nan, 1.0],
+                                      dtype=torch.float64, device=device) * images.shape[0]
+        steps[3] += images.shape[0]
         if on_prediction is not None:
             for p, name in zip(pred.to(torch.uint8).cpu().numpy(), names):
                 on_prediction(p, name)
     conf, steps = all_reduce_sum(conf), all_reduce_sum(steps)
     scores = scores_from_confusion(conf, class_names)
     scores["confusion"] = conf.cpu().tolist()
-    scores["mean_f_steps"] = float(steps[0] / steps[1]) if steps[1] > 0 else float("nan")
-    scores["images"] = int(steps[2])
+    scores["mean_f_steps"] = float(steps[0] / steps[2]) if steps[2] > 0 else float("nan")
+    scores["mean_f_rel"] = float(steps[1] / steps[2]) if steps[2] > 0 else float("nan")
+    scores["images"] = int(steps[3])
     return scores
 
 
@@ -174,9 +179,10 @@ def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str
     if test:
         p.add_argument("--no-pictures", dest="pictures", action="store_false",
                        help="do not write prediction pictures of a labelled list")
+        add_sweep_option(p)
     args = parse_launch_args(p, argv)
     if not test:
-        args.pictures = False
+        args.pictures, args.f_thres_sweep = False, ""
     return args
 
 
@@ -203,6 +209,8 @@ def test_main(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = config_from_args(args)
     info, out_dir, _ = setup_process(cfg, args.cfg, "test", args.local_rank)
     try:
+        if args.f_thres_sweep:
+            return _sweep(cfg, info, out_dir, args.f_thres_sweep)
         return _test(cfg, info, out_dir, pictures=args.pictures)
     finally:
         cleanup()
@@ -249,3 +257,19 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
             json.dump(report, f, indent=2, allow_nan=True)
         logger.info("results written to %s, pictures to %s", json_path, pic_dir)
     return scores
+
+
+def _sweep(cfg, info: DistInfo, out_dir: str, budgets: str) -> Dict[str, Any]:
+    """``seg_test.py --f-thres-sweep``: mIoU (%), mean relative residual and forward steps of each
+    checkpoint at each forward budget (no pictures)."""
+    model = SegmentationTask().build_model(cfg, for_training=False).to(info.device)
+    loader = make_loader(CityscapesDataset.from_config(cfg, "test"), cfg, info, train=False)
+    scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
+
+    def run(f_thres: int) -> Dict[str, float]:
+        s = evaluate(model, loader, cfg.DATASET.NUM_CLASSES, info.device, ignore_label(cfg), scales=scales,
+                     flip=cfg.TEST.FLIP_TEST, is_main=info.is_main, class_names=CLASS_NAMES, f_thres=f_thres)
+        return {"miou": 100.0 * s["miou"], "f_steps": s["mean_f_steps"], "f_rel": s["mean_f_rel"]}
+
+    return sweep_checkpoints(cfg, out_dir, budgets, lambda p: load_weights(model, p, strict=True), "miou",
+                             "mIoU (%)", run, info.is_main)

@@ -41,6 +41,7 @@ from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler
 from .checkpoint_manager import CheckpointManager, resume_checkpoint
 from .health import ADVICE, HealthMonitor
+from .regularization import JacobianRegularizer
 from .signals import GracefulStop
 from .solver_stats import LOGGED_KEYS, format_solver_stats, solver_scalars, solver_stats
 from .state import TrainState, make_loader, start_epoch
@@ -119,6 +120,7 @@ class Run:
     val_loader: Optional[DataLoader]
     state: TrainState = field(default_factory=TrainState)
     health: HealthMonitor = field(default_factory=HealthMonitor)
+    regularizer: JacobianRegularizer = field(default_factory=JacobianRegularizer)
     writer: Any = None
 
     @property
@@ -151,8 +153,9 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
     mode = run.mode(step)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, enabled=run.amp):
-        output = run.model(images, mode=mode)
-        loss = run.criterion(output.float(), target)
+        output = run.model(images, mode=mode, jac_loss=run.regularizer.active(step))
+        task_loss = run.criterion(output.float(), target)
+    loss = run.regularizer.add(task_loss, run.model, epoch)   # + the Jacobian term, when asked for
     stats = solver_stats(run.model)
     reason = guard.forward_problem(loss, stats)
     grad_norm = None
@@ -182,8 +185,8 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
     run.state.global_step += 1
     run.health.observe(stats)
     metrics = run.task.batch_metrics(output.detach().float(), target)
-    return StepResult(float("nan") if reason else loss.item(), reason is not None, stats, grad_norm, lr, metrics,
-                      int(target.shape[0]))
+    return StepResult(float("nan") if reason else task_loss.item(), reason is not None, stats, grad_norm, lr,
+                      metrics, int(target.shape[0]))
 
 
 # ------------------------------------------------------------------------------------------ one epoch
@@ -312,7 +315,7 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str) -> Run:
                scheduler=build_scheduler(cfg, optimizer, len(loader)),
                scaler=torch.amp.GradScaler("cuda") if amp else None,
                criterion=task.build_criterion(cfg).to(info.device), loader=loader, val_loader=val_loader,
-               writer=writer)
+               regularizer=JacobianRegularizer.from_cfg(cfg), writer=writer)
 
 
 def param_checksum(model: nn.Module) -> float:

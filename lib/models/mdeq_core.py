@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import VariationalDropout2d, attach_implicit_backward, conv2d
+from ..modules import (VariationalDropout2d, attach_implicit_backward, attach_phantom_backward, conv2d,
+                       hutchinson_jac_loss, spectral_radius)
 from ..solvers import SolverFn, SolverWorkspace, get_solver, option_names, resolve_solver, solver_options
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,9 @@ class MDEQNet(nn.Module):
                       workspace=self.solver_workspace)
         self.solver_settings: Dict[str, Dict] = {"f": dict(common, eps=m.F_EPS), "b": dict(common, eps=m.B_EPS)}
         self.solver_stats: Dict = {}
+        self.grad_mode, self.phantom_steps, self.phantom_tau = m.GRAD, m.PHANTOM_STEPS, m.PHANTOM_TAU
+        self.jac_probes, self.spectral_radius_iters = m.JAC_PROBES, m.SPECTRAL_RADIUS_ITERS
+        self.jac_loss: Optional[Tensor] = None  # the last forward's JR term (with graph), see equilibrium_states
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
@@ -363,7 +367,7 @@ class MDEQNet(nn.Module):
     def equilibrium_states(self, x: Tensor, mode: Optional[str] = None, f_thres: Optional[int] = None,
                            b_thres: Optional[int] = None, *, train_step: Optional[int] = None,
                            solver: Optional[SolverChoice] = None, depth: Optional[int] = None,
-                           eps: Optional[float] = None) -> List[Tensor]:
+                           eps: Optional[float] = None, jac_loss: bool = False) -> List[Tensor]:
         """Images (N, 3, H, W) -> the list of per-resolution states (N, C_i, H_i, W_i) at the output
         of the MDEQ stage.
 
@@ -381,16 +385,28 @@ class MDEQNet(nn.Module):
                 it wraps).
             depth: the unrolled depth for this call (default ``MODEL.NUM_LAYERS``); unrolled mode only.
             eps: the stopping tolerance of both solves for this call (``0``: run the full budgets).
+            jac_loss: with autograd on, take the normalised Hutchinson estimate of ||J_f||_F^2 at the one
+                differentiable application of f that the backward already builds (the last one when
+                unrolled, the one at z* otherwise) and leave it in ``self.jac_loss`` (a scalar with
+                graph; None when not computed) and, as a float, in ``solver_stats['jac_loss']``.
         """
         mode = self.resolve_mode(mode, train_step)
+        self.jac_loss = None
         inj = self.injection(x)
         problem = self.equilibrium_problem(inj)
+        want_jac = bool(jac_loss) and torch.is_grad_enabled()
         if mode == "unrolled":
             depth = self.num_layers if depth is None else int(depth)
             z = problem.z0
-            for _ in range(depth):
-                z = problem.f(z)
+            for k in range(depth):
+                last = k == depth - 1
+                z_in = z.requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
+                z = problem.f(z_in)
+                if want_jac and last:
+                    self._record_jac_loss(z_in, z)
             self.solver_stats = {"mode": "unrolled", "f_steps": depth}
+            if self.jac_loss is not None:
+                self.solver_stats["jac_loss"] = float(self.jac_loss.detach())
             return problem.unflatten(z)
 
         f_solver, b_solver = self._call_solvers(solver)
@@ -404,10 +420,27 @@ class MDEQNet(nn.Module):
         if result.diverged:
             logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
                            result.rel_residual, result.steps)
-        # the output is f(z*) in both branches: with autograd, the one differentiable application of f
         if torch.is_grad_enabled():
-            z = attach_implicit_backward(problem.f, result.z, b_solver, b_thres, stats=stats,
-                                         **self.solver_kwargs("b", b_solver, **tol))
+            z = self._differentiable_output(problem, result.z, b_solver, b_thres, stats, want_jac, tol)
         else:
             z = result.fz
+            if self.spectral_radius_iters > 0 and not self.training:
+                stats["spectral_radius"] = float(spectral_radius(problem.f, result.z, self.spectral_radius_iters).mean())
+        if self.jac_loss is not None:
+            stats["jac_loss"] = float(self.jac_loss.detach())
         return problem.unflatten(z)
+
+    def _record_jac_loss(self, z_in: Tensor, z_out: Tensor) -> None:
+        self.jac_loss = hutchinson_jac_loss(z_in, z_out, self.jac_probes)
+
+    def _differentiable_output(self, problem: EquilibriumProblem, z_star: Tensor, b_solver: SolverFn,
+                               b_thres: int, stats: Dict, want_jac: bool, tol: Dict[str, float]) -> Tensor:
+        """(B, D) output with autograd for the equilibrium ``z_star``: f(z*) with the implicit backward,
+        or the phantom / JFB iterate (MODEL.GRAD); the JR term is taken at the application of f at z*."""
+        record = self._record_jac_loss if want_jac else None
+        if self.grad_mode == "implicit":
+            return attach_implicit_backward(problem.f, z_star, b_solver, b_thres, stats=stats,
+                                            on_application=record, **self.solver_kwargs("b", b_solver, **tol))
+        steps, tau = (1, 1.0) if self.grad_mode == "jfb" else (self.phantom_steps, self.phantom_tau)
+        stats["b_steps"] = steps  # f applications the backward differentiates through
+        return attach_phantom_backward(problem.f, z_star, steps, tau, on_application=record)

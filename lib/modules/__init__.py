@@ -1,7 +1,8 @@
 """Layers of an MDEQ: the implicit backward, weight norm, variational dropout (the solvers are
 in :mod:`mdeq.solvers`)."""
 from .dropout import VariationalDropout2d
-from .implicit import attach_implicit_backward
+from .implicit import attach_implicit_backward, attach_phantom_backward
+from .jacobian import hutchinson_jac_loss, spectral_radius
 from .weight_norm import WeightNormConv2d, conv2d
 
-__all__ = ["attach_implicit_backward", "VariationalDropout2d", "WeightNormConv2d", "conv2d"]
+__all__ = ["attach_implicit_backward", "attach_phantom_backward", "hutchinson_jac_loss", "spectral_radius", "VariationalDropout2d", "WeightNormConv2d", "conv2d"]

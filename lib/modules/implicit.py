@@ -14,6 +14,11 @@ graph of that one application of f, so memory does not grow with the number of s
 If the backward solve does not improve on its start (w0 = dl/dz, the one-step / Jacobian-free
 gradient), that start is used, which is a descent direction, and the fallback is recorded;
 it never returns zeros as the original implementation does.
+
+:func:`attach_phantom_backward` replaces the adjoint solve by ``k`` damped steps
+``z <- (1 - tau) z + tau f(z)`` from z*, differentiated by ordinary backprop (phantom gradients,
+Geng et al., NeurIPS 2021); ``k = 1, tau = 1`` is the Jacobian-free / one-step gradient (Fung et
+al., AAAI 2022). Their memory grows with ``k``, not with the forward solver's steps.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor,
                              solver: Callable[..., SolverResult], threshold: int,
-                             stats: Optional[Dict] = None, **solver_kwargs) -> torch.Tensor:
+                             stats: Optional[Dict] = None,
+                             on_application: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+                             **solver_kwargs) -> torch.Tensor:
     """Return ``f(z_star)`` with autograd, its gradient routed through the adjoint solve.
 
     Args:
@@ -40,6 +47,9 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
         threshold: the largest number of backward solver steps (B_THRES).
         stats: a dict that receives ``b_steps``, ``b_abs``, ``b_rel``, ``b_fallback``... when
             the backward pass runs.
+        on_application: called as ``on_application(z_in, f(z_in))`` with the one differentiable
+            application of f, before the adjoint hook is attached (so that VJPs taken there, e.g.
+            the Jacobian regulariser's, do not trigger the adjoint solve); only when autograd is on.
         solver_kwargs: ``eps``, ``stop_mode``, ``memory``... for the solver.
 
     Returns:
@@ -49,6 +59,8 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
     z = f(z_leaf)
     if not z.requires_grad:
         return z
+    if on_application is not None:
+        on_application(z_leaf, z)
     busy = [False]  # the adjoint solve differentiates z itself: do not re-enter the hook
 
     def adjoint_hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
@@ -80,4 +92,38 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
         return w.to(grad.dtype)
 
     z.register_hook(adjoint_hook)
+    return z
+
+
+def attach_phantom_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor, steps: int,
+                            tau: float,
+                            on_application: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+                            ) -> torch.Tensor:
+    """Phantom gradient: ``steps`` damped steps ``z <- (1 - tau) z + tau f(z)`` from z*, with autograd.
+
+    Backprop through these steps approximates the implicit gradient (exactly so as ``steps`` grows
+    for ``tau = 1`` and a contractive f); ``steps = 1, tau = 1`` is the Jacobian-free gradient
+    ``dl/dz . df/dtheta``. No adjoint solve runs, and the graph holds ``steps`` applications of f.
+
+    Args:
+        f: the equilibrium map on flattened states, (B, D) -> (B, D).
+        z_star: (B, D) the forward solver's equilibrium (detached).
+        steps: k >= 1, the number of damped steps.
+        tau: the damping in (0, 1].
+        on_application: called as ``on_application(z_in, f(z_in))`` for the first step (at z*).
+
+    Returns:
+        (B, D) the last iterate (``f(z*)`` for k = 1, tau = 1).
+    """
+    if steps < 1:
+        raise ValueError(f"phantom steps = {steps} must be >= 1")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"phantom tau = {tau} must lie in (0, 1]")
+    # z* needs a gradient only for the regulariser's VJP: otherwise backprop may stop at f's input
+    z = z_star.detach().requires_grad_(torch.is_grad_enabled() and on_application is not None)
+    for k in range(steps):
+        fz = f(z)
+        if k == 0 and on_application is not None and fz.requires_grad:
+            on_application(z, fz)
+        z = fz if tau == 1.0 else (1.0 - tau) * z + tau * fz
     return z

@@ -1,0 +1,128 @@
+"""Compare the training cost of gradient modes and regularisers on one machine, several seeds.
+
+Each variant is an experiment file plus config overrides; every (variant, seed) pair is one
+``tools/cls_train.py`` run in a fresh process, its ``results.json`` (held-out top-1, mean forward
+steps and relative residual of the final evaluation, wall time) appended as one JSON line to a
+results file, so that an interrupted comparison keeps what it measured and the table can be
+rebuilt from that file. Runs go seed by seed (all variants for seed 0, then seed 1, ...) so that
+a slow phase of a shared machine hits every variant alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+logger = logging.getLogger(__name__)
+
+METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (final eval)", "{:.2f}"),
+           ("f_rel", "final rel. residual", "{:.2e}"), ("wall_time_s", "wall time (s)", "{:.0f}"))
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: a name, an experiment file and ``KEY VALUE`` overrides."""
+
+    name: str
+    cfg: str
+    opts: List[str] = field(default_factory=list)
+
+
+def digits_variants(repo: Path) -> List[Variant]:
+    """The issue-14 comparison on the embedded digits: the quickstart (implicit gradient), the ``_fast``
+    config, and each method on the quickstart's config (ordered so that a cut-short run has the
+    baseline and the ``_fast`` config first)."""
+    base = str(repo / "experiments/digits/cls_mdeq_digits.yaml")
+    return [
+        Variant("implicit (quickstart)", base),
+        Variant("_fast config", str(repo / "experiments/digits/cls_mdeq_digits_fast.yaml")),
+        Variant("phantom (k 5, tau 0.5)", base, ["MODEL.GRAD", "phantom", "MODEL.PHANTOM_STEPS", "5",
+                                                 "MODEL.PHANTOM_TAU", "0.5"]),
+        Variant("JFB", base, ["MODEL.GRAD", "jfb"]),
+        Variant("JR (weight 1.0, freq 0.5)", base, ["MODEL.JAC_LOSS_WEIGHT", "1.0", "MODEL.JAC_LOSS_FREQ", "0.5"]),
+    ]
+
+
+def run_one(variant: Variant, seed: int, out_root: Path, repo: Path) -> Dict:
+    """Train ``variant`` with ``SEED seed`` in a fresh process; returns its results.json plus the run's ids."""
+    slug = "".join(c if c.isalnum() else "_" for c in variant.name).strip("_")
+    out = out_root / f"{slug}_seed{seed}"
+    cmd = [sys.executable, str(repo / "tools/cls_train.py"), "--cfg", variant.cfg, *variant.opts,
+           "SEED", str(seed), "OUTPUT_DIR", str(out) + "/", "LOG_DIR", str(out / "log") + "/"]
+    logger.info("running %s", " ".join(cmd))
+    with open(out_root / f"{slug}_seed{seed}.log", "w") as log:
+        subprocess.run(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, check=True)
+    found = sorted(out.glob("**/results.json"))
+    if not found:
+        raise FileNotFoundError(f"no results.json under {out} after training {variant.name!r} seed {seed}")
+    with open(found[0]) as f:
+        res = json.load(f)
+    return {"variant": variant.name, "seed": seed, **{k: res.get(k) for k, _, _ in METRICS}}
+
+
+def run_comparison(variants: Sequence[Variant], seeds: Sequence[int], out_root: Path, repo: Path) -> List[Dict]:
+    """Every variant for every seed (seed-major order); each result is appended to ``out_root/runs.jsonl``."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        for v in variants:
+            row = run_one(v, seed, out_root, repo)
+            rows.append(row)
+            with open(out_root / "runs.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            logger.info("%s seed %d: %s", v.name, seed, row)
+    return rows
+
+
+def read_runs(path: Path) -> List[Dict]:
+    """The rows of a ``runs.jsonl`` written by :func:`run_comparison`; the first row of a (variant, seed)
+    pair when two runs wrote the same pair."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    seen, unique = set(), []
+    for r in rows:
+        if (r["variant"], r["seed"]) not in seen:
+            seen.add((r["variant"], r["seed"]))
+            unique.append(r)
+    return unique
+
+
+def _mean_std(values: List[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def format_table(rows: Sequence[Dict], baseline: str = "implicit (quickstart)") -> str:
+    """A markdown table, one line per variant: mean ± std over seeds of each metric, the number of
+    seeds, and wall time and top-1 relative to ``baseline``."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {n: [r for r in rows if r["variant"] == n] for n in names}
+    base = by.get(baseline, [])
+    base_wall = statistics.mean(r["wall_time_s"] for r in base) if base else None
+    base_top1 = statistics.mean(r["top1"] for r in base) if base else None
+    head = ["method", "seeds"] + [label for _, label, _ in METRICS] + ["wall vs baseline", "top-1 vs baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        rs = by[n]
+        cells = [n, str(len(rs))]
+        for key, _, fmt in METRICS:
+            cells.append(_mean_std([float(r[key]) for r in rs if r.get(key) is not None], fmt))
+        wall = statistics.mean(r["wall_time_s"] for r in rs)
+        top1 = statistics.mean(r["top1"] for r in rs)
+        cells.append(f"{wall / base_wall:.2f}x" if base_wall else "-")
+        cells.append(f"{top1 - base_top1:+.2f}" if base_top1 is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_out_root(repo: Path) -> Path:
+    return Path(os.environ.get("MDEQ_COMPARE_OUT", repo / "output" / "training_cost"))

@@ -1,0 +1,129 @@
+"""Accuracy against the forward solver's budget: evaluate a model at several ``F_THRES`` values.
+
+Training and the original evaluate at one fixed threshold; this sweep shows what fewer solver
+steps cost (and what more buy). It is generic in the evaluation: give it a callable
+``evaluate(f_thres) -> dict`` (held-out top-1 for classification, mIoU for segmentation).
+
+    rows = run_sweep(lambda t: validate(..., f_thres=t), [2, 4, 8, 16, 32], metric_key="top1")
+    logger.info("\\n%s", format_sweep_table({"model.pth": rows}, "top-1 (%)"))
+    plot_sweep({"model.pth": rows}, "sweep.png", "top-1 (%)")
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+
+from ..config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepRow:
+    """One forward budget: the metric, the mean relative residual and mean forward steps there."""
+
+    budget: int
+    metric: float
+    rel_residual: float
+    f_steps: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def parse_budgets(text: str) -> List[int]:
+    """``"2,4,8"`` -> [2, 4, 8]; each budget a positive whole number."""
+    try:
+        budgets = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--f-thres-sweep {text!r}: give comma-separated whole numbers, e.g. 2,4,8,16,32") from None
+    if not budgets or min(budgets) < 1:
+        raise ConfigError(f"--f-thres-sweep {text!r}: give at least one budget, each >= 1")
+    return budgets
+
+
+def run_sweep(evaluate: Callable[[int], Mapping[str, float]], budgets: Sequence[int], metric_key: str = "top1",
+              residual_key: str = "f_rel", steps_key: str = "f_steps") -> List[SweepRow]:
+    """Call ``evaluate(budget)`` for each budget; returns one :class:`SweepRow` per budget.
+
+    Missing keys in a result become NaN (e.g. an evaluation that does not report residuals).
+    """
+    rows = []
+    for b in budgets:
+        res = evaluate(int(b))
+        row = SweepRow(int(b), float(res.get(metric_key, math.nan)), float(res.get(residual_key, math.nan)),
+                       float(res.get(steps_key, math.nan)))
+        logger.info("F_THRES %d: %s %.4g, mean rel residual %.3g, mean f steps %.2f", b, metric_key, row.metric,
+                    row.rel_residual, row.f_steps)
+        rows.append(row)
+    return rows
+
+
+def format_sweep_table(rows_by_label: Mapping[str, Sequence[SweepRow]], metric_name: str) -> str:
+    """A markdown table: one line per (model, budget)."""
+    lines = [f"| model | F_THRES | {metric_name} | mean rel. residual | mean f steps |", "|---|---|---|---|---|"]
+    for label, rows in rows_by_label.items():
+        for r in rows:
+            lines.append(f"| {label} | {r.budget} | {r.metric:.2f} | {r.rel_residual:.3g} | {r.f_steps:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows_by_label: Mapping[str, Sequence[SweepRow]], path: str, metric_name: str,
+               title: Optional[str] = None) -> str:
+    """PNG at ``path``: the metric against the forward budget, one curve per model (log2 x axis)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        for label, rows in rows_by_label.items():
+            ax.plot([r.budget for r in rows], [r.metric for r in rows], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("forward solver budget F_THRES (steps)")
+        ax.set_ylabel(metric_name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def sweep_models(model_files: Sequence[str], load: Callable[[str], None], evaluate: Callable[[int], Mapping[str, float]],
+                 budgets: Sequence[int], out_dir: str, metric_key: str, metric_name: str, write: bool = True,
+                 stem: str = "f_thres_sweep") -> Dict[str, List[SweepRow]]:
+    """Sweep every checkpoint: ``load(file)`` then :func:`run_sweep`; log the table and (``write``) save
+    ``out_dir/<stem>.png`` (one curve per checkpoint) and ``out_dir/<stem>.json``.
+
+    Returns the rows per checkpoint file.
+    """
+    import json
+    import os
+
+    by_file: Dict[str, List[SweepRow]] = {}
+    for path in model_files:
+        load(path)
+        by_file[path] = run_sweep(evaluate, budgets, metric_key=metric_key)
+    labels = _short_labels(list(by_file))
+    table = {labels[p]: rows for p, rows in by_file.items()}
+    logger.info("%s against the forward budget:\n%s", metric_name, format_sweep_table(table, metric_name))
+    if write:
+        png = plot_sweep(table, os.path.join(out_dir, f"{stem}.png"), metric_name)
+        with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+            json.dump({p: [r.as_dict() for r in rows] for p, rows in by_file.items()}, f, indent=2)
+        logger.info("sweep plot %s, rows %s", png, os.path.join(out_dir, f"{stem}.json"))
+    return by_file
+
+
+def _short_labels(paths: List[str]) -> Dict[str, str]:
+    """File names as curve labels; the full path where two files share a name."""
+    import os
+    names = [os.path.basename(p) for p in paths]
+    return {p: (n if names.count(n) == 1 else p) for p, n in zip(paths, names)}
