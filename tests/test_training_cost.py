@@ -168,9 +168,9 @@ def test_regularizer_adds_the_weighted_term():
     assert reg.add(loss, net, epoch=0).item() == pytest.approx(2.0)
     net.jac_loss = None
     assert reg.add(loss, net, epoch=0) is loss
-    wrapped = nn.Module()
-    wrapped.module = nn.Module()
-    wrapped.module.jac_loss = torch.tensor(0.25)
+    inner = nn.Linear(1, 1)
+    inner.jac_loss = torch.tensor(0.25)
+    wrapped = nn.DataParallel(inner)  # what DDP does: the term is read from the wrapped module
     assert reg.add(loss, wrapped, epoch=2).item() == pytest.approx(1.5)
 
 
