@@ -48,7 +48,7 @@ _C.MODEL.SOLVER_MEMORY = 18  # new: L-Broyden / Anderson memory m (Table 4: 12 C
 _C.MODEL.F_EPS = 1e-5  # new: forward stopping tolerance (per sample, see STOP_MODE)
 _C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
 # new: memory layout of the equilibrium states, 'nchw' or 'channels_last'; the results do not depend on it,
-# the speed does (on the CPU, f of CIFAR TINY runs ~20 % faster channels-last, of CIFAR LARGE ~10 % slower)
+# the speed does, and which is faster depends on the model and the device (README: CPU settings that matter)
 _C.MODEL.STATE_LAYOUT = "nchw"
 _C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter

@@ -1,11 +1,11 @@
 """Scratch buffers that a solver keeps from one call to the next.
 
 A limited-memory solver needs O(m D) scratch memory per call. Fresh memory from the operating
-system costs a page fault per 4 KiB on first touch: on the CPU that was ~15 % of a Broyden step
-of the CIFAR TINY model (batch 32). A :class:`SolverWorkspace`, owned by the model and handed to
+system costs a page fault per 4 KiB on first touch, a visible share of a CPU Broyden step (README:
+"Where the time goes"). A :class:`SolverWorkspace`, owned by the model and handed to
 its solvers, lends the same buffer back on the next call instead. (The process-wide
 :func:`mdeq.utils.cpu_allocator.retain_freed_memory` does not cover it: glibc always maps blocks
-above 32 MiB afresh, and the history of the TINY model at batch 32 is ~180 MiB.)
+above 32 MiB afresh, and a solver's history is usually larger.)
 
 On CUDA nothing is kept (:meth:`SolverWorkspace.take` hands out fresh memory): PyTorch's caching
 allocator already reuses device memory, and a buffer kept alive across the rest of a training
