@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mdeq.config import load_config
-from mdeq.models import get_cls_net, get_seg_net
+from mdeq.models import BACKBONE_PREFIXES, get_cls_net, get_seg_net
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_pretrained,
                                    load_weights, save_checkpoint)
 
@@ -70,7 +70,7 @@ def test_classification_checkpoint_initialises_the_segmentation_backbone(repo, t
     path = tmp_path / "imagenet.pth.tar"
     save_checkpoint({"model": cls.state_dict(), "epoch": 5}, path)
     seg = get_seg_net(load_config(repo / "experiments/cityscapes/seg_mdeq_SMALL_paper.yaml", opts))
-    report = load_pretrained(seg, path)
+    report = load_pretrained(seg, path, BACKBONE_PREFIXES)
     assert report["missing"] and all(k.startswith("last_layer.") for k in report["missing"])
     assert any(k.startswith("classifier.") for k in report["unexpected"])
     seg_sd, cls_sd = seg.state_dict(), cls.state_dict()
@@ -80,4 +80,4 @@ def test_classification_checkpoint_initialises_the_segmentation_backbone(repo, t
     # a checkpoint that lacks f_theta is refused
     save_checkpoint({"model": {k: v for k, v in cls_sd.items() if not k.startswith("fullstage.")}}, path)
     with pytest.raises(CheckpointError, match="lacks weights the model needs"):
-        load_pretrained(seg, path)
+        load_pretrained(seg, path, BACKBONE_PREFIXES)

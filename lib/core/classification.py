@@ -24,7 +24,7 @@ from ..config import ConfigError
 from ..datasets import build_cls_datasets, build_cls_val_dataset
 from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, cleanup, unwrap
+from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
 from .checkpoint_manager import FINAL
 from .launch import base_parser, config_from_args, setup_process
@@ -33,7 +33,7 @@ from .metrics import topk_correct
 from .solver_stats import to_float
 from .state import make_loader
 from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import Task, fit
+from .trainer import STOPPED_TOGETHER, Task, fit
 
 logger = logging.getLogger(__name__)
 
@@ -186,17 +186,15 @@ def _setup(args: argparse.Namespace, phase: str):
 def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
     cfg, info, out_dir, tb_dir = _setup(parse_args(argv, "Train an MDEQ image classifier"), "train")
-    try:
+    with process_group_closed(together=STOPPED_TOGETHER):
         return fit(ClassificationTask(), cfg, info, out_dir, tb_dir)
-    finally:
-        cleanup()
 
 
 def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
     args = parse_args(argv, "Evaluate an MDEQ image classifier", sweep=True)
     cfg, info, out_dir, _ = _setup(args, "valid")
-    try:
+    with process_group_closed():
         task = ClassificationTask()
         model = task.build_model(cfg, for_training=False).to(info.device)
         if args.f_thres_sweep:
@@ -224,5 +222,3 @@ def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
                 json.dump(res, f, indent=2)
         return res
-    finally:
-        cleanup()

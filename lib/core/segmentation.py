@@ -28,7 +28,7 @@ from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, trai
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, cleanup, unwrap
+from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
 from .checkpoint_manager import FINAL
 from .criterion import build_criterion, resize_logits
@@ -38,7 +38,7 @@ from .seg_metrics import confusion_matrix, scores_from_confusion
 from .solver_stats import to_float
 from .state import make_loader
 from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import Task, fit
+from .trainer import STOPPED_TOGETHER, Task, fit
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -190,10 +190,8 @@ def train_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``tools/seg_train.py``."""
     cfg = config_from_args(args)
     info, out_dir, tb_dir = setup_process(cfg, args.cfg, "train", args.local_rank)
-    try:
+    with process_group_closed(together=STOPPED_TOGETHER):
         return fit(SegmentationTask(), cfg, info, out_dir, tb_dir)
-    finally:
-        cleanup()
 
 
 def _write_png(path: str, array: np.ndarray) -> None:
@@ -208,12 +206,10 @@ def test_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``tools/seg_test.py``."""
     cfg = config_from_args(args)
     info, out_dir, _ = setup_process(cfg, args.cfg, "test", args.local_rank)
-    try:
+    with process_group_closed():
         if args.f_thres_sweep:
             return _sweep(cfg, info, out_dir, args.f_thres_sweep)
         return _test(cfg, info, out_dir, pictures=args.pictures)
-    finally:
-        cleanup()
 
 
 def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str, Any]:

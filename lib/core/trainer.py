@@ -42,12 +42,16 @@ from ..utils.optim import build_optimizer, build_scheduler
 from .checkpoint_manager import CheckpointManager, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .regularization import JacobianRegularizer
-from .signals import GracefulStop
+from .signals import GracefulStop, TrainingInterrupted
 from .solver_stats import LOGGED_KEYS, format_solver_stats, solver_scalars, solver_stats
 from .state import TrainState, make_loader, start_epoch
 from .step_guard import StepGuard, TrainingDiverged, grad_norm_of
 
 logger = logging.getLogger(__name__)
+
+# Every rank raises these at the same step (the decisions are all-reduced), so the ranks can still
+# meet at a barrier before the process group goes.
+STOPPED_TOGETHER = (TrainingInterrupted, TrainingDiverged)
 
 
 class Task:
