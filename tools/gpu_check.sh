@@ -119,14 +119,14 @@ TINY_W=()
 bench() {   # bench NAME TOOL-ARGS...: one tools/benchmark.py run; its tables go to the summary
     local name=$1
     shift
-    limited "$PY" tools/benchmark.py --device "$DEVICE" --repeats "$REPEATS" --solvers "$SOLVERS" "${THRES[@]}" \
+    limited "$PY" tools/benchmark.py --device "$DEVICE" --repeats "$REPEATS" --solvers "$SOLVERS" ${THRES[@]+"${THRES[@]}"} \
         --json "$WORK/$name.json" "$@" >"$WORK/$name.md" 2>>"$OUT/bench.log"
     local rc=$?
-    { echo "## $name (exit $rc)"; echo; echo "    python tools/benchmark.py --device $DEVICE --repeats $REPEATS --solvers $SOLVERS ${THRES[*]} $*"; echo;
+    { echo "## $name (exit $rc)"; echo; echo "    python tools/benchmark.py --device $DEVICE --repeats $REPEATS --solvers $SOLVERS ${THRES[*]:-} $*"; echo;
       cat "$WORK/$name.md"; echo; } >>"$SUMMARY"
     return $rc
 }
-TINY=(--cfg experiments/cifar/cls_mdeq_TINY.yaml --image-size 32 "${TINY_W[@]}")
+TINY=(--cfg experiments/cifar/cls_mdeq_TINY.yaml --image-size 32 ${TINY_W[@]+"${TINY_W[@]}"})
 IMNET=(--cfg experiments/imagenet/cls_mdeq_SMALL.yaml --batch-size "${INET[0]}" --image-size "${INET[1]}")
 STEPPY=(--parts components,train,unrolled)
 run_step tiny32 90 bench tiny32 "${TINY[@]}" --batch-size "${TINY_B[0]}" --mem-thres "$MEM" MODEL.DROPOUT 0.0
