@@ -54,7 +54,7 @@ def test_a_training_step_under_amp_is_finite_and_follows_the_exact_gradient(refe
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
+    import gc, json, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
     from mdeq.config import load_config
     from mdeq.models import get_cls_net
@@ -86,6 +86,7 @@ DDP_SCRIPT = textwrap.dedent("""
         print(json.dumps({"ranks_differ_by": (every[0] - every[1]).abs().max().item(),
                           "moved": (flat - start).abs().max().item(), "backend": dist.get_backend(),
                           "stats": {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}}))
+    del ddp; gc.collect()  # before the group: a wrapper left to interpreter shutdown made gloo abort (see cleanup)
     dist.destroy_process_group()
 """)
 
