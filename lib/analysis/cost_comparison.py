@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence
 logger = logging.getLogger(__name__)
 
 METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (final eval)", "{:.2f}"),
-           ("f_rel", "final rel. residual", "{:.2e}"), ("wall_time_s", "wall time (s)", "{:.0f}"))
+           ("f_rel", "final rel. residual", "{:.2e}"), ("wall_time_s", "wall time (s)", "{:.1f}"))
 
 
 @dataclass
@@ -46,6 +46,7 @@ def digits_variants(repo: Path) -> List[Variant]:
                                                  "MODEL.PHANTOM_TAU", "0.5"]),
         Variant("JFB", base, ["MODEL.GRAD", "jfb"]),
         Variant("JR (weight 1.0, freq 0.5)", base, ["MODEL.JAC_LOSS_WEIGHT", "1.0", "MODEL.JAC_LOSS_FREQ", "0.5"]),
+        Variant("JFB + F_THRES 8", base, ["MODEL.GRAD", "jfb", "MODEL.F_THRES", "8"]),
     ]
 
 

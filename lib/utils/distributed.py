@@ -159,8 +159,8 @@ def cleanup(wait: bool = False) -> None:
 
     The DistributedDataParallel wrapper goes first (``gc.collect()`` frees it from the reference
     cycles of a finished run): one that outlives the group is destroyed during interpreter
-    shutdown, and gloo then aborted the process ("terminate called without an active exception",
-    2 in 30 two-process runs on a 2-core machine; 0 in 40 with the wrapper freed first). ``wait``
+    shutdown, and gloo then aborted the process now and then ("terminate called without an active
+    exception"; README, "Several GPUs"). ``wait``
     keeps a rank that finished first from tearing down its connections while a peer still
     completes its last collective; after an error the other ranks may never arrive, so no barrier
     then.
