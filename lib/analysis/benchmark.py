@@ -294,6 +294,22 @@ def _reset_peak() -> None:
         pass
 
 
+def _peak_start(device: torch.device) -> int:
+    """Reset the peak counter; the bytes in use now (the baseline of :func:`_peak_total`)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _reset_peak()
+    return (_current_rss_kb() or _peak_kb()) * 1024
+
+
+def _peak_total(device: torch.device) -> int:
+    """The peak bytes since :func:`_peak_start` (CUDA: allocated; CPU: resident)."""
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_kb() * 1024
+
+
 def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_depth: int) -> Dict[str, Any]:
     """Peak memory (MiB) of one training step; run it in a fresh process on the CPU.
 
@@ -310,21 +326,10 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     call = _step_call(f_thres, b_thres, unrolled_depth, eps=0.0)
     with torch.no_grad():
         model(x, mode="equilibrium", f_thres=2)
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        _reset_peak()
-        before = (_current_rss_kb() or _peak_kb()) * 1024
-    loss = F.cross_entropy(model(x, **call), y)
-    loss.backward()
-    synchronize(device)
-    if device.type == "cuda":
-        peak, total = torch.cuda.max_memory_allocated(device) - before, torch.cuda.max_memory_allocated(device)
-    else:
-        total = _peak_kb() * 1024
-        peak = total - before
+    before = _peak_start(device)
+    F.cross_entropy(model(x, **call), y).backward()
+    total = _peak_total(device)
+    peak = total - before
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
     history = 0.0
     if not unrolled_depth:
@@ -403,18 +408,11 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
 
     with torch.no_grad():
         model(x, f_thres=2)
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        _reset_peak()
-        before = (_current_rss_kb() or _peak_kb()) * 1024
+    before = _peak_start(device)
     calls[True] = calls[False] = 0
     b_timer.reset()
     step()
-    synchronize(device)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_kb() * 1024) - before
+    peak = _peak_total(device) - before
     counts = {"f_nograd": calls[False], "f_graph": calls[True], "vjp": b_timer.calls}
     t = median_time(step, repeats, device, warmup=0)
     stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}

@@ -1,7 +1,7 @@
 """MDEQ for image classification: the equilibrium core plus an HRNet-style head."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -78,13 +78,3 @@ class MDEQClsNet(MDEQNet):
             y = self.incre_modules[i + 1](states[i + 1]) + down(y)
         y = self.final_layer(y)
         return self.classifier(y.mean(dim=(2, 3)))
-
-    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
-        """Images (N, 3, H, W) -> logits (N, MODEL.NUM_CLASSES).
-
-        ``call``: the keywords of :meth:`MDEQNet.equilibrium_states` (``mode``, ``f_thres``,
-        ``b_thres``, ``solver``, ``depth``, ``eps``), e.g. ``model(x, mode="unrolled")`` or
-        ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
-        ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
-        """
-        return self.head(self.equilibrium_states(x, train_step=train_step, **call))

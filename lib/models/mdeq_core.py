@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -204,7 +204,7 @@ def _bn_momentum(cfg, default: float) -> float:
 class MDEQNet(nn.Module):
     """Stem (``downsample``, ``stage0``) and the equilibrium stage (``fullstage`` = f_theta).
 
-    Subclasses add a head and call :meth:`equilibrium_states` in their ``forward``.
+    Subclasses add the :meth:`head`; ``forward`` is the same for every task.
     """
 
     def __init__(self, cfg, bn_momentum: float = 0.1) -> None:
@@ -444,3 +444,17 @@ class MDEQNet(nn.Module):
         steps, tau = (1, 1.0) if self.grad_mode == "jfb" else (self.phantom_steps, self.phantom_tau)
         stats["b_steps"] = steps  # f applications the backward differentiates through
         return attach_phantom_backward(problem.f, z_star, steps, tau, on_application=record)
+
+    def head(self, states: List[Tensor]) -> Tensor:
+        """Per-resolution states -> the task's output (classification / segmentation logits)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
+        """Images (N, 3, H, W) -> :meth:`head` of the equilibrium states.
+
+        ``call``: the keywords of :meth:`equilibrium_states` (``mode``, ``f_thres``, ``b_thres``,
+        ``solver``, ``depth``, ``eps``, ``jac_loss``), e.g. ``model(x, mode="unrolled")`` or
+        ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
+        ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
+        """
+        return self.head(self.equilibrium_states(x, train_step=train_step, **call))

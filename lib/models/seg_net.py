@@ -1,7 +1,7 @@
 """MDEQ for semantic segmentation: the equilibrium core plus a light per-pixel head."""
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -33,16 +33,7 @@ class MDEQSegNet(MDEQNet):
         )
 
     def head(self, states: List[Tensor]) -> Tensor:
+        """Per-resolution states -> logits (N, DATASET.NUM_CLASSES, H_1, W_1) at the highest resolution."""
         size = states[0].shape[-2:]
         ups = [states[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=True) for s in states[1:]]
         return self.last_layer(torch.cat(ups, dim=1))
-
-    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
-        """Images (N, 3, H, W) -> logits (N, DATASET.NUM_CLASSES, H_1, W_1).
-
-        ``call``: the keywords of :meth:`MDEQNet.equilibrium_states` (``mode``, ``f_thres``,
-        ``b_thres``, ``solver``, ``depth``, ``eps``), e.g. ``model(x, mode="unrolled")`` or
-        ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
-        ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
-        """
-        return self.head(self.equilibrium_states(x, train_step=train_step, **call))
