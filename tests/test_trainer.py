@@ -4,6 +4,7 @@ test_seg_pipeline.py and test_reliability.py."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from mdeq.core.health import HealthMonitor
 from mdeq.core.segmentation import SegmentationTask
 from mdeq.core.state import ResumableSampler, TrainState
 from mdeq.core.step_guard import TrainingDiverged
-from mdeq.core.trainer import Run, train_one_epoch
+from mdeq.core.trainer import Run, amp_setup, train_one_epoch
 from mdeq.models import get_cls_net
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdeq.utils.distributed import DistInfo
@@ -164,3 +165,19 @@ def test_checkpoints_of_the_previous_format_still_resume(tmp_path):
     assert m2.restore(old, cfg.SEED, 0) == (3, 0)
     assert m2.best == 87.5 and m2.state.global_step == 30
     assert torch.equal(m2.model.weight, model.weight)
+
+
+def test_amp_is_bfloat16_without_a_scaler_where_the_gpu_has_it_else_float16_with_one(monkeypatch, caplog):
+    """TRAIN.AMP picks the autocast dtype the GPU supports; only float16 gets a loss scaler, and a
+    CPU run trains in float32 with a warning (the CUDA step itself: tests/test_device.py)."""
+    assert amp_setup(False, torch.device("cuda")) == (None, None)
+    with caplog.at_level("WARNING"):
+        assert amp_setup(True, torch.device("cpu")) == (None, None)
+    assert "TRAIN.AMP is set but the device is cpu" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_setup(True, torch.device("cuda")) == (torch.bfloat16, None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with warnings.catch_warnings():  # without CUDA the scaler warns that it disables itself
+        warnings.simplefilter("ignore")
+        dtype, scaler = amp_setup(True, torch.device("cuda"))
+    assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)

@@ -33,7 +33,7 @@ from .metrics import topk_correct
 from .solver_stats import to_float
 from .state import make_loader
 from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import STOPPED_TOGETHER, Task, fit
+from .trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +80,14 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium)."""
     net = unwrap(model)
     net.eval()
-    amp = bool(cfg.TRAIN.AMP) and device.type == "cuda"
+    amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-5, samples
     solver: Dict[str, Tuple[float, float]] = {}
     bar = progress_bar(loader, enabled=is_main, desc="valid")
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(images, **model_kwargs).float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))

@@ -118,7 +118,7 @@ class Run:
     model: nn.Module            # DDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: Optional[torch.amp.GradScaler]   # float16 autocast only (see amp_setup)
     criterion: nn.Module
     loader: DataLoader
     val_loader: Optional[DataLoader]
@@ -126,14 +126,11 @@ class Run:
     health: HealthMonitor = field(default_factory=HealthMonitor)
     regularizer: JacobianRegularizer = field(default_factory=JacobianRegularizer)
     writer: Any = None
+    amp_dtype: Optional[torch.dtype] = None  # autocast's dtype; None: float32
 
     @property
     def net(self) -> nn.Module:
         return unwrap(self.model)
-
-    @property
-    def amp(self) -> bool:
-        return self.scaler is not None
 
     def mode(self, step: int) -> str:
         return "unrolled" if step < self.cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
@@ -156,7 +153,7 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
     step, device = run.state.global_step, images.device
     mode = run.mode(step)
     run.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, enabled=run.amp):
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         output = run.model(images, mode=mode, jac_loss=run.regularizer.active(step))
         task_loss = run.criterion(output.float(), target)
     loss = run.regularizer.add(task_loss, run.model, epoch)   # + the Jacobian term, when asked for
@@ -164,18 +161,18 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
     reason = guard.forward_problem(loss, stats)
     grad_norm = None
     if reason is None:
-        if run.amp:
+        if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
         else:
             loss.backward()
         grad_norm = grad_norm_of(run.model, run.cfg.TRAIN.CLIP)
-        if not run.amp:  # with AMP the scaler skips non-finite steps itself
+        if run.scaler is None:  # the scaler skips non-finite steps itself (and lowers its scale)
             reason = guard.gradient_problem(grad_norm)
         stats = solver_stats(run.model)  # now with the backward's statistics
     lr = run.optimizer.param_groups[0]["lr"]
     if reason is None:
-        if run.amp:
+        if run.scaler is not None:
             run.scaler.step(run.optimizer)
             run.scaler.update()
         else:
@@ -308,18 +305,33 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str) -> Run:
                 len(train_set), len(loader), cfg.TRAIN.BATCH_SIZE_PER_GPU * info.world_size,
                 "no" if val_set is None else len(val_set))
     optimizer = build_optimizer(cfg, model)
-    amp = bool(cfg.TRAIN.AMP) and info.device.type == "cuda"
-    if cfg.TRAIN.AMP and not amp:
-        logger.warning("TRAIN.AMP is set but the device is %s: training in float32", info.device)
+    amp_dtype, scaler = amp_setup(bool(cfg.TRAIN.AMP), info.device)
     writer = None
     if info.is_main:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(log_dir=tb_dir)
     return Run(cfg=cfg, info=info, task=task, model=model, optimizer=optimizer,
                scheduler=build_scheduler(cfg, optimizer, len(loader)),
-               scaler=torch.amp.GradScaler("cuda") if amp else None,
-               criterion=task.build_criterion(cfg).to(info.device), loader=loader, val_loader=val_loader,
-               regularizer=JacobianRegularizer.from_cfg(cfg), writer=writer)
+               scaler=scaler, criterion=task.build_criterion(cfg).to(info.device), loader=loader,
+               val_loader=val_loader, regularizer=JacobianRegularizer.from_cfg(cfg), writer=writer,
+               amp_dtype=amp_dtype)
+
+
+def autocast_dtype(enabled: bool, device: torch.device) -> Optional[torch.dtype]:
+    """TRAIN.AMP's autocast dtype: bfloat16 where the GPU has it (float32's exponent range, so no
+    loss scaling and no steps skipped while a scale settles), else float16; None when off or not
+    on CUDA."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def amp_setup(enabled: bool, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
+    """The autocast dtype (:func:`autocast_dtype`) and, for float16 only, a loss scaler."""
+    dtype = autocast_dtype(enabled, device)
+    if enabled and dtype is None:
+        logger.warning("TRAIN.AMP is set but the device is %s: training in float32", device)
+    return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
 
 def param_checksum(model: nn.Module) -> float:
