@@ -169,7 +169,6 @@ def test_scheduler_resume_is_exact():
         build_optimizer(load_config(DIGITS_CFG, ["TRAIN.OPTIMIZER", "lamb"]), [nn.Parameter(torch.zeros(1))])
 
 
-
 # ------------------------------------------------------------------------------------------ scripts
 def test_train_then_valid_scripts(cifar_root, tmp_path):
     proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)])

@@ -253,9 +253,9 @@ TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8,16,16,16]", "MODEL.NUM_GROUPS
 SEG_CFG = "experiments/cityscapes/seg_mdeq_SMALL.yaml"
 
 
-def _run(cmd, cwd=REPO, timeout=240):
+def _run(cmd, cwd=REPO, timeout=240, **extra_env):
     """Run a command in its own process group (killed whole on timeout: launchers leave workers behind)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **extra_env)  # CPU ranks
     t0 = time.time()
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -346,11 +346,7 @@ def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(city_root, tmp_
     cmd = _torchrun() + ["tests/nan_on_one_rank.py", "seg", "--cfg", SEG_CFG, "--modelDir", str(tmp_path / "o"),
                          "--logDir", str(tmp_path / "l"), "DATASET.ROOT", str(city_root), *TINY,
                          "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "2", "DATASET.TEST_SET", ""]
-    os.environ.update(NAN_RANK="1", NAN_STEP="3")
-    try:
-        out, _ = _run(cmd)
-    finally:
-        del os.environ["NAN_RANK"], os.environ["NAN_STEP"]
+    out, _ = _run(cmd, NAN_RANK="1", NAN_STEP="3")
     res = json.loads((tmp_path / "o" / "cityscapes" / "seg_mdeq_SMALL" / "results.json").read_text())
     assert res["world_size"] == 2 and res["skipped_steps"] == 1 and res["global_step"] == 4
     c0, c1 = res["rank_checksums"]
@@ -440,4 +436,3 @@ def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, c
     from mdeq.utils.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="fullstage"):
         load_backbone(other, str(out))
-

@@ -15,7 +15,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-
 from ..config import ConfigError
 
 logger = logging.getLogger(__name__)

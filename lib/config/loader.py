@@ -147,4 +147,3 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ())
     _warn_ignored(ignored, source)
     cfg.freeze()
     return cfg
-

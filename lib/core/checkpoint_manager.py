@@ -26,14 +26,14 @@ import logging
 import os
 import shutil
 import signal
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..utils.distributed import all_gather_object, unwrap
-from ..utils.optim import load_scheduler_state
+from ..utils.optim import current_lr, load_scheduler_state
 from ..utils.rng import get_rng_state, set_rng_state
 from .signals import GracefulStop, TrainingInterrupted, resume_command
 from .state import ResumableSampler, TrainState
@@ -134,15 +134,14 @@ class CheckpointManager:
         return os.path.join(self.out_dir, name)
 
     # ---------------------------------------------------------------- saving
-    def _training_state(self, epoch: int, batch_in_epoch: int) -> Dict[str, Any]:
-        rng_all = all_gather_object(get_rng_state())  # a collective: every rank calls save_latest
+    def _training_state(self, epoch: int, batch_in_epoch: int, rng_all: List[Any]) -> Dict[str, Any]:
         st = self.state
         ckpt: Dict[str, Any] = {
             "format_version": FORMAT_VERSION, "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch),
             "global_step": int(st.global_step), "bad_steps": int(st.bad_steps), "skipped_steps": int(st.skipped_steps),
             "best_metric": self.best_metric, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
-            "world_size": self.world_size, "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "world_size": self.world_size, "lr": current_lr(self.optimizer),
             "sampler": self.sampler.state(),
         }
         if self.scheduler is not None:
@@ -161,7 +160,7 @@ class CheckpointManager:
         trouble stays. Returns the path written (on every rank) or None.
         """
         where = f"epoch {epoch}, batch {batch_in_epoch}, global step {self.state.global_step}"
-        ckpt = self._training_state(epoch, batch_in_epoch)
+        rng_all = all_gather_object(get_rng_state())  # the one collective here: every rank calls save_latest
         if self.state.bad_steps > 0 or not params_finite(self.model):
             why = (f"the last {self.state.bad_steps} steps were skipped" if self.state.bad_steps > 0
                    else "some weights are not finite")
@@ -169,6 +168,7 @@ class CheckpointManager:
                            self.last_saved or "the state from before the trouble")
             return None
         if self.is_main:
+            ckpt = self._training_state(epoch, batch_in_epoch, rng_all)
             save_checkpoint(ckpt, self.latest)
             if epoch_end and self.keep > 1:
                 save_checkpoint(ckpt, self.path(f"{EPOCH_PREFIX}{int(epoch):04d}.pth.tar"))
@@ -249,7 +249,7 @@ class CheckpointManager:
         self.best = float(best)
         self.last_saved = f"epoch {epoch}, batch {batch}, global step {st.global_step}"
         logger.info("resumed from %s: epoch %d, global step %d, batch %d of the epoch, lr %.6g, best %s %.4g",
-                    src, epoch, st.global_step, batch, self.optimizer.param_groups[0]["lr"], self.best_metric,
+                    src, epoch, st.global_step, batch, current_lr(self.optimizer), self.best_metric,
                     self.best)
         return epoch, batch
 

@@ -82,8 +82,8 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-5, samples
-    solver: Dict[str, Tuple[float, float]] = {}
+    # loss, top-1, top-5, images; then per EVAL_KEYS entry: its sum x images, the images that reported it
+    sums = torch.zeros(4 + 2 * len(EVAL_KEYS), dtype=torch.float64)
     bar = progress_bar(loader, enabled=is_main, desc="valid")
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -91,19 +91,18 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
             logits = net(images, **model_kwargs).float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        sums += torch.tensor([criterion(logits, target).item(), c1, c5, n], dtype=torch.float64)
+        row = [criterion(logits, target).item(), c1, c5, n]
         for k in EVAL_KEYS:
             v = to_float(net.solver_stats.get(k))
-            if v is not None:
-                s, c = solver.get(k, (0.0, 0.0))
-                solver[k] = (s + v * n, c + n)
+            row += [v * n, n] if v is not None else [0.0, 0]
+        sums += torch.tensor(row, dtype=torch.float64)
         bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)
-    loss, c1, c5, n = all_reduce_sum(sums).tolist()
+    tot = all_reduce_sum(sums).tolist()  # one collective for every sum
+    loss, c1, c5, n = tot[:4]
     result = {"loss": loss / n if n else float("nan"), "top1": 100.0 * c1 / n if n else 0.0,
               "top5": 100.0 * c5 / n if n else 0.0, "num_samples": int(n)}
-    for k in EVAL_KEYS:
-        s, c = solver.get(k, (0.0, 0.0))
-        s, c = all_reduce_sum(s), all_reduce_sum(c)
+    for j, k in enumerate(EVAL_KEYS):
+        s, c = tot[4 + 2 * j], tot[5 + 2 * j]
         if c:
             result[k] = s / c
     return result

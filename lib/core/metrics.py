@@ -1,34 +1,9 @@
-"""Running averages and top-k accuracy for classification."""
+"""Top-k accuracy for classification."""
 from __future__ import annotations
 
 from typing import List, Sequence
 
 import torch
-
-
-class AverageMeter:
-    """Keeps the last value, the running sum, count and average of a quantity."""
-
-    def __init__(self, name: str = "", fmt: str = ":.4f") -> None:
-        self.name, self.fmt = name, fmt
-        self.reset()
-
-    def reset(self) -> None:
-        self.val = 0.0
-        self.sum = 0.0
-        self.count = 0
-        self.avg = 0.0
-
-    def update(self, val: float, n: int = 1) -> None:
-        """Add ``val`` (the mean over ``n`` samples)."""
-        self.val = float(val)
-        self.sum += float(val) * n
-        self.count += n
-        self.avg = self.sum / self.count if self.count else 0.0
-
-
-    def __str__(self) -> str:
-        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError
 from ..utils.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, unwrap
 from ..utils.logger import progress_bar
-from ..utils.optim import build_optimizer, build_scheduler
+from ..utils.optim import build_optimizer, build_scheduler, current_lr
 from .checkpoint_manager import CheckpointManager, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .regularization import JacobianRegularizer
@@ -170,7 +170,7 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
         if run.scaler is None:  # the scaler skips non-finite steps itself (and lowers its scale)
             reason = guard.gradient_problem(grad_norm)
         stats = solver_stats(run.model)  # now with the backward's statistics
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = current_lr(run.optimizer)
     if reason is None:
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
@@ -285,7 +285,7 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
             break
     bar.close()
     out = meter.reduce(device)
-    out["lr"] = run.optimizer.param_groups[0]["lr"]
+    out["lr"] = current_lr(run.optimizer)
     return out
 
 

@@ -106,6 +106,10 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])
+
 
 def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
     """Restore a schedule from :meth:`state_dict` and set the optimiser's learning rates to the
