@@ -118,6 +118,17 @@ def test_datasets_digits_split_percent_and_errors(tmp_path):
         build_cls_datasets(load_config(None, ["DATASET.DATASET", "imagenet", "DATASET.ROOT", str(tmp_path / "imagenet")]))
 
 
+def test_digits_file_reader_equals_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from mdeq.datasets.digits import digits_tensors
+    d = load_digits()
+    x, y = digits_tensors(8)  # 8x8 -> 8x8: the bilinear resize is the identity
+    assert torch.equal(y, torch.as_tensor(d.target, dtype=torch.int64))
+    expected = ((torch.as_tensor(d.images, dtype=torch.float32) / 16.0 - 0.3) / 0.4).unsqueeze(1).repeat(1, 3, 1, 1)
+    assert x.shape == (1797, 3, 8, 8) and torch.allclose(x, expected, atol=1e-6)
+
+
 def test_cifar_reader_and_safe_unpickling(cifar_root, tmp_path):
     cfg = load_config(TINY_CFG, ["DATASET.ROOT", str(cifar_root), "DATASET.AUGMENT", False])
     train, val = build_cls_datasets(cfg)

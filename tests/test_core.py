@@ -204,6 +204,40 @@ def test_weight_norm_parameters_and_recomputation():
     assert torch.allclose(norms, conv.weight_g.flatten(), atol=1e-5)
 
 
+def test_weights_fixed_computes_w_once_per_call_with_the_same_gradients(repo, monkeypatch):
+    from mdeq.modules import weights_fixed
+    model, x = _build(repo, "imagenet4", ["MODEL.GRAD", "phantom", "MODEL.PHANTOM_STEPS", "3"])
+    convs = [m for m in model.modules() if isinstance(m, WeightNormConv2d)]
+    computed = [0]
+    weight = WeightNormConv2d.weight
+
+    def counted(mod):
+        computed[0] += 1
+        return weight.fget(mod)
+    monkeypatch.setattr(WeightNormConv2d, "weight", property(counted))
+    grads = []
+    for fixed in (True, False):
+        if not fixed:  # what the model did before: w recomputed by every application of f
+            for m in convs:
+                monkeypatch.setattr(m, "forward", lambda inp, m=m: torch.nn.functional.conv2d(
+                    inp, m.weight, m.bias, m.stride, m.padding))
+        model.zero_grad(set_to_none=True)
+        computed[0] = 0
+        _loss(model, model(x, mode="equilibrium", f_thres=6, eps=0.0)).backward()
+        # once per call; before, once more by each of the 9 applications of f (6 solver steps + 3 phantom)
+        assert computed[0] == (len(convs) if fixed else 10 * len(convs))
+        assert all(m.fixed_weight is None for m in convs)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    with weights_fixed(model):
+        outer = [m.fixed_weight for m in convs]
+        with weights_fixed(model):                        # nested: the outer block's w stays
+            assert all(m.fixed_weight is w for m, w in zip(convs, outer))
+        assert all(m.fixed_weight is w for m, w in zip(convs, outer))
+    assert all(m.fixed_weight is None for m in convs)
+
+
 def _contractive_problem(bsz=3, dim=40):
     torch.manual_seed(1)
     a = torch.randn(bsz, dim, dim) * 0.6 / dim ** 0.5
@@ -346,3 +380,21 @@ def test_solvers_build_no_autograd_graph(solver):
     res = solver(f, torch.zeros(2, 5), 40, eps=1e-8)
     assert not any(grad_mode) and not res.z.requires_grad and not res.fz.requires_grad
     assert torch.allclose(res.z, torch.full((2, 5), 2.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["imagenet4", "segmentation"])
+def test_f_flops_counts_what_torch_flop_counter_counts(repo, key):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mdeq.core.classification import f_flops
+    model, x = _build(repo, key)
+    size = [x.shape[3], x.shape[2]]
+    ours = f_flops(model, size)
+    with torch.no_grad():
+        inj = model.injection(x[:1])
+        z = [inj.new_zeros(1, *s) for s in model.state_shapes(inj)]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.fullstage(z, inj)
+    assert ours is not None and ours == counter.get_total_flops() > 0
+    assert model.training and not any(m._forward_hooks for m in model.modules())

@@ -42,27 +42,38 @@ EVAL_KEYS = ("f_steps", "f_abs", "f_rel", "spectral_radius")
 
 
 def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
-    """FLOPs of one evaluation of f_theta for one image (None if they cannot be counted)."""
+    """FLOPs of one evaluation of f_theta for one image (None if they cannot be counted).
+
+    Convolutions are the only matrix products in f, so they are counted from forward hooks:
+    2 * output elements * (C_in / groups * kh * kw) each, what ``torch.utils.flop_counter`` counts,
+    without its first-use cost (about a second, in every run's wall time).
+    """
+    from ..modules import WeightNormConv2d
+    net = unwrap(model)
+    total = [0]
+
+    def count(mod: nn.Module, inputs, out: torch.Tensor) -> None:
+        weight = mod.weight_v if isinstance(mod, WeightNormConv2d) else mod.weight
+        total[0] += 2 * out.numel() * weight[0].numel()
+
+    hooks = [m.register_forward_hook(count) for m in net.fullstage.modules()
+             if isinstance(m, (nn.Conv2d, WeightNormConv2d))]
+    was_training = net.training
+    net.eval()
     try:
-        from torch.utils.flop_counter import FlopCounterMode
-        net = unwrap(model)
-        was_training = net.training
-        net.eval()
-        try:
-            p = next(net.parameters())
-            x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
-            with torch.no_grad():
-                inj = net.injection(x)
-                z = [inj.new_zeros(1, *s) for s in net.state_shapes(inj)]
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    net.fullstage(z, inj)
-            return int(counter.get_total_flops())
-        finally:
-            net.train(was_training)
+        p = next(net.parameters())
+        x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            inj = net.injection(x)
+            net.fullstage([inj.new_zeros(1, *s) for s in net.state_shapes(inj)], inj)
+        return total[0]
     except Exception as e:  # the summary is informative only
         logger.debug("FLOP count skipped: %s", e)
         return None
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
 
 
 def _check_classes(ds: Dataset, cfg) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import (VariationalDropout2d, attach_implicit_backward, attach_phantom_backward, conv2d,
-                       hutchinson_jac_loss, spectral_radius)
+                       hutchinson_jac_loss, spectral_radius, weights_fixed)
 from ..solvers import SolverFn, SolverWorkspace, get_solver, option_names, resolve_solver, solver_options
 
 logger = logging.getLogger(__name__)
@@ -392,28 +392,37 @@ class MDEQNet(nn.Module):
         """
         mode = self.resolve_mode(mode, train_step)
         self.jac_loss = None
-        inj = self.injection(x)
-        problem = self.equilibrium_problem(inj)
-        want_jac = bool(jac_loss) and torch.is_grad_enabled()
-        if mode == "unrolled":
-            depth = self.num_layers if depth is None else int(depth)
-            z = problem.z0
-            for k in range(depth):
-                last = k == depth - 1
-                z_in = z.requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
-                z = problem.f(z_in)
-                if want_jac and last:
-                    self._record_jac_loss(z_in, z)
-            self.solver_stats = {"mode": "unrolled", "f_steps": depth}
-            if self.jac_loss is not None:
-                self.solver_stats["jac_loss"] = float(self.jac_loss.detach())
-            return problem.unflatten(z)
+        with weights_fixed(self.fullstage):  # one w per call, see weights_fixed
+            problem = self.equilibrium_problem(self.injection(x))
+            want_jac = bool(jac_loss) and torch.is_grad_enabled()
+            if mode == "unrolled":
+                z = self._unrolled(problem, self.num_layers if depth is None else int(depth), want_jac)
+            else:
+                z = self._solved(problem, self.f_thres if f_thres is None else f_thres,
+                                 self.b_thres if b_thres is None else b_thres, solver, eps, want_jac)
+        if self.jac_loss is not None:
+            self.solver_stats["jac_loss"] = float(self.jac_loss.detach())
+        return problem.unflatten(z)
 
+    def _unrolled(self, problem: EquilibriumProblem, depth: int, want_jac: bool) -> Tensor:
+        """(B, D) after ``depth`` weight-tied applications of f from z0, with autograd (the warm-up)."""
+        z = problem.z0
+        for k in range(depth):
+            last = k == depth - 1
+            z_in = z.requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
+            z = problem.f(z_in)
+            if want_jac and last:
+                self._record_jac_loss(z_in, z)
+        self.solver_stats = {"mode": "unrolled", "f_steps": depth}
+        return z
+
+    def _solved(self, problem: EquilibriumProblem, f_thres: int, b_thres: int, solver: Optional[SolverChoice],
+                eps: Optional[float], want_jac: bool) -> Tensor:
+        """(B, D) the forward solver's equilibrium; with autograd on, connected to the graph by the
+        configured backward (:meth:`_differentiable_output`)."""
         f_solver, b_solver = self._call_solvers(solver)
         tol = {} if eps is None else {"eps": eps}
-        f_thres = self.f_thres if f_thres is None else f_thres
-        b_thres = self.b_thres if b_thres is None else b_thres
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(problem.z0.device.type, enabled=False):
             result = f_solver(problem.f, problem.z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
         stats = {"mode": "equilibrium", **result.stats("f"), "f_trace": result.trace}
         self.solver_stats = stats
@@ -421,14 +430,10 @@ class MDEQNet(nn.Module):
             logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
                            result.rel_residual, result.steps)
         if torch.is_grad_enabled():
-            z = self._differentiable_output(problem, result.z, b_solver, b_thres, stats, want_jac, tol)
-        else:
-            z = result.fz
-            if self.spectral_radius_iters > 0 and not self.training:
-                stats["spectral_radius"] = float(spectral_radius(problem.f, result.z, self.spectral_radius_iters).mean())
-        if self.jac_loss is not None:
-            stats["jac_loss"] = float(self.jac_loss.detach())
-        return problem.unflatten(z)
+            return self._differentiable_output(problem, result.z, b_solver, b_thres, stats, want_jac, tol)
+        if self.spectral_radius_iters > 0 and not self.training:
+            stats["spectral_radius"] = float(spectral_radius(problem.f, result.z, self.spectral_radius_iters).mean())
+        return result.fz
 
     def _record_jac_loss(self, z_in: Tensor, z_out: Tensor) -> None:
         self.jac_loss = hutchinson_jac_loss(z_in, z_out, self.jac_probes)

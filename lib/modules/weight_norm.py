@@ -4,8 +4,16 @@ The weight is ``w = g * v / ||v||`` with the norm taken over every dimension but
 channel; ``g`` has shape (C_out, 1, 1, 1). The parameters are named ``weight_g`` and ``weight_v``
 as in the original MDEQ checkpoints, and ``w`` is recomputed from them on every forward, so an
 optimizer step on ``g`` or ``v`` is seen at once.
+
+One model call evaluates f many times with the same weights (every solver step, every unrolled
+layer, every phantom step). :func:`weights_fixed` computes each ``w`` once for such a call, as the
+original's ``_reset`` does, and the applications that autograd records share it: their weight
+gradients add up at ``w`` and flow back through the normalisation once.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +34,7 @@ class WeightNormConv2d(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.weight_g = nn.Parameter(torch.empty(out_channels, 1, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.fixed_weight: Optional[torch.Tensor] = None   # set by weights_fixed
         nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)
         self.reset_g()
 
@@ -40,11 +49,28 @@ class WeightNormConv2d(nn.Module):
         return v * (self.weight_g / v.flatten(1).norm(dim=1).view_as(self.weight_g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        w = self.fixed_weight if self.fixed_weight is not None else self.weight
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         out_c, in_c, k, _ = self.weight_v.shape
         return f"{in_c}, {out_c}, kernel_size={k}, stride={self.stride}, padding={self.padding}, weight_norm=True"
+
+
+@contextlib.contextmanager
+def weights_fixed(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`WeightNormConv2d` in ``module`` uses one ``w`` computed on entry
+    (with autograd if it is on there). The graphs recorded inside keep that ``w``: a backward pass
+    after the block (the implicit backward's adjoint solve) still reaches ``g`` and ``v``."""
+    convs: List[WeightNormConv2d] = [m for m in module.modules()    # not those an outer block fixed
+                                      if isinstance(m, WeightNormConv2d) and m.fixed_weight is None]
+    for m in convs:
+        m.fixed_weight = m.weight
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.fixed_weight = None
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False,
