@@ -36,12 +36,14 @@ class Variant:
 
 def digits_variants(repo: Path) -> List[Variant]:
     """The issue-14 comparison on the embedded digits: the quickstart (implicit gradient), the ``_fast``
-    config, and each method on the quickstart's config (ordered so that a cut-short run has the
-    baseline and the ``_fast`` config first)."""
+    config (also with the quickstart's 6-layer warm-up), and each method on the quickstart's config
+    (ordered so that a cut-short run has the baseline and the ``_fast`` config first)."""
     base = str(repo / "experiments/digits/cls_mdeq_digits.yaml")
+    fast = str(repo / "experiments/digits/cls_mdeq_digits_fast.yaml")
     return [
         Variant("implicit (quickstart)", base),
-        Variant("_fast config", str(repo / "experiments/digits/cls_mdeq_digits_fast.yaml")),
+        Variant("_fast config", fast),
+        Variant("_fast, 6-layer warm-up", fast, ["MODEL.NUM_LAYERS", "6"]),
         Variant("phantom (k 5, tau 0.5)", base, ["MODEL.GRAD", "phantom", "MODEL.PHANTOM_STEPS", "5",
                                                  "MODEL.PHANTOM_TAU", "0.5"]),
         Variant("JFB", base, ["MODEL.GRAD", "jfb"]),

@@ -5,4 +5,5 @@ from .implicit import attach_implicit_backward, attach_phantom_backward
 from .jacobian import hutchinson_jac_loss, spectral_radius
 from .weight_norm import WeightNormConv2d, conv2d, weights_fixed
 
-__all__ = ["attach_implicit_backward", "attach_phantom_backward", "hutchinson_jac_loss", "spectral_radius", "VariationalDropout2d", "WeightNormConv2d", "conv2d", "weights_fixed"]
+__all__ = ["attach_implicit_backward", "attach_phantom_backward", "hutchinson_jac_loss", "spectral_radius",
+           "VariationalDropout2d", "WeightNormConv2d", "conv2d", "weights_fixed"]

@@ -62,8 +62,9 @@ def weights_fixed(module: nn.Module) -> Iterator[None]:
     """Within the block, every :class:`WeightNormConv2d` in ``module`` uses one ``w`` computed on entry
     (with autograd if it is on there). The graphs recorded inside keep that ``w``: a backward pass
     after the block (the implicit backward's adjoint solve) still reaches ``g`` and ``v``."""
-    convs: List[WeightNormConv2d] = [m for m in module.modules()    # not those an outer block fixed
-                                      if isinstance(m, WeightNormConv2d) and m.fixed_weight is None]
+    # not those that an outer block has fixed
+    convs: List[WeightNormConv2d] = [m for m in module.modules()
+                                     if isinstance(m, WeightNormConv2d) and m.fixed_weight is None]
     for m in convs:
         m.fixed_weight = m.weight
     try:
