@@ -25,7 +25,8 @@ import torch
 
 from mdeq.core.cli import tool_main
 from mdeq.models import BACKBONE_PREFIXES
-from mdeq.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, save_checkpoint
+from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, mismatch_listing,
+                                   mismatch_report, save_checkpoint)
 
 logger = logging.getLogger("convert_cls_to_seg")
 
@@ -48,15 +49,9 @@ def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) ->
         from mdeq.models import get_seg_net
         want = {k: v for k, v in get_seg_net(load_config(cfg_path, list(opts))).state_dict().items()
                 if k.startswith(BACKBONE_PREFIXES)}
-        missing = sorted(k for k in want if k not in backbone)
-        shapes = sorted(f"{k}: {tuple(backbone[k].shape)} vs {tuple(want[k].shape)}"
-                        for k in want if k in backbone and backbone[k].shape != want[k].shape)
-        if missing or shapes:
-            raise CheckpointError(f"{src} does not fit the segmentation net of {cfg_path}: missing {missing[:20]}; "
-                                  f"shape mismatches {shapes[:20]}")
-        extra = sorted(k for k in backbone if k not in want)
-        if extra:
-            raise CheckpointError(f"{src} has backbone weights the segmentation net of {cfg_path} lacks: {extra[:20]}")
+        report = mismatch_report(want, backbone)
+        if any(report):
+            raise CheckpointError(f"{src} does not fit the segmentation net of {cfg_path}" + mismatch_listing(*report))
     save_checkpoint(backbone, dst)
     logger.info("%s -> %s: %d backbone tensors kept; dropped modules: %s", src, dst, len(backbone), dropped)
     return backbone
@@ -68,8 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("src", help="classification checkpoint (ours or the original's .pkl)")
     p.add_argument("dst", help="output file for MODEL.PRETRAINED")
     p.add_argument("--cfg", default="", help="segmentation experiment file to check the result against")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of --cfg")
-    args = p.parse_args(argv)
+    p.add_argument("opts", nargs="*", help="KEY VALUE overrides of --cfg")
+    # intermixed: --cfg may come after the file names (a REMAINDER would swallow it, skipping the check)
+    args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     convert(args.src, args.dst, args.cfg, args.opts)
 

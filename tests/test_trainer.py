@@ -181,3 +181,39 @@ def test_amp_is_bfloat16_without_a_scaler_where_the_gpu_has_it_else_float16_with
         warnings.simplefilter("ignore")
         dtype, scaler = amp_setup(True, torch.device("cuda"))
     assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+
+
+class _RecordsAutocast(nn.Module):
+    """A stand-in model: a 1x1 convolution to ``classes`` maps (pooled for classification) that
+    records whether it ran under autocast, with the solver statistics the evaluations read."""
+
+    def __init__(self, classes: int, pooled: bool) -> None:
+        super().__init__()
+        self.conv, self.pooled, self.autocast = nn.Conv2d(3, classes, 1), pooled, []
+        self.solver_stats = {"f_steps": 4, "f_rel": 0.01}
+
+    def forward(self, x):
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        out = self.conv(x)
+        return out.mean(dim=(2, 3)) if self.pooled else out
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_held_out_evaluation_autocasts_under_train_amp_in_both_tasks(monkeypatch, amp):
+    """Both tasks evaluate in the training's autocast dtype under TRAIN.AMP (bfloat16 here, on the
+    CPU, by pretending that the CPU is a device autocast_dtype chooses one for)."""
+    import mdeq.core.classification as cls_mod
+    import mdeq.core.segmentation as seg_mod
+    for mod in (cls_mod, seg_mod):
+        monkeypatch.setattr(mod, "autocast_dtype", lambda enabled, device: torch.bfloat16 if enabled else None)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 8, 8)
+    cls_model = _RecordsAutocast(10, pooled=True)
+    cfg = load_config(DIGITS_CFG, ["TRAIN.AMP", amp])
+    res = cls_mod.validate(cls_model, [(images, torch.tensor([0, 1, 2, 3]))], cfg, cpu, is_main=False)
+    assert cls_model.autocast == [amp] and res["num_samples"] == 4 and math.isfinite(res["loss"])
+    seg_model = _RecordsAutocast(3, pooled=False)
+    labels = torch.randint(0, 3, (4, 8, 8))
+    scores = seg_mod.evaluate(seg_model, [(images, labels, ["a", "b", "c", "d"])], 3, cpu, is_main=False, amp=amp)
+    assert seg_model.autocast == [amp] and scores["images"] == 4 and 0.0 <= scores["miou"] <= 1.0

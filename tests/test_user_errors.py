@@ -212,6 +212,14 @@ def test_converter_bad_input_is_one_line(junk, tmp_path):
     proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth", tmp_path / "o.pth"])
     _one_error_line(proc, "CheckpointError", "no equilibrium stage")
     assert not (tmp_path / "o.pth").exists()
+    # a classification checkpoint of another width than the segmentation config: the report lists it
+    from mdeq.models import get_cls_net
+    save_checkpoint(get_cls_net(load_config(DIGITS)).state_dict(), tmp_path / "digits.pth")
+    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth", tmp_path / "o.pth",
+                 "--cfg", SEG_CFG])
+    _one_error_line(proc, "CheckpointError", "does not fit the segmentation net of", SEG_CFG)
+    assert "missing in the checkpoint" in proc.all and "shape mismatches" in proc.all
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_plot_convergence_needs_only_the_readme_install():

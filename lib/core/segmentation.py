@@ -38,7 +38,7 @@ from .seg_metrics import confusion_matrix, scores_from_confusion
 from .solver_stats import to_float
 from .state import make_loader
 from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import STOPPED_TOGETHER, Task, fit
+from .trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -72,23 +72,27 @@ def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Seque
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device, ignore: int = 255,
              scales: Sequence[float] = (1.0,), flip: bool = False, is_main: bool = True,
              class_names: Optional[Sequence[str]] = None,
-             on_prediction: Optional[Callable[[np.ndarray, str], None]] = None, **model_kwargs: Any) -> Dict[str, Any]:
+             on_prediction: Optional[Callable[[np.ndarray, str], None]] = None, amp: bool = False,
+             **model_kwargs: Any) -> Dict[str, Any]:
     """Evaluate on ``loader`` (image, label, name batches; labels at full resolution).
 
     Returns the scores of :func:`mdeq.core.seg_metrics.scores_from_confusion` plus ``confusion``
     (list of lists), ``mean_f_steps`` and ``mean_f_rel`` (forward solver steps and final relative
     residual per image, over the images of every rank) and ``images``. ``on_prediction(pred, name)``
-    gets each predicted train-id map (H, W) uint8 on the rank that computed it; ``model_kwargs`` go
-    to the model calls.
+    gets each predicted train-id map (H, W) uint8 on the rank that computed it; ``amp`` (TRAIN.AMP)
+    runs the model under the training's autocast dtype (:func:`~mdeq.core.trainer.autocast_dtype`);
+    ``model_kwargs`` go to the model calls.
     """
     net = unwrap(model)
     net.eval()
+    amp_dtype = autocast_dtype(amp, device)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     # sums of f_steps * images, f_rel * images, those images, all images
     steps = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
         conf += confusion_matrix(pred, labels, num_classes, ignore)
         f_steps, f_rel = (to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel"))
         if f_steps is not None:
@@ -163,7 +167,7 @@ class SegmentationTask(Task):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, cfg, info: DistInfo) -> Dict[str, Any]:
         return evaluate(model, loader, cfg.DATASET.NUM_CLASSES, info.device, ignore_label(cfg),
-                        is_main=info.is_main, class_names=CLASS_NAMES)
+                        is_main=info.is_main, class_names=CLASS_NAMES, amp=bool(cfg.TRAIN.AMP))
 
     def describe(self, result: Dict[str, Any]) -> str:
         return "validation:\n" + format_scores(result)
@@ -237,7 +241,7 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
 
     scores = evaluate(model, make_loader(dataset, cfg, info, train=False), cfg.DATASET.NUM_CLASSES, info.device,
                       ignore_label(cfg), scales=scales, flip=cfg.TEST.FLIP_TEST, is_main=info.is_main,
-                      class_names=CLASS_NAMES, on_prediction=write)
+                      class_names=CLASS_NAMES, on_prediction=write, amp=bool(cfg.TRAIN.AMP))
     if not dataset.labeled:
         logger.info("%d predictions (label ids, benchmark format) written to %s; mean solver steps %.2f",
                     scores["images"], os.path.join(pic_dir, "label_ids"), scores["mean_f_steps"])
@@ -264,7 +268,8 @@ def _sweep(cfg, info: DistInfo, out_dir: str, budgets: str) -> Dict[str, Any]:
 
     def run(f_thres: int) -> Dict[str, float]:
         s = evaluate(model, loader, cfg.DATASET.NUM_CLASSES, info.device, ignore_label(cfg), scales=scales,
-                     flip=cfg.TEST.FLIP_TEST, is_main=info.is_main, class_names=CLASS_NAMES, f_thres=f_thres)
+                     flip=cfg.TEST.FLIP_TEST, is_main=info.is_main, class_names=CLASS_NAMES, f_thres=f_thres,
+                     amp=bool(cfg.TRAIN.AMP))
         return {"miou": 100.0 * s["miou"], "f_steps": s["mean_f_steps"], "f_rel": s["mean_f_rel"]}
 
     return sweep_checkpoints(cfg, out_dir, budgets, lambda p: load_weights(model, p, strict=True), "miou",

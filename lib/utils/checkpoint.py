@@ -231,8 +231,10 @@ def extract_state_dict(obj: Any, source: str = "") -> Dict[str, torch.Tensor]:
     return out
 
 
-def _mismatch_report(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
-                     ) -> Tuple[List[str], List[str], List[str]]:
+def mismatch_report(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+                    ) -> Tuple[List[str], List[str], List[str]]:
+    """(missing, unexpected, shapes): the keys of ``model_sd`` that ``sd`` lacks, the keys of ``sd``
+    that ``model_sd`` lacks, and one ``"key: checkpoint (..) vs model (..)"`` line per shape mismatch."""
     missing = sorted(k for k in model_sd if k not in sd)
     unexpected = sorted(k for k in sd if k not in model_sd)
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
@@ -245,6 +247,12 @@ def _listing(title: str, items: List[str], limit: int = 20) -> str:
     return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more if items else ""
 
 
+def mismatch_listing(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:
+    """The three lists of :func:`mismatch_report` as the indented lines of an error message."""
+    return (_listing("missing in the checkpoint", missing) + _listing("unexpected in the checkpoint", unexpected)
+            + _listing("shape mismatches", shapes))
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Dict[str, List[str]]:
     """Load our checkpoint or an original MDEQ ``.pkl`` into ``model``.
 
@@ -255,12 +263,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
     target = unwrap(model)
     model_sd = target.state_dict()
-    missing, unexpected, shapes = _mismatch_report(model_sd, sd)
+    missing, unexpected, shapes = mismatch_report(model_sd, sd)
     if strict and (missing or unexpected or shapes):
-        raise CheckpointError(
-            f"{path} does not fit this model (another architecture or config?)"
-            + _listing("missing in the checkpoint", missing) + _listing("unexpected in the checkpoint", unexpected)
-            + _listing("shape mismatches", shapes))
+        raise CheckpointError(f"{path} does not fit this model (another architecture or config?)"
+                              + mismatch_listing(missing, unexpected, shapes))
     bad = {s.split(":")[0] for s in shapes}
     target.load_state_dict({k: v for k, v in sd.items() if k in model_sd and k not in bad}, strict=False)
     return {"missing": missing, "unexpected": unexpected, "shape": shapes}
@@ -277,7 +283,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike,
     sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
     target = unwrap(model)
     model_sd = target.state_dict()
-    missing, unexpected, shapes = _mismatch_report(model_sd, sd)
+    missing, unexpected, shapes = mismatch_report(model_sd, sd)
     prefixes = tuple(required_prefixes)
     bad_required = [k for k in missing if k.startswith(prefixes)] + [s for s in shapes if s.startswith(prefixes)]
     if bad_required:
