@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..config import load_config
 from ..models import get_cls_net
+from ..modules import weights_fixed
 from ..solvers.residuals import SolverResult
 from ..utils.checkpoint import load_weights
 from .sample_images import tool_batch
@@ -149,7 +150,7 @@ def time_components(model, x: Tensor, y: Tensor, repeats: int) -> Dict[str, floa
     model.train()
     inj = model.injection(x).detach()
     problem = model.equilibrium_problem(inj)
-    with torch.no_grad():
+    with torch.no_grad(), weights_fixed(model.fullstage):    # as inside a model call: w computed once
         z = problem.z0
         for _ in range(5):                       # a state of realistic scale
             z = problem.f(z)
@@ -189,7 +190,7 @@ def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Di
     from ..solvers import get_solver
     timed = TimedSolver(get_solver(solver), device)
     kwargs = model.solver_kwargs("f", timed, eps=0.0)
-    with torch.no_grad():
+    with torch.no_grad(), weights_fixed(model.fullstage):
         inj = model.injection(x)
         problem = model.equilibrium_problem(inj)
         result_box: List[SolverResult] = []
