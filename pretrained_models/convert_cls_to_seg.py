@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from mdeq.core.cli import tool_main
+from mdeq.core.launch import parse_args as parse_launch_args
 from mdeq.models import BACKBONE_PREFIXES
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, mismatch_listing,
                                    mismatch_report, save_checkpoint)
@@ -63,9 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("src", help="classification checkpoint (ours or the original's .pkl)")
     p.add_argument("dst", help="output file for MODEL.PRETRAINED")
     p.add_argument("--cfg", default="", help="segmentation experiment file to check the result against")
-    p.add_argument("opts", nargs="*", help="KEY VALUE overrides of --cfg")
-    # intermixed: --cfg may come after the file names (a REMAINDER would swallow it, skipping the check)
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="overrides of --cfg")
+    # --cfg may come after the file names (a REMAINDER would swallow it and skip the check)
+    args = parse_launch_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     convert(args.src, args.dst, args.cfg, args.opts)
 

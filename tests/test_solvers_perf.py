@@ -129,8 +129,9 @@ def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
     from PIL import Image
     out = tmp_path / "conv"
     subprocess.run([sys.executable, "tools/plot_convergence.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
-                    "--batch-size", "2", "--image-size", "16", "--evals", "8", "--out-dir", str(out),
-                    "MODEL.DROPOUT", "0.0"], cwd=repo, check=True, capture_output=True, text=True, timeout=120)
+                    "--batch-size", "2", "--image-size", "16", "--evals", "8",
+                    "MODEL.DROPOUT", "0.0", "--out-dir", str(out)],  # an option after an override is still one
+                   cwd=repo, check=True, capture_output=True, text=True, timeout=120)
     for name in ("convergence_solvers.png", "convergence_streams.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -174,8 +175,10 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
     from mdeq.solvers.broyden import history_rows
     out = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
                           "--batch-size", "2", "--image-size", "16", "--repeats", "1", "--threads", "1",
-                          "--f-thres", "6", "--b-thres", "6", "--mem-thres", "4,16", "--json", str(tmp_path / "r.json"),
-                          "MODEL.DROPOUT", "0.0", "MODEL.F_EPS", "0.0", "MODEL.B_EPS", "0.0"], cwd=repo, check=True, capture_output=True, text=True, timeout=300)
+                          "--f-thres", "6", "--b-thres", "6", "--mem-thres", "4,16", "MODEL.DROPOUT", "0.0",
+                          "--json", str(tmp_path / "r.json"),  # an option after an override is still one
+                          "MODEL.F_EPS", "0.0", "MODEL.B_EPS", "0.0"],
+                         cwd=repo, check=True, capture_output=True, text=True, timeout=300)
     report = out.stdout
     for row in ("| one f evaluation", "| broyden |", "| anderson |", "| fixed_point |", "| unrolled warm-up, depth 6",
                 "| implicit | 4 |", "| implicit | 16 |", "| unrolled | 16 |"):

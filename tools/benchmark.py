@@ -21,6 +21,7 @@ import torch
 from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.core.cli import tool_main
+from mdeq.core.launch import parse_args as parse_launch_args
 from mdeq.utils.cpu_allocator import retain_freed_memory
 
 
@@ -42,8 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default all; the component "
                         "timings also run for train and unrolled, whose figures divide by them)")
     p.add_argument("--json", default="", help="also write the raw results here")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    args = parse_launch_args(p, argv)  # overrides anywhere, as in the training tools
     unknown = sorted(set(args.parts.split(",")) - set(PARTS) - {""})
     if unknown:
         p.error(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")

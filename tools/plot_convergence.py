@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from mdeq.config import load_config  # noqa: E402
 from mdeq.core.cli import tool_main  # noqa: E402
+from mdeq.core.launch import parse_args as parse_launch_args  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.analysis.convergence import convergence_traces  # noqa: E402
@@ -47,8 +48,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="output/convergence")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return p.parse_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    return parse_launch_args(p, argv)  # overrides anywhere, as in the training tools
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
