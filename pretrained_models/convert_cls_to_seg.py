@@ -25,7 +25,8 @@ import torch
 
 from mdeq.core.cli import tool_main
 from mdeq.core.launch import parse_args as parse_launch_args
-from mdeq.models import BACKBONE_PREFIXES
+from mdeq.config import load_config
+from mdeq.models import BACKBONE_PREFIXES, get_seg_net
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, mismatch_listing,
                                    mismatch_report, save_checkpoint)
 
@@ -46,8 +47,6 @@ def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) ->
         raise CheckpointError(f"{src}: no equilibrium stage (fullstage.* / deq.func.*) found; is it an MDEQ "
                               f"checkpoint?")
     if cfg_path:
-        from mdeq.config import load_config
-        from mdeq.models import get_seg_net
         want = {k: v for k, v in get_seg_net(load_config(cfg_path, list(opts))).state_dict().items()
                 if k.startswith(BACKBONE_PREFIXES)}
         report = mismatch_report(want, backbone)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..models import get_cls_net
 from ..modules import weights_fixed
 from ..solvers.residuals import SolverResult
@@ -215,11 +215,9 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     Returns the median time (s), the solver statistics of the last step and the time spent inside
     the solvers but outside f (``solver_own``, s per step).
     """
-    from ..solvers import resolve_solver
     device = x.device
     model.train()
-    f_timer = TimedSolver(resolve_solver(solver) if solver else model.f_solver, device)
-    b_timer = TimedSolver(resolve_solver(solver) if solver else model.b_solver, device)
+    f_timer, b_timer = (TimedSolver(s, device) for s in model.call_solvers(solver))
     call = _step_call(f_thres, b_thres, unrolled_depth, solver=(f_timer, b_timer))
 
     def step() -> None:
@@ -458,8 +456,8 @@ def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int
     """The measurements of the benchmark named in ``parts`` (see :data:`PARTS`); returns a JSON-able
     dict (see :func:`format_report`)."""
     unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {list(PARTS)}")
+    if unknown:  # a ConfigError: the tool reports it in one line, exit status 2
+        raise ConfigError(f"--parts: unknown benchmark part(s) {unknown}; choose from {','.join(PARTS)}")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     start = time.perf_counter()

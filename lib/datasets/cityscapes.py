@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import DatasetError
+from .common import DatasetError, ignore_label
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +249,9 @@ class CityscapesDataset(Dataset):
         if list_path is None:
             list_path = cfg.DATASET.TRAIN_SET if train else cfg.DATASET.TEST_SET
         w, h = cfg.TRAIN.IMAGE_SIZE
-        ignore = cfg.TRAIN.IGNORE_LABEL if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
         return cls(cfg.DATASET.ROOT, list_path, train=train, num_classes=cfg.DATASET.NUM_CLASSES,
                    crop_size=(h, w), base_size=cfg.TRAIN.BASE_SIZE, multi_scale=cfg.TRAIN.MULTI_SCALE,
-                   scale_factor=cfg.TRAIN.SCALE_FACTOR, flip=cfg.TRAIN.FLIP, ignore_label=ignore,
+                   scale_factor=cfg.TRAIN.SCALE_FACTOR, flip=cfg.TRAIN.FLIP, ignore_label=ignore_label(cfg),
                    downsample_rate=cfg.TRAIN.DOWNSAMPLERATE, labeled=None if split == "test" else True)
 
     def __len__(self) -> int:

@@ -316,7 +316,7 @@ class MDEQNet(nn.Module):
             return "unrolled"
         return "equilibrium"
 
-    def _call_solvers(self, solver: Optional[SolverChoice]) -> Tuple[SolverFn, SolverFn]:
+    def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
         """(forward, backward) solvers of one call: the configured ones, or the override ``solver``."""
         if solver is None:
             return self.f_solver, self.b_solver
@@ -420,7 +420,7 @@ class MDEQNet(nn.Module):
                 eps: Optional[float], want_jac: bool) -> Tensor:
         """(B, D) the forward solver's equilibrium; with autograd on, connected to the graph by the
         configured backward (:meth:`_differentiable_output`)."""
-        f_solver, b_solver = self._call_solvers(solver)
+        f_solver, b_solver = self.call_solvers(solver)
         tol = {} if eps is None else {"eps": eps}
         with torch.no_grad(), torch.autocast(problem.z0.device.type, enabled=False):
             result = f_solver(problem.f, problem.z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
