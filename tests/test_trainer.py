@@ -217,3 +217,12 @@ def test_held_out_evaluation_autocasts_under_train_amp_in_both_tasks(monkeypatch
     labels = torch.randint(0, 3, (4, 8, 8))
     scores = seg_mod.evaluate(seg_model, [(images, labels, ["a", "b", "c", "d"])], 3, cpu, is_main=False, amp=amp)
     assert seg_model.autocast == [amp] and scores["images"] == 4 and 0.0 <= scores["miou"] <= 1.0
+
+
+def test_starting_weights_are_read_only_when_asked_for(tmp_path):
+    """A resumed run builds its model without TRAIN.MODEL_FILE (the checkpoint replaces every weight):
+    the file is not even read then."""
+    cfg = load_config(DIGITS_CFG, ["TRAIN.MODEL_FILE", str(tmp_path / "gone.pth")])
+    ClassificationTask().build_model(cfg, initial_weights=False)
+    with pytest.raises(FileNotFoundError):
+        ClassificationTask().build_model(cfg, initial_weights=True)

@@ -72,7 +72,7 @@ def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional
     resume_file = cfg.TRAIN.CHECKPOINT or latest
     if is_main and os.path.isdir(out_dir):
         for f in os.listdir(out_dir):
-            if f.startswith(".tmp-" + EPOCH_PREFIX) or f.startswith(".tmp-checkpoint"):
+            if f.startswith(".tmp-checkpoint"):   # the latest, epoch and healthy copies' temporary files
                 logger.warning("removing %s, the temporary file of a checkpoint write that was interrupted",
                                os.path.join(out_dir, f))
                 os.remove(os.path.join(out_dir, f))
@@ -182,8 +182,9 @@ class CheckpointManager:
         ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one."""
         target = self.path(HEALTHY)
         if not self.keeping_healthy and self.is_main and os.path.isfile(self.latest):
-            shutil.copyfile(self.latest, target + ".part")
-            os.replace(target + ".part", target)
+            part = self.path(".tmp-" + HEALTHY)   # a leftover is removed at the next start, as save_checkpoint's
+            shutil.copyfile(self.latest, part)
+            os.replace(part, target)
         self.keeping_healthy = True
         return target if os.path.isfile(target) or not self.is_main else None
 

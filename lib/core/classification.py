@@ -125,9 +125,9 @@ class ClassificationTask(Task):
     name = "classification"
     best_metric = "top1"
 
-    def build_model(self, cfg, for_training: bool) -> nn.Module:
+    def build_model(self, cfg, initial_weights: bool) -> nn.Module:
         model = get_cls_net(cfg)
-        if for_training and cfg.TRAIN.MODEL_FILE:
+        if initial_weights and cfg.TRAIN.MODEL_FILE:
             load_weights(model, cfg.TRAIN.MODEL_FILE)
             logger.info("initialised from %s", cfg.TRAIN.MODEL_FILE)
         return model
@@ -206,7 +206,7 @@ def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg, info, out_dir, _ = _setup(args, "valid")
     with process_group_closed():
         task = ClassificationTask()
-        model = task.build_model(cfg, for_training=False).to(info.device)
+        model = task.build_model(cfg, initial_weights=False).to(info.device)
         if args.f_thres_sweep:
             loader = make_loader(build_cls_val_dataset(cfg), cfg, info, train=False)
             return sweep_checkpoints(

@@ -140,12 +140,12 @@ class SegmentationTask(Task):
     best_metric = "miou"
     drop_last = True   # batch norm in the head needs more than one image
 
-    def build_model(self, cfg, for_training: bool) -> nn.Module:
+    def build_model(self, cfg, initial_weights: bool) -> nn.Module:
         model = get_seg_net(cfg)
         logger.info("segmentation MDEQ: %s trainable parameters", f"{count_parameters(model):,}")
-        if for_training and cfg.MODEL.PRETRAINED:
+        if initial_weights and cfg.MODEL.PRETRAINED:
             load_backbone(model, cfg.MODEL.PRETRAINED)
-        if for_training and cfg.TRAIN.MODEL_FILE:
+        if initial_weights and cfg.TRAIN.MODEL_FILE:
             logger.info("TRAIN.MODEL_FILE: loading every weight of %s", cfg.TRAIN.MODEL_FILE)
             load_weights(model, cfg.TRAIN.MODEL_FILE, strict=True)
         return model
@@ -218,7 +218,7 @@ def test_main(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str, Any]:
     model_file = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
-    model = SegmentationTask().build_model(cfg, for_training=False)
+    model = SegmentationTask().build_model(cfg, initial_weights=False)
     load_weights(model, model_file, strict=True)
     model.to(info.device)
     logger.info("evaluating %s", model_file)
@@ -262,7 +262,7 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
 def _sweep(cfg, info: DistInfo, out_dir: str, budgets: str) -> Dict[str, Any]:
     """``seg_test.py --f-thres-sweep``: mIoU (%), mean relative residual and forward steps of each
     checkpoint at each forward budget (no pictures)."""
-    model = SegmentationTask().build_model(cfg, for_training=False).to(info.device)
+    model = SegmentationTask().build_model(cfg, initial_weights=False).to(info.device)
     loader = make_loader(CityscapesDataset.from_config(cfg, "test"), cfg, info, train=False)
     scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
 

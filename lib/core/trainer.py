@@ -64,8 +64,9 @@ class Task:
     #: drop the last incomplete training batch (batch norm on a batch of one is undefined)
     drop_last = False
 
-    def build_model(self, cfg, for_training: bool) -> nn.Module:
-        """The model on the CPU, with pretrained / initial weights loaded (TRAIN.MODEL_FILE, ...)."""
+    def build_model(self, cfg, initial_weights: bool) -> nn.Module:
+        """The model on the CPU; with ``initial_weights``, a training run's starting weights loaded
+        (TRAIN.MODEL_FILE, MODEL.PRETRAINED ...)."""
         raise NotImplementedError
 
     def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
@@ -290,10 +291,11 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
 
 
 # ------------------------------------------------------------------------------------------ the run
-def build_run(task: Task, cfg, info: DistInfo, tb_dir: str) -> Run:
+def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: bool = True) -> Run:
     """Model, data, optimizer, schedule (per step), AMP scaler, criterion and TensorBoard writer;
-    the model is not yet DDP-wrapped (a checkpoint is restored into it first)."""
-    model = task.build_model(cfg, for_training=True).to(info.device)
+    the model is not yet DDP-wrapped (a checkpoint is restored into it first). ``initial_weights``:
+    load the configured starting weights (not when resuming: the checkpoint replaces them all)."""
+    model = task.build_model(cfg, initial_weights=initial_weights).to(info.device)
     train_set, val_set = task.build_datasets(cfg)
     loader = make_loader(train_set, cfg, info, train=True, drop_last=task.drop_last)
     if len(loader) == 0:
@@ -407,7 +409,7 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     ckpt = resume_checkpoint(out_dir, cfg, info.is_main, info.device)  # a bad file fails before the data is read
     if info.is_main:
         logger.info("config:\n%s", cfg.dump())
-    run = build_run(task, cfg, info, tb_dir)
+    run = build_run(task, cfg, info, tb_dir, initial_weights=ckpt is None)
     manager = CheckpointManager(out_dir, cfg, info.is_main, task.best_metric, run.model, run.optimizer,
                                 run.scheduler, run.scaler, run.loader.sampler, run.state,
                                 stateful={"health": run.health}, world_size=info.world_size)
