@@ -226,3 +226,18 @@ def test_starting_weights_are_read_only_when_asked_for(tmp_path):
     ClassificationTask().build_model(cfg, initial_weights=False)
     with pytest.raises(FileNotFoundError):
         ClassificationTask().build_model(cfg, initial_weights=True)
+
+
+def test_the_model_files_to_evaluate_default_to_the_final_weights_and_must_exist(tmp_path):
+    from mdeq.core.checkpoint_manager import FINAL, model_files
+    cfg = load_config(DIGITS_CFG)
+    with pytest.raises(FileNotFoundError, match=f"no model to evaluate: {tmp_path / FINAL} does not exist"):
+        model_files(cfg, str(tmp_path))
+    (tmp_path / FINAL).write_bytes(b"x")
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"x"), b.write_bytes(b"x")
+    assert model_files(cfg, str(tmp_path)) == [str(tmp_path / FINAL)]
+    cfg = load_config(DIGITS_CFG, ["TEST.MODEL_FILE", f"{a},{b}"])
+    assert model_files(cfg, str(tmp_path), several=True) == [str(a), str(b)]
+    with pytest.raises(FileNotFoundError, match="does not exist"):   # one file, so the list is one name
+        model_files(cfg, str(tmp_path))

@@ -51,6 +51,23 @@ FORMAT_VERSION = 3
 _OLD_BEST_KEYS = ("best_acc", "best_miou")  # format 2 named the best metric per task
 
 
+def model_files(cfg, out_dir: str, several: bool = False) -> List[str]:
+    """The checkpoints an evaluation loads: TEST.MODEL_FILE (``--testModel``; with ``several``, a
+    comma-separated list) or else the run's final weights in ``out_dir``.
+
+    Raises:
+        FileNotFoundError: one of them does not exist (a folder or another kind of file is left to
+            :func:`~mdeq.utils.checkpoint.load_checkpoint`, which says what it is).
+    """
+    text = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
+    files = [p for p in text.split(",") if p] if several else [text]
+    for path in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
+                                    f"TEST.MODEL_FILE, or train first so that {FINAL} exists)")
+    return files
+
+
 def params_finite(model: nn.Module) -> bool:
     """Whether every floating-point parameter and buffer of ``model`` is finite."""
     return all(bool(torch.isfinite(t).all().item()) for t in unwrap(model).state_dict().values()

@@ -26,7 +26,7 @@ from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
-from .checkpoint_manager import FINAL
+from .checkpoint_manager import model_files
 from .launch import base_parser, config_from_args, setup_process
 from .launch import parse_args as parse_launch_args
 from .metrics import topk_correct
@@ -212,10 +212,7 @@ def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             return sweep_checkpoints(
                 cfg, out_dir, args.f_thres_sweep, lambda p: load_weights(model, p), "top1", "held-out top-1 (%)",
                 lambda t: validate(model, loader, cfg, info.device, is_main=info.is_main, f_thres=t), info.is_main)
-        path = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
-        if not os.path.exists(path):  # a folder or a non-checkpoint file: load_weights says what it is
-            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (give --testModel FILE or "
-                                    f"TEST.MODEL_FILE, or train first so that {FINAL} exists)")
+        [path] = model_files(cfg, out_dir)
         load_weights(model, path)
         logger.info("weights: %s", path)
         summary = task.summary(model, cfg)

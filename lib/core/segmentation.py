@@ -30,7 +30,7 @@ from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
-from .checkpoint_manager import FINAL
+from .checkpoint_manager import model_files
 from .criterion import build_criterion, resize_logits
 from .launch import base_parser, config_from_args, setup_process
 from .launch import parse_args as parse_launch_args
@@ -217,7 +217,7 @@ def test_main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str, Any]:
-    model_file = cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)
+    [model_file] = model_files(cfg, out_dir)
     model = SegmentationTask().build_model(cfg, initial_weights=False)
     load_weights(model, model_file, strict=True)
     model.to(info.device)

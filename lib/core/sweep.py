@@ -5,11 +5,10 @@ the table goes to the log, the plot and the rows to ``OUTPUT_DIR/.../f_thres_swe
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Callable, Dict, Mapping
 
 from ..analysis.sweep import parse_budgets, sweep_models
-from .checkpoint_manager import FINAL
+from .checkpoint_manager import model_files
 
 
 def add_sweep_option(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +28,6 @@ def sweep_checkpoints(cfg, out_dir: str, budgets: str, load: Callable[[str], Any
         FileNotFoundError: a checkpoint does not exist.
     """
     thresholds = parse_budgets(budgets)
-    files = [p for p in (cfg.TEST.MODEL_FILE or os.path.join(out_dir, FINAL)).split(",") if p]
-    for path in files:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no model to evaluate: {path} does not exist (--testModel)")
+    files = model_files(cfg, out_dir, several=True)
     rows = sweep_models(files, load, evaluate, thresholds, out_dir, metric_key, metric_name, write=write)
     return {p: [r.as_dict() for r in rs] for p, rs in rows.items()}
