@@ -40,6 +40,7 @@ _C.MODEL.B_THRES = 40
 _C.MODEL.DOWNSAMPLE_TIMES = 2
 _C.MODEL.EXPANSION_FACTOR = 5
 _C.MODEL.IMAGE_SIZE = [256, 256]
+_C.MODEL.IN_CHANNELS = 3  # new: channels of the input images (1 for Fashion-MNIST's grey photos)
 _C.MODEL.BN_MOMENTUM = -1.0  # new: <0 means the original's choice (0.1 classification, 0.01 segmentation)
 # new: equilibrium solvers ('broyden', 'anderson' or 'fixed_point') for the forward and backward
 _C.MODEL.F_SOLVER = "broyden"
@@ -96,6 +97,8 @@ _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.NUM_CLASSES = 1000
 _C.DATASET.TEST_SET = "valid"
 _C.DATASET.AUGMENT = True  # new: CIFAR random crop + flip (False: the paper's no-augmentation setting)
+# new: training images held out as a validation split (fashion_mnist; DATASET.TEST_SET 'val' evaluates on it)
+_C.DATASET.VAL_SIZE = 0
 _C.DATASET.DOWNLOAD = False  # new: let torchvision download CIFAR-10 when it is missing
 
 # ------------------------------------------------------------------ training

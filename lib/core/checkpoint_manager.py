@@ -10,6 +10,10 @@
                                of the best held-out score; never replaced by a worse one
 ``final_state.pth``            the final weights as a bare state dict (as the original MDEQ / HRNet)
 ``results.json``               the final held-out metrics, counters, wall time
+``history.jsonl``              one line per finished epoch: its training means (loss, metrics,
+                               solver statistics), held-out scalars, step and time (what
+                               ``tools/plot_training.py`` draws); a resumed run drops the lines
+                               of the epochs it trains again
 =============================  ==================================================================
 
 A training state holds the model, optimizer, scheduler and AMP scaler states, the position
@@ -47,6 +51,7 @@ HEALTHY = "checkpoint_healthy.pth.tar"
 BEST = "model_best.pth.tar"
 FINAL = "final_state.pth"
 RESULTS = "results.json"
+HISTORY = "history.jsonl"
 FORMAT_VERSION = 3
 _OLD_BEST_KEYS = ("best_acc", "best_miou")  # format 2 named the best metric per task
 
@@ -178,9 +183,8 @@ class CheckpointManager:
         """
         where = f"epoch {epoch}, batch {batch_in_epoch}, global step {self.state.global_step}"
         rng_all = all_gather_object(get_rng_state())  # the one collective here: every rank calls save_latest
-        if self.state.bad_steps > 0 or not params_finite(self.model):
-            why = (f"the last {self.state.bad_steps} steps were skipped" if self.state.bad_steps > 0
-                   else "some weights are not finite")
+        why = self.saveable()
+        if why is not None:
             logger.warning("not saving a checkpoint at %s: %s; %s keeps %s", where, why, self.latest,
                            self.last_saved or "the state from before the trouble")
             return None
@@ -193,6 +197,35 @@ class CheckpointManager:
             logger.info("checkpoint saved: %s (%s)", self.latest, where)
         self.last_saved = where
         return self.latest
+
+    def saveable(self) -> Optional[str]:
+        """Why the current state must not be saved (steps being skipped, weights not finite), or None."""
+        if self.state.bad_steps > 0:
+            return f"the last {self.state.bad_steps} steps were skipped"
+        return None if params_finite(self.model) else "some weights are not finite"
+
+    def append_history(self, epoch: int, seconds: float, train: Mapping[str, float],
+                       held_out: Mapping[str, float]) -> None:
+        """One line of ``history.jsonl`` for the finished ``epoch`` (main process only)."""
+        if not self.is_main:
+            return
+        line = {"epoch": int(epoch), "global_step": int(self.state.global_step), "epoch_time_s": float(seconds),
+                "train": {k: float(v) for k, v in train.items()}, "held_out": dict(held_out)}
+        with open(self.path(HISTORY), "a") as f:
+            f.write(json.dumps(line, allow_nan=True) + "\n")
+
+    def _trim_history(self, begin_epoch: int) -> None:
+        """Drop the history lines of epochs >= ``begin_epoch`` (a resumed run trains them again)."""
+        path = self.path(HISTORY)
+        if not (self.is_main and os.path.isfile(path)):
+            return
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < begin_epoch]
+        if len(kept) != len(lines):
+            with open(path + ".part", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".part", path)
 
     def keep_healthy_copy(self) -> Optional[str]:
         """Before an unhealthy epoch's state overwrites the latest checkpoint: keep the latest one as
@@ -264,12 +297,26 @@ class CheckpointManager:
                            "interrupted run's", saved_seed, seed)
         self._restore_rng(ckpt.get("rng"), rank)
         best = ckpt.get("best", next((ckpt[k] for k in _OLD_BEST_KEYS if k in ckpt), float("-inf")))
-        self.best = float(best)
+        # an epoch copy may predate the run's model_best: the best never goes back to a lower score
+        self.best = max(float(best), self._saved_best())
+        self._trim_history(epoch)
         self.last_saved = f"epoch {epoch}, batch {batch}, global step {st.global_step}"
         logger.info("resumed from %s: epoch %d, global step %d, batch %d of the epoch, lr %.6g, best %s %.4g",
                     src, epoch, st.global_step, batch, current_lr(self.optimizer), self.best_metric,
                     self.best)
         return epoch, batch
+
+    def _saved_best(self) -> float:
+        """The score recorded in the run's ``model_best.pth.tar`` (-inf when there is none or it is unreadable)."""
+        path = self.path(BEST)
+        if not os.path.isfile(path):
+            return float("-inf")
+        try:
+            entry = load_checkpoint(path)
+            return float(entry.get(entry.get("best_metric", self.best_metric), float("-inf")))
+        except (CheckpointError, AttributeError, TypeError, ValueError) as e:
+            logger.warning("cannot read the score of %s (%s): a better held-out score will replace it", path, e)
+            return float("-inf")
 
     def _restore_optimizer(self, ckpt: Dict[str, Any], src: str) -> None:
         saved_keys = set((ckpt["optimizer"].get("param_groups") or [{}])[0]) - {"initial_lr"}

@@ -62,7 +62,7 @@ def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
     net.eval()
     try:
         p = next(net.parameters())
-        x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
+        x = torch.zeros(1, net.downsample[0].in_channels, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
         with torch.no_grad():
             inj = net.injection(x)
             net.fullstage([inj.new_zeros(1, *s) for s in net.state_shapes(inj)], inj)

@@ -353,15 +353,16 @@ def _evaluate(run: Run, epoch: Optional[int]) -> Dict[str, Any]:
 
 
 def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[str, float],
-                  val: Dict[str, Any]) -> None:
-    """Warn about an unhealthy epoch (or stop, with TRAIN.STOP_ON_UNHEALTHY) before its state is saved."""
+                  val: Dict[str, Any]) -> bool:
+    """Warn about an unhealthy epoch (or stop, with TRAIN.STOP_ON_UNHEALTHY) before its state is saved;
+    returns whether the epoch is healthy."""
     equilibrium = run.health.equilibrium_steps > 0
     problems, numbers = run.health.end_epoch(train["loss"], run.info.device)
     own = run.task.health_problem(run.cfg, train, val) if equilibrium else None
     problems += [own] if own else []
     if not problems:
         manager.healthy_again()
-        return
+        return True
     what = f"{'; '.join(problems)} ({numbers})"
     if run.cfg.TRAIN.STOP_ON_UNHEALTHY:
         raise TrainingDiverged(f"training is unhealthy at epoch {epoch} (TRAIN.STOP_ON_UNHEALTHY): {what}. "
@@ -370,6 +371,7 @@ def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[
     logger.warning("epoch %d looks unhealthy: %s. To go on: %s; TRAIN.STOP_ON_UNHEALTHY True stops such a run. "
                    "The state from before this epoch is kept as %s.", epoch, what, ADVICE,
                    kept or "(no earlier checkpoint)")
+    return False
 
 
 def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: int, stopper: GracefulStop
@@ -392,10 +394,14 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
                 solver or "no solver statistics", tr["lr"], run.state.skipped_steps)
     if run.writer is not None:
         run.writer.add_scalar("train_epoch/loss", tr["loss"], epoch)
-    _judge_health(run, manager, epoch, tr, val)
-    saved = manager.save_latest(epoch + 1, 0, epoch_end=True)
-    if saved and val:
+    healthy = _judge_health(run, manager, epoch, tr, val)
+    # the best first, so that the epoch's checkpoint records a best that includes this epoch; an
+    # unhealthy epoch, or one whose state cannot be saved, never becomes the best
+    if val and healthy and manager.saveable() is None:
         manager.update_best(float(val.get(run.task.best_metric, float("nan"))), epoch)
+    saved = manager.save_latest(epoch + 1, 0, epoch_end=True)
+    if saved:
+        manager.append_history(epoch, time.time() - t0, tr, run.task.scalars(val) if val else {})
     barrier()
     if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
         raise manager.interrupted(stopper, saved)

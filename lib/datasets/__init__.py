@@ -1,7 +1,7 @@
-"""Datasets: CIFAR-10, ImageNet and the embedded digits for classification; Cityscapes for segmentation.
+"""Datasets: CIFAR-10, ImageNet, Fashion-MNIST and the embedded digits for classification; Cityscapes for segmentation.
 
 :func:`build_cls_datasets` returns ``(train, val)`` for ``DATASET.DATASET`` in
-``{'cifar10', 'imagenet', 'digits'}``; ``PERCENT`` < 1 keeps a fixed random part of the training set.
+``{'cifar10', 'imagenet', 'digits', 'fashion_mnist'}``; ``PERCENT`` < 1 keeps a fixed random part of the training set.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from ..config.loader import ConfigError
 from .common import DatasetError, subset_fraction
 
-CLS_DATASETS = ("cifar10", "imagenet", "digits")
+CLS_DATASETS = ("cifar10", "imagenet", "digits", "fashion_mnist")
 
 
 def _builder(cfg):
@@ -23,6 +23,8 @@ def _builder(cfg):
         from .imagenet import build_imagenet as build
     elif name == "digits":
         from .digits import build_digits as build
+    elif name in ("fashion_mnist", "fashion-mnist", "fashionmnist"):
+        from .fashion_mnist import build_fashion_mnist as build
     else:
         raise ConfigError(f"DATASET.DATASET = {cfg.DATASET.DATASET!r}: classification supports {CLS_DATASETS}")
     return build

@@ -232,7 +232,7 @@ class MDEQNet(nn.Module):
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
         self.downsample = nn.Sequential(
-            nn.Conv2d(3, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
+            nn.Conv2d(m.IN_CHANNELS, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
             nn.BatchNorm2d(c0, momentum=momentum),
             nn.ReLU(inplace=True),
             nn.Conv2d(c0, c0, 3, stride=2 if self.downsample_times >= 2 else 1, padding=1, bias=False),
