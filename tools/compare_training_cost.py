@@ -1,7 +1,8 @@
-"""Train the digits quickstart with each backward mode / regulariser for several seeds and print the
+"""Train a benchmark's config with each backward mode / regulariser for several seeds and print the
 comparison table of README's "Training cost" section (see :mod:`mdeq.analysis.cost_comparison`).
 
     python tools/compare_training_cost.py --seeds 0,1,2 --out output/training_cost
+    python tools/compare_training_cost.py --benchmark fashion_mnist --seeds 0,1 --out output/training_cost_fmnist
     python tools/compare_training_cost.py --report output/training_cost/runs.jsonl   # table only
 """
 from __future__ import annotations
@@ -10,28 +11,31 @@ import argparse
 import logging
 from pathlib import Path
 
-from mdeq.analysis.cost_comparison import digits_variants, format_table, read_runs, run_comparison
+from mdeq.analysis.cost_comparison import BENCHMARKS, format_table, read_runs, run_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="digits",
+                   help="the variants to train (default: digits)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--out", default=str(REPO / "output" / "training_cost"), help="runs and runs.jsonl go here")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--report", default="", help="print the table of an existing runs.jsonl and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    make_variants, baseline = BENCHMARKS[args.benchmark]
     if args.report:
-        print(format_table(read_runs(Path(args.report))))
+        print(format_table(read_runs(Path(args.report)), baseline))
         return
-    variants = digits_variants(REPO)
+    variants = make_variants(REPO)
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v.name in keep]
     rows = run_comparison(variants, [int(s) for s in args.seeds.split(",") if s], Path(args.out), REPO)
-    print(format_table(rows))
+    print(format_table(rows, baseline))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Compare the training cost of gradient modes and regularisers on one machine, several seeds.
+"""Compare the training cost of gradient modes and regularisers on one machine, several seeds: on the
+embedded digits (issue 14) or on Fashion-MNIST (issue 19), :data:`BENCHMARKS`.
 
 Each variant is an experiment file plus config overrides; every (variant, seed) pair is one
 ``tools/cls_train.py`` run in a fresh process, its ``results.json`` (held-out top-1, mean forward
@@ -11,18 +12,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
 METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (final eval)", "{:.2f}"),
            ("f_rel", "final rel. residual", "{:.2e}"), ("wall_time_s", "wall time (s)", "{:.1f}"))
+#: read from the run's history.jsonl: the training means of its last epoch and the time spent outside the
+#: held-out evaluations (columns of the table where a run has them)
+HISTORY_METRICS = (("train_f_steps", "train f steps (last epoch)", "{:.2f}"),
+                   ("train_f_rel", "train rel. residual (last epoch)", "{:.2e}"),
+                   ("train_b_rel", "train backward rel. residual (last epoch)", "{:.2e}"),
+                   ("train_time_s", "training time (s, no evaluation)", "{:.1f}"))
 
 
 @dataclass
@@ -52,6 +60,56 @@ def digits_variants(repo: Path) -> List[Variant]:
     ]
 
 
+#: the Fashion-MNIST comparison's schedule (issue 19), common to every variant: 5 epochs of a quarter of
+#: the 55,000 training images (13,750, drawn by the run's SEED; 108 steps an epoch, the first epoch the
+#: unrolled warm-up), each epoch's weights and the final ones evaluated on the 10,000 test images
+#: (reported, nothing is chosen on them)
+FASHION_SCHEDULE = ["PERCENT", "0.25", "TRAIN.END_EPOCH", "5", "TRAIN.PRETRAIN_STEPS", "108",
+                    "DATASET.TEST_SET", "test"]
+
+
+def fashion_mnist_variants(repo: Path) -> List[Variant]:
+    """The issue-19 comparison on Fashion-MNIST (:data:`FASHION_SCHEDULE` added to each): the main config
+    (implicit gradient), the ``_fast`` config, JFB (also with the ``_fast`` budgets), Jacobian regularisation at the main forward budget
+    and at the lower one it is meant to allow, and the implicit gradient at that lower budget."""
+    base = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist.yaml")
+    fast = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_fast.yaml")
+    jr = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_jr.yaml")
+    return [Variant(name, cfg, opts + FASHION_SCHEDULE) for name, cfg, opts in (
+        ("implicit (main config)", base, []),
+        ("_fast config", fast, []),
+        ("JFB", base, ["MODEL.GRAD", "jfb"]),
+        ("JFB, _fast budgets", fast, ["MODEL.GRAD", "jfb"]),
+        ("JR (_jr config)", jr, []),
+        ("JR, F_THRES 6", jr, ["MODEL.F_THRES", "6"]),
+        ("implicit, F_THRES 6", base, ["MODEL.F_THRES", "6"]),
+    )]
+
+
+#: ``--benchmark`` name -> (its variants, the baseline row's name)
+BENCHMARKS = {"digits": (digits_variants, "implicit (quickstart)"),
+              "fashion_mnist": (fashion_mnist_variants, "implicit (main config)")}
+
+
+def history_metrics(run_dir: Path) -> Dict[str, float]:
+    """From a run's ``history.jsonl``: the last epoch's training means of the forward steps, forward and
+    backward relative residuals, and the seconds of all epochs outside their held-out evaluations."""
+    found = sorted(run_dir.glob("**/history.jsonl"))
+    if not found:
+        return {}
+    with open(found[0]) as f:
+        lines = {}
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                lines[entry["epoch"]] = entry   # a resumed run wrote its epochs again: the last line counts
+    last = lines[max(lines)]["train"]
+    out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel") if k in last}
+    if all("eval_time_s" in e for e in lines.values()):
+        out["train_time_s"] = sum(e["epoch_time_s"] - e["eval_time_s"] for e in lines.values())
+    return out
+
+
 def run_one(variant: Variant, seed: int, out_root: Path, repo: Path) -> Dict:
     """Train ``variant`` with ``SEED seed`` in a fresh process; returns its results.json plus the run's ids."""
     slug = "".join(c if c.isalnum() else "_" for c in variant.name).strip("_")
@@ -66,7 +124,8 @@ def run_one(variant: Variant, seed: int, out_root: Path, repo: Path) -> Dict:
         raise FileNotFoundError(f"no results.json under {out} after training {variant.name!r} seed {seed}")
     with open(found[0]) as f:
         res = json.load(f)
-    return {"variant": variant.name, "seed": seed, **{k: res.get(k) for k, _, _ in METRICS}}
+    return {"variant": variant.name, "seed": seed, "num_samples": res.get("num_samples"),
+            **{k: res.get(k) for k, _, _ in METRICS}, **history_metrics(out)}
 
 
 def run_comparison(variants: Sequence[Variant], seeds: Sequence[int], out_root: Path, repo: Path) -> List[Dict]:
@@ -104,21 +163,42 @@ def _mean_std(values: List[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """The Wilson score interval (95 % for z = 1.96) of a proportion ``correct / n``, in percent."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * (centre - half), 100.0 * (centre + half)
+
+
+def _pooled_interval(rs: Sequence[Dict]) -> str:
+    """The 95 % interval of the top-1 over every test image of every seed (the seeds' images pooled)."""
+    if not rs or any(not r.get("num_samples") for r in rs):
+        return "-"
+    n = sum(int(r["num_samples"]) for r in rs)
+    low, high = wilson_interval(sum(r["top1"] / 100.0 * r["num_samples"] for r in rs), n)
+    return f"{low:.2f}-{high:.2f}"
+
+
 def format_table(rows: Sequence[Dict], baseline: str = "implicit (quickstart)") -> str:
-    """A markdown table, one line per variant: mean ± std over seeds of each metric, the number of
-    seeds, and wall time and top-1 relative to ``baseline``."""
+    """A markdown table, one line per variant: mean ± std over seeds of each metric (and of the history
+    metrics the runs have), the number of seeds, the 95 % binomial interval of the top-1 (Wilson, over
+    the held-out images of all seeds together), and wall time and top-1 relative to ``baseline``."""
     names = list(dict.fromkeys(r["variant"] for r in rows))
     by = {n: [r for r in rows if r["variant"] == n] for n in names}
     base = by.get(baseline, [])
     base_wall = statistics.mean(r["wall_time_s"] for r in base) if base else None
     base_top1 = statistics.mean(r["top1"] for r in base) if base else None
-    head = ["method", "seeds"] + [label for _, label, _ in METRICS] + ["wall vs baseline", "top-1 vs baseline"]
+    columns = list(METRICS) + [m for m in HISTORY_METRICS if any(m[0] in r for r in rows)]
+    head = (["method", "seeds"] + [label for _, label, _ in columns] + ["top-1 95 % interval", "wall vs baseline",
+                                                                          "top-1 vs baseline"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         rs = by[n]
         cells = [n, str(len(rs))]
-        for key, _, fmt in METRICS:
+        for key, _, fmt in columns:
             cells.append(_mean_std([float(r[key]) for r in rs if r.get(key) is not None], fmt))
+        cells.append(_pooled_interval(rs))
         wall = statistics.mean(r["wall_time_s"] for r in rs)
         top1 = statistics.mean(r["top1"] for r in rs)
         cells.append(f"{wall / base_wall:.2f}x" if base_wall else "-")

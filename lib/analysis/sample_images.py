@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..datasets.cifar import MEAN as CIFAR_MEAN, STD as CIFAR_STD
 from ..datasets.common import DatasetError
+from ..datasets.fashion_mnist import MEAN as FASHION_MEAN, STD as FASHION_STD
 from ..datasets.imagenet import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 from ..utils.checkpoint import CheckpointError, load_checkpoint
 
@@ -27,13 +28,20 @@ IMAGES_HELP = ("a recorded batch: a .pt file with a (N, 3, H, W) tensor or a dic
 
 
 def normalization(dataset: str):
-    """(mean, std) of the normalisation our datasets use: CIFAR-10's or ImageNet's."""
-    return (CIFAR_MEAN, CIFAR_STD) if dataset.lower().startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
+    """(mean, std) per channel of the normalisation our datasets use: CIFAR-10's, Fashion-MNIST's (one
+    grey channel) or ImageNet's."""
+    name = dataset.lower()
+    if name.startswith("cifar"):
+        return CIFAR_MEAN, CIFAR_STD
+    if name.startswith("fashion"):
+        return (FASHION_MEAN,), (FASHION_STD,)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def photo_batch(batch: int, size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0) -> Tensor:
-    """(batch, 3, size, size) normalised random square crops (random scale and position) of
-    scikit-learn's sample photographs, resized with antialiasing; deterministic for a seed."""
+    """(batch, C, size, size) normalised random square crops (random scale and position) of
+    scikit-learn's sample photographs, resized with antialiasing; deterministic for a seed. C is
+    ``len(mean)``: 3, or 1 for grey images (the photographs' luma, ITU-R BT.601 weights)."""
     from sklearn.datasets import load_sample_images
     gen = torch.Generator().manual_seed(seed)
     photos = [torch.tensor(p).permute(2, 0, 1).float() / 255 for p in load_sample_images().images]
@@ -47,7 +55,9 @@ def photo_batch(batch: int, size: int, mean: Sequence[float], std: Sequence[floa
         crop = photo[None, :, top:top + side, left:left + side]
         crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
     x = torch.stack(crops)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    if len(mean) == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(1, keepdim=True)
+    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
 
 
 def recorded_batch(path: str | Path, batch: int) -> Tensor:
@@ -62,9 +72,9 @@ def recorded_batch(path: str | Path, batch: int) -> Tensor:
     except (CheckpointError, FileNotFoundError) as e:
         raise DatasetError(f"cannot use {path} as a recorded batch (--images): {e}") from e
     x = obj.get("input") if isinstance(obj, dict) else obj
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
-        raise DatasetError(f"{path}: expected a (N, 3, H, W) image tensor, or a dict with one under 'input' "
-                           f"(--images)")
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise DatasetError(f"{path}: expected a (N, 3, H, W) (or grey (N, 1, H, W)) image tensor, or a dict with "
+                           f"one under 'input' (--images)")
     return x[torch.arange(batch) % x.shape[0]].float()
 
 

@@ -384,7 +384,9 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
         saved = manager.save_latest(epoch, run.state.batch_in_epoch, epoch_end=False)
         barrier()
         raise manager.interrupted(stopper, saved)
+    t_eval = time.time()
     val = _evaluate(run, epoch)
+    t_eval = time.time() - t_eval
     train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + LOGGED_KEYS)
     solver = " ".join(f"{k} {tr[k]:.3g}" for k in LOGGED_KEYS if k in tr)
     logger.info("epoch %d (%s%s, %.0fs): train loss %.4f %s| %s | %s, lr %.3g, skipped steps %d", epoch,
@@ -401,7 +403,7 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
         manager.update_best(float(val.get(run.task.best_metric, float("nan"))), epoch)
     saved = manager.save_latest(epoch + 1, 0, epoch_end=True)
     if saved:
-        manager.append_history(epoch, time.time() - t0, tr, run.task.scalars(val) if val else {})
+        manager.append_history(epoch, time.time() - t0, t_eval, tr, run.task.scalars(val) if val else {})
     barrier()
     if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
         raise manager.interrupted(stopper, saved)

@@ -115,8 +115,8 @@ class FashionMNIST(Dataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # (N, 1, 28, 28) uint8
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels))
+        self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # (N, 1, 28, 28), a copy
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
         self.augment = augment
         self.classes = list(CLASSES)
 
