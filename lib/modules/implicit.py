@@ -91,8 +91,13 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
             stats["b_trace"] = result.trace
         return w.to(grad.dtype)
 
-    z.register_hook(adjoint_hook)
-    return z
+    # The hook goes on an alias of z, not on z: a hook on z would be kept by z's own graph node while
+    # its closure keeps z (and through it that graph) alive, a reference cycle through autograd's C++
+    # nodes that Python's garbage collector cannot see, so every training step's graph of f would
+    # stay in memory. The alias's node keeps the hook; nothing the hook reaches keeps that node.
+    out = z.view_as(z)
+    out.register_hook(adjoint_hook)
+    return out
 
 
 def attach_phantom_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor, steps: int,
