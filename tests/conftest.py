@@ -92,6 +92,15 @@ def reference() -> Path:
     return REFERENCE
 
 
+def patched_tool(tool: str, patch: str) -> list:
+    """The arguments after ``python`` that run ``tools/<tool>`` as a user does (``__main__``, from the
+    repository root) after the Python code ``patch`` ran: how a test plants a failure (a full disk, a
+    signal at a chosen moment) in a real run without a test hook in the library."""
+    script = (f"{patch}\nimport runpy, sys\nsys.argv = ['tools/{tool}'] + sys.argv[1:]\n"
+              f"runpy.run_path('tools/{tool}', run_name='__main__')\n")
+    return ["-c", script]
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a malicious '.pkl' downloaded from the internet does."""
 

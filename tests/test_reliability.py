@@ -7,9 +7,11 @@ The training runs are tools/cls_train.py subprocesses on the embedded digits (6 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
+from conftest import patched_tool
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +168,71 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
     assert ckpt["global_step"] == last_logged + 1  # saved right after the last step that ran
     resumed = _resume_and_compare(tmp_path, reference, ckpt["global_step"])
     assert f"epoch 1, global step {ckpt['global_step']}, batch {ckpt['batch_in_epoch']} of the epoch" in resumed
+
+
+# ------------------------------------------------------------------------------------------ the best model
+#: a run that learns (held-out top-1 from chance to about 40 % in its third epoch), for the tests of
+#: model_best: 15 steps per epoch, the first 14 unrolled
+LEARNS = {"PERCENT": "0.3", "TRAIN.BATCH_SIZE_PER_GPU": "32", "TRAIN.END_EPOCH": "3", "TRAIN.PRETRAIN_STEPS": "14",
+          "MODEL.F_THRES": "6", "MODEL.B_THRES": "6", "TRAIN.OPTIMIZER": "adam", "TRAIN.LR": "0.01",
+          "TRAIN.KEEP_CHECKPOINTS": "3", "DATASET.AUGMENT": "False", "PRINT_FREQ": "10"}
+
+# the training tool with SIGTERM sent to itself during the held-out evaluation number $MDEQ_TEST_TERM_AT
+_TERM_IN_EVALUATION = """import os, signal
+from mdeq.core.classification import ClassificationTask
+real_evaluate, calls = ClassificationTask.evaluate, []
+def evaluate(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["MDEQ_TEST_TERM_AT"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_evaluate(self, *args, **kwargs)
+ClassificationTask.evaluate = evaluate
+"""
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """An uninterrupted run of LEARNS; its best comes from its last epoch, well above the others."""
+    base = tmp_path_factory.mktemp("learned")
+    _run(_train_cmd(base, **LEARNS))
+    out = _out_dir(base)
+    best = load_checkpoint(out / "model_best.pth.tar")
+    scores = [load_checkpoint(out / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)]
+    assert best["epoch"] == 3 and scores[2] == best["top1"] > scores[1] + 20, scores
+    return {"base": base, "out": out, "best": best}
+
+
+def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(learned, tmp_path):
+    """Resumed from the epoch copy before the best epoch with TRAIN.LR 100: the epoch trained again is
+    reported unhealthy and its chance-level score, although above the copy's recorded best, replaces
+    neither model_best nor the run's best."""
+    shutil.copytree(learned["base"] / "output", tmp_path / "output")
+    out = _out_dir(tmp_path)
+    best_file = (out / "model_best.pth.tar").read_bytes()
+    copy = out / "checkpoint_ep0002.pth.tar"
+    proc = _run(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
+                                                  "TRAIN.LR": "100"}))
+    assert "epoch 2 looks unhealthy" in proc.all and "new best" not in proc.all
+    wrecked = json.loads((out / "results.json").read_text())
+    assert wrecked["top1"] > load_checkpoint(copy)["best"]   # what replaced model_best before the fix
+    assert (out / "model_best.pth.tar").read_bytes() == best_file
+    assert wrecked["best_top1"] == learned["best"]["top1"] == load_checkpoint(out / "checkpoint.pth.tar")["best"]
+
+
+def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp_path):
+    """Stopped during the last epoch's evaluation: the epoch's checkpoint already records that epoch's
+    score, so the resumed run (nothing left to train) reports the uninterrupted run's best and model_best."""
+    env = dict(ENV, MDEQ_TEST_TERM_AT="3")
+    cmd = [sys.executable, *patched_tool("cls_train.py", _TERM_IN_EVALUATION), "--cfg", CFG, *_opts(tmp_path, **LEARNS)]
+    stopped = _run(cmd, expect=128 + signal.SIGTERM, env=env)
+    assert "stopped by SIGTERM" in stopped.all
+    out = _out_dir(tmp_path)
+    ckpt = load_checkpoint(out / "checkpoint.pth.tar")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]) == (3, 0, learned["best"]["top1"])
+    resumed = _run(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
+    assert "nothing to train" in resumed.all
+    assert json.loads((out / "results.json").read_text())["best_top1"] == learned["best"]["top1"]
+    _assert_same_weights(load_checkpoint(out / "model_best.pth.tar")["model"], learned["best"]["model"])
 
 
 # ------------------------------------------------------------------------------------------ pickles

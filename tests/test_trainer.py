@@ -149,6 +149,69 @@ def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
     assert m.update_best(60.0, 3) and load_checkpoint(tmp_path / BEST)["top1"] == 60.0
 
 
+def test_a_resume_never_lowers_the_best_below_model_best(tmp_path, caplog):
+    """An epoch copy may predate the run's model_best: the resumed best is the higher of the two, so a
+    worse evaluation after the resume does not replace model_best; an unreadable model_best is
+    named and the checkpoint's best is kept."""
+    cfg = load_config(DIGITS_CFG)
+    model = nn.Linear(2, 2)
+    m = _manager(tmp_path, model, cfg)
+    assert m.save_latest(2, 0, epoch_end=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    ckpt.update(best=50.0, _path="an epoch copy")
+    assert m.update_best(80.0, 4)
+    best_file = (tmp_path / BEST).read_bytes()
+    m2 = _manager(tmp_path, nn.Linear(2, 2), cfg)
+    m2.restore(ckpt, cfg.SEED, 0)
+    assert m2.best == 80.0
+    assert not m2.update_best(60.0, 2)
+    assert (tmp_path / BEST).read_bytes() == best_file
+    (tmp_path / BEST).write_bytes(best_file[:100])
+    m3 = _manager(tmp_path, nn.Linear(2, 2), cfg)
+    with caplog.at_level("WARNING"):
+        m3.restore(ckpt, cfg.SEED, 0)
+    assert m3.best == 50.0 and f"cannot read the score of {tmp_path / BEST}" in caplog.text
+
+
+class _ScriptedScores(ClassificationTask):
+    """The digits task with planted held-out scores (one per epoch) and a planted health problem on
+    the epochs in ``unhealthy``."""
+
+    def __init__(self, scores, unhealthy) -> None:
+        self.scores, self.unhealthy, self.epoch = list(scores), set(unhealthy), -1
+
+    def evaluate(self, model, loader, cfg, info):
+        self.epoch += 1
+        return {**super().evaluate(model, loader, cfg, info), "top1": self.scores[self.epoch]}
+
+    def health_problem(self, cfg, train, val):
+        return "a planted problem" if self.epoch in self.unhealthy else None
+
+
+def test_the_best_is_saved_before_each_epoch_checkpoint_and_never_from_an_unhealthy_epoch(tmp_path, caplog):
+    """Scores 20, 90, 30 with epoch 1 unhealthy: model_best holds epoch 0 then epoch 2, never the 90;
+    every epoch's checkpoint records the best including its own epoch."""
+    from mdeq.core.trainer import fit
+    cfg = load_config(DIGITS_CFG, ["PERCENT", 0.03, "TRAIN.BATCH_SIZE_PER_GPU", 16, "TRAIN.END_EPOCH", 3,
+                                   "TRAIN.PRETRAIN_STEPS", 0, "MODEL.F_THRES", 8, "MODEL.B_THRES", 3,
+                                   "TRAIN.KEEP_CHECKPOINTS", 3, "TEST.BATCH_SIZE_PER_GPU", 300])
+    bests = []
+    real_update = CheckpointManager.update_best
+
+    def update_best(self, value, epoch):   # records model_best's score after every update
+        changed = real_update(self, value, epoch)
+        bests.append((epoch, load_checkpoint(tmp_path / BEST)["top1"]))
+        return changed
+
+    with caplog.at_level("WARNING"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CheckpointManager, "update_best", update_best)
+        results = fit(_ScriptedScores([20.0, 90.0, 30.0], {1}), cfg, DistInfo(), str(tmp_path), str(tmp_path / "tb"))
+    assert "epoch 1 looks unhealthy: a planted problem" in caplog.text
+    assert bests == [(0, 20.0), (2, 30.0)]   # the unhealthy epoch 1 was not even offered
+    assert results["best_top1"] == 30.0 and load_checkpoint(tmp_path / BEST)["epoch"] == 3
+    assert [load_checkpoint(tmp_path / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)] == [20.0, 20.0, 30.0]
+
+
 def test_checkpoints_of_the_previous_format_still_resume(tmp_path):
     """Format 2 named the best metric per task (best_acc / best_miou) and had no health state."""
     cfg = load_config(DIGITS_CFG)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import patched_tool
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED
 from mdeq.core.cli import run_tool
@@ -271,7 +272,7 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous
 
 
 # the real training tool with torch.save failing as on a full disk from the second epoch's checkpoint on
-_FULL_DISK = """import errno, os, runpy, sys, torch
+_FULL_DISK = """import errno, os, torch
 real_save = torch.save
 def save(obj, f, *args, **kwargs):
     if isinstance(obj, dict) and obj.get("epoch") == 2:
@@ -279,8 +280,6 @@ def save(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
-sys.argv = ["tools/cls_train.py"] + sys.argv[1:]
-runpy.run_path("tools/cls_train.py", run_name="__main__")
 """
 
 
@@ -288,7 +287,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
     opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
             "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
             "TEST.BATCH_SIZE_PER_GPU", "150"]
-    proc = _run([sys.executable, "-c", _FULL_DISK, "--cfg", DIGITS, *opts])
+    proc = _run([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts])
     out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
     _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
