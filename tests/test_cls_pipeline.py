@@ -227,6 +227,7 @@ def test_torchrun_two_processes(cifar_root, tmp_path):
     assert len(list(out.glob("*.log"))) == 1
     assert len(list((tmp_path / "log" / "cifar10").iterdir())) == 1
     assert "identical" in proc.stdout
+    assert not (out / "run.lock").exists()   # rank 0's lock of the folder was given back
 
 
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp_path):

@@ -7,6 +7,7 @@ The training runs are tools/cls_train.py subprocesses on the embedded digits (6 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -161,6 +162,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     text = log.read_text()
     assert "stopped by SIGTERM" in text and "To resume, run the same command with TRAIN.RESUME True" in text
+    assert not (_out_dir(tmp_path) / "run.lock").exists()
     ckpt = load_checkpoint(_out_dir(tmp_path) / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < STEPS_PER_EPOCH
     assert ckpt["global_step"] == STEPS_PER_EPOCH + ckpt["batch_in_epoch"]
@@ -392,6 +394,65 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_checkpoint(earlier_run):
     base, untouched = earlier_run
     _bad(_train_cmd(base), "exists (an earlier run)", "TRAIN.RESUME True")
     untouched()
+    assert not (_out_dir(base) / "run.lock").exists()   # the refused run gave its lock back
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+_HOLD_LOCK = """import sys, time
+from mdeq.utils.run_lock import OutputLock
+OutputLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    from mdeq.utils.run_lock import LOCK_NAME, OutputLock, OutputLockedError
+    log = tmp_path / "holder.log"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=ENV,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_for(lambda: "locked" in log.read_text(), holder, log)
+    with pytest.raises(OutputLockedError, match=f"{tmp_path / 'run'} is in use by another training run "
+                                                f"\\(pid {holder.pid} on "):
+        OutputLock(tmp_path / "run").acquire()
+    holder.send_signal(signal.SIGKILL)   # no chance to give the lock back
+    holder.wait()
+    assert (tmp_path / "run" / LOCK_NAME).exists()
+    with caplog.at_level("WARNING"):
+        lock = OutputLock(tmp_path / "run").acquire()
+    assert f"taking over the lock {tmp_path / 'run' / LOCK_NAME}" in caplog.text and f"pid {holder.pid} " in caplog.text
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    # without flock (a file system that lacks it) the recorded pid decides: a dead one is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    import fcntl
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
+        OutputLock(tmp_path / "run").acquire().release()
+        (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+        with pytest.raises(OutputLockedError, match=f"pid {os.getppid()} on"):
+            OutputLock(tmp_path / "run").acquire()
+
+
+def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_path):
+    """This test holds the folder's lock as a running training would: the tool refuses at once, naming
+    the folder and the pid, and writes nothing there (no log file); under torchrun both ranks refuse."""
+    from mdeq.utils.run_lock import LOCK_NAME, OutputLock
+    out = _out_dir(tmp_path)
+    lock = OutputLock(out).acquire()
+    try:
+        line = _bad(_train_cmd(tmp_path), "OutputLockedError", f"the output folder {out} is in use by another "
+                    f"training run (pid {os.getpid()} on", "--modelDir")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+        ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "tools/cls_train.py", "--cfg", CFG, *_opts(tmp_path)], expect=None, timeout=180)
+        assert ddp.returncode != 0 and ddp.all.count(line.split("error: ", 1)[1]) >= 2, ddp.all[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        lock.release()
 
 
 def test_more_processes_than_devices(monkeypatch):

@@ -14,6 +14,7 @@
                                solver statistics), held-out scalars, step and time (what
                                ``tools/plot_training.py`` draws); a resumed run drops the lines
                                of the epochs it trains again
+``run.lock``                   while a training run is on: its owner (:mod:`mdeq.utils.run_lock`)
 =============================  ==================================================================
 
 A training state holds the model, optimizer, scheduler and AMP scaler states, the position

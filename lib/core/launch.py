@@ -20,8 +20,9 @@ import torch
 from ..config import load_config
 from ..utils.cpu_allocator import retain_freed_memory
 from ..utils.distributed import DistInfo, init_distributed
-from ..utils.logger import create_logger
+from ..utils.logger import create_logger, output_dirs
 from ..utils.rng import seed_everything
+from ..utils.run_lock import lock_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,20 @@ def config_from_args(args: argparse.Namespace, extra_opts: Sequence[Any] = ()):
 
 
 def setup_process(cfg, cfg_path: str, phase: str, local_rank: int = -1) -> Tuple[DistInfo, str, str]:
-    """Join the process group (from the torchrun / torch.distributed.launch environment), start
-    logging to the run's output folder, seed (SEED + rank), set cuDNN from the config and keep
+    """Join the process group (from the torchrun / torch.distributed.launch environment), for the
+    ``"train"`` phase take the output folder's lock (:mod:`mdeq.utils.run_lock`), start logging to
+    the run's output folder, seed (SEED + rank), set cuDNN from the config and keep
     freed CPU memory in the process (:func:`mdeq.utils.cpu_allocator.retain_freed_memory`).
 
     Returns (DistInfo, output folder, TensorBoard folder).
+
+    Raises:
+        OutputLockedError: another training run uses the output folder.
     """
     retain_freed_memory()
     info = init_distributed(local_rank)
+    if phase == "train":   # one training run per output folder, locked before its log file is written
+        lock_output_folder(output_dirs(cfg, cfg_path, phase)[0], info.is_main)
     _, out_dir, tb_dir = create_logger(cfg, cfg_path, phase, info.rank)
     seed_everything(cfg.SEED + info.rank, cfg.DETERMINISTIC)
     if info.device.type == "cuda":
