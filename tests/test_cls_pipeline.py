@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mdeq.config import load_config
+from mdeq.config import ConfigError, load_config
 from mdeq.core.classification import validate
 from mdeq.core.metrics import accuracy, topk_correct
 from mdeq.datasets import build_cls_datasets
@@ -149,6 +149,34 @@ def test_cifar_reader_and_safe_unpickling(cifar_root, tmp_path):
         pickle.dump({b"data": Evil()}, f)
     with pytest.raises(RuntimeError, match="refusing to load"):
         build_cls_datasets(load_config(TINY_CFG, ["DATASET.ROOT", str(tmp_path / "bad")]))
+
+
+def test_labels_are_checked_when_the_dataset_is_built(cifar_root, tmp_path):
+    """A CIFAR label outside 0..9 (training or test batch) and an ImageNet tree whose class folders do
+    not match MODEL.NUM_CLASSES are one line naming the file or folder and the value, before training."""
+    from mdeq.core.classification import ClassificationTask
+    from mdeq.datasets.common import DatasetError
+    for name, index, value in (("data_batch_3", 5, 12), ("test_batch", 0, -1)):
+        bad = tmp_path / name / "cifar-10-batches-py"
+        shutil.copytree(cifar_root / "cifar-10-batches-py", bad)
+        with open(bad / name, "rb") as f:
+            batch = pickle.load(f)
+        batch[b"labels"][index] = value
+        with open(bad / name, "wb") as f:
+            pickle.dump(batch, f)
+        cfg = load_config(TINY_CFG, ["DATASET.ROOT", str(tmp_path / name)])
+        with pytest.raises(DatasetError, match=f"CIFAR batch {bad / name}: label {value} \\(sample {index}\\) is "
+                                               f"outside the 10 classes 0..9"):
+            build_cls_datasets(cfg)
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("n01", "n02", "n03"):
+            (tmp_path / "imagenet" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "imagenet" / split / c / "a.JPEG")
+    cfg = load_config("experiments/imagenet/cls_mdeq_SMALL.yaml", ["DATASET.ROOT", str(tmp_path / "imagenet")])
+    with pytest.raises(ConfigError, match=f"MODEL.NUM_CLASSES = 1000 but DATASET.DATASET 'imagenet' has 3 classes "
+                                          f"in {tmp_path / 'imagenet' / 'val'}"):
+        ClassificationTask().build_datasets(cfg)
 
 
 def test_scheduler_resume_is_exact():

@@ -311,16 +311,32 @@ def _bad_label_list(city: Path, name: str, label: np.ndarray) -> str:
 
 
 def test_label_images_are_checked_for_dtype_and_range(city):
+    """When the dataset is built (its first label) and whenever a label is read."""
     shape = cv2.imread(str(city / "cityscapes/leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png")).shape[:2]
     wide = np.full(shape, 7, np.uint16)
     wide[3, 5] = 2301
     trainids = np.full(shape, 255, np.uint8)  # a *_labelTrainIds.png by mistake
     for name, label, needles in (("wide", wide, ("uint16", "2301")), ("trainids", trainids, ("value 255", "0..33"))):
-        ds = CityscapesDataset(str(city), _bad_label_list(city, name, label), train=True, crop_size=(32, 64),
-                               base_size=128)
+        lst = _bad_label_list(city, name, label)
         with pytest.raises(CityscapesError) as err:
-            ds[0]
+            CityscapesDataset(str(city), lst, train=True, crop_size=(32, 64), base_size=128)
         assert f"{name}_gtFine_labelIds.png" in str(err.value) and all(n in str(err.value) for n in needles)
+        good = (city / "list" / "cityscapes" / "train.lst").read_text().splitlines()[0]
+        (city / lst).write_text(f"{good}\n{(city / lst).read_text()}")   # the bad label second: found when read
+        ds = CityscapesDataset(str(city), lst, train=True, crop_size=(32, 64), base_size=128)
+        with pytest.raises(CityscapesError, match=f"{name}_gtFine_labelIds.png"):
+            ds[1]
+
+
+def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp_path):
+    for tool in ("tools/seg_train.py", "tools/seg_test.py"):
+        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir", tmp_path / "l",
+                     "--testModel", tmp_path / "none.pth"])
+        _one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
+                        "tools/cls_train.py")
+    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
+                 tmp_path / "l", "DATASET.NUM_CLASSES", "1000"])
+    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; DATASET.NUM_CLASSES is 1000")
 
 
 def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
