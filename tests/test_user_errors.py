@@ -70,9 +70,10 @@ def junk(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------- config rows
 @pytest.mark.parametrize("key,value,allowed", [
-    ("MODEL.F_THRES", "-5", ">= 1"),
-    ("MODEL.F_THRES", "0", ">= 1"),
-    ("MODEL.B_THRES", "0", ">= 1"),
+    ("MODEL.F_THRES", "-5", "in [1, 10000]"),
+    ("MODEL.F_THRES", "1000000000", "in [1, 10000]"),
+    ("MODEL.F_THRES", "0", "in [1, 10000]"),
+    ("MODEL.B_THRES", "0", "in [1, 10000]"),
     ("MODEL.F_EPS", "-1", ">= 0"),
     ("MODEL.B_EPS", "-1", ">= 0"),
     ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
@@ -205,6 +206,41 @@ def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name
     extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
     proc = _run([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra])
     _one_error_line(proc, str(junk / name), needle)
+
+
+@pytest.mark.parametrize("tool,args,needle", [
+    ("benchmark", ["--batch-size", "-4"], "argument --batch-size: -4 is out of range: must be >= 1"),
+    ("benchmark", ["--solvers", "broyden,nosuch"], "argument --solvers: 'nosuch': choose from broyden, anderson"),
+    ("benchmark", ["--repeats", "0"], "argument --repeats: 0 is out of range: must be >= 1"),
+    ("benchmark", ["--image-size", "many"], "argument --image-size: 'many' is not a whole number"),
+    ("plot_convergence", ["--batch-size", "-2"], "argument --batch-size: -2 is out of range: must be >= 1"),
+    ("plot_convergence", ["--solvers", "nosuch"], "argument --solvers: 'nosuch': choose from"),
+    ("plot_convergence", ["--evals", "0"], "argument --evals: 0 is out of range: must be >= 1"),
+    ("compare_training_cost", ["--seeds", "abc"], "argument --seeds: 'abc' in 'abc' is not a whole number >= 0"),
+    ("compare_training_cost", ["--seeds", ","], "argument --seeds: ',' names no number"),
+])
+def test_tool_arguments_are_checked_by_the_parser_in_one_line(tool, args, needle, tmp_path, capsys):
+    """The tools' own options (in-process: the parser exits before any work); nothing is written."""
+    import runpy
+    main = runpy.run_path(str(REPO / "tools" / f"{tool}.py"))["main"]
+    where = ["--out", str(tmp_path / "out")] if tool == "compare_training_cost" else ["--cfg", DIGITS]
+    where += ["--out-dir", str(tmp_path / "out")] if tool == "plot_convergence" else []
+    where += ["--json", str(tmp_path / "out" / "b.json")] if tool == "benchmark" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*where, *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exit_.value.code == 2 and len(errors) == 1 and f"error: {needle}" in errors[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp_path):
+    """--image-size 3 for the digits model (two halvings before its coarsest stream) in both solver tools."""
+    for tool, extra in (("tools/benchmark.py", ["--json", tmp_path / "out" / "b.json", "--repeats", "1"]),
+                        ("tools/plot_convergence.py", ["--out-dir", tmp_path / "out"])):
+        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra])
+        _one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
+        assert not (tmp_path / "out").exists()
 
 
 def test_converter_bad_input_is_one_line(junk, tmp_path):

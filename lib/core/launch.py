@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,47 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="set by torch.distributed.launch; torchrun sets LOCAL_RANK instead")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.01")
     return p
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``low`` (else the usage error names the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {low}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def int_list(text: str) -> List[int]:
+    """An argparse ``type``: comma-separated whole numbers >= 0 (``'0,1,2'``), at least one."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            if not part.isdigit():
+                raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not a whole number >= 0 "
+                                                 f"(give a comma-separated list such as 0,1,2)")
+            values.append(int(part))
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no number (give a comma-separated list such as 0,1,2)")
+    return values
+
+
+def names_from(choices: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``choices``, at least one."""
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown)) or repr(text)}: choose from "
+                                             f"{', '.join(choices)} (comma-separated)")
+        return names
+    parse.__name__ = "comma-separated names"
+    return parse
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
