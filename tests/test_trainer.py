@@ -128,11 +128,11 @@ def test_health_check_names_fallbacks_residual_and_loss_rise():
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _manager(tmp_path, model, cfg, best_metric="top1") -> CheckpointManager:
+def _manager(tmp_path, model, cfg, best_metric="top1", steps_per_epoch=0) -> CheckpointManager:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ResumableSampler(list(range(10)), seed=cfg.SEED)
     return CheckpointManager(str(tmp_path), cfg, True, best_metric, model, opt, None, None, sampler, TrainState(),
-                             stateful={"health": HealthMonitor()})
+                             stateful={"health": HealthMonitor()}, steps_per_epoch=steps_per_epoch)
 
 
 def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
@@ -171,6 +171,28 @@ def test_a_resume_never_lowers_the_best_below_model_best(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         m3.restore(ckpt, cfg.SEED, 0)
     assert m3.best == 50.0 and f"cannot read the score of {tmp_path / BEST}" in caplog.text
+
+
+def test_a_resume_with_another_epoch_length_warns_in_one_line_and_restarts_a_cut_epoch(tmp_path, caplog):
+    """Saved mid-epoch (batch 4 of 6, batch size 16) and resumed with batch size 32 (3 steps per epoch):
+    one warning naming both settings, the epoch restarts from its first batch, and where the schedule
+    goes; the same settings resume silently where they stopped."""
+    cfg16 = load_config(DIGITS_CFG, ["TRAIN.BATCH_SIZE_PER_GPU", 16, "TRAIN.END_EPOCH", 4])
+    m = _manager(tmp_path, nn.Linear(2, 2), cfg16, steps_per_epoch=6)
+    m.state.global_step = 10
+    assert m.save_latest(1, 4, epoch_end=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ckpt["steps_per_epoch"] == 6
+    with caplog.at_level("WARNING"):
+        assert _manager(tmp_path, nn.Linear(2, 2), cfg16, steps_per_epoch=6).restore(ckpt, cfg16.SEED, 0) == (1, 4)
+    assert "another epoch length" not in caplog.text
+    cfg32 = load_config(DIGITS_CFG, ["TRAIN.BATCH_SIZE_PER_GPU", 32, "TRAIN.END_EPOCH", 4])
+    with caplog.at_level("WARNING"):
+        assert _manager(tmp_path, nn.Linear(2, 2), cfg32, steps_per_epoch=3).restore(ckpt, cfg32.SEED, 0) == (1, 0)
+    [line] = [r.getMessage() for r in caplog.records if "another epoch length" in r.getMessage()]
+    assert "TRAIN.BATCH_SIZE_PER_GPU 16 -> 32, steps per epoch 6 -> 3" in line and "processes" not in line
+    assert "epoch 1 restarts from its first batch" in line
+    assert "goes on from step 10 and ends at step 19 where this run's epochs plan 12" in line
 
 
 class _ScriptedScores(ClassificationTask):
