@@ -68,6 +68,42 @@ def junk(tmp_path_factory) -> Path:
     return d
 
 
+# ------------------------------------------------------------------------------- config file, overrides
+def test_config_file_and_override_slips_say_what_to_do(tmp_path):
+    from mdeq.core.launch import base_parser, config_from_args, parse_args
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty \\(no config keys\\): give an experiment file"):
+        load_config(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match=r"config file .*experiments/digits is a folder: give one yaml file in it "
+                                          r"\(cls_mdeq_digits.yaml, "):
+        load_config(REPO / "experiments" / "digits")
+    with pytest.raises(ConfigError, match="on the command line write False, as Python does, not false"):
+        load_config(DIGITS, ["DATASET.AUGMENT", "false"])
+    for words, missing in ((["TRAIN.END_EPOCH", "3", "TRAIN.LR"], "TRAIN.LR"),
+                           (["TRAIN.LR", "TRAIN.END_EPOCH", "3"], "TRAIN.LR")):
+        args = parse_args(base_parser("x"), ["--cfg", DIGITS, "--modelDir", str(tmp_path / "o"), *words])
+        with pytest.raises(ConfigError) as err:
+            config_from_args(args)
+        assert f"in {' '.join(words)!r} {missing} has no value" in str(err.value)
+        assert "OUTPUT_DIR" not in str(err.value)   # the option's own key is not the user's word
+    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir", tmp_path / "o"])
+    _one_error_line(proc, "ConfigError", "is a folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path):
+    from mdeq.core.checkpoint_manager import resume_checkpoint
+    (tmp_path / "checkpoint.pth.tar").write_bytes(b"PK\x03\x04 cut short")
+    save_checkpoint({"model": {"w": torch.ones(1)}, "top1": 50.0}, tmp_path / "model_best.pth.tar")
+    cfg = load_config(DIGITS, ["TRAIN.RESUME", True])
+    with pytest.raises(CheckpointError) as err:
+        resume_checkpoint(str(tmp_path), cfg, True, "cpu")
+    text = str(err.value)
+    assert "truncated or corrupt" in text and f"No other training state is in {tmp_path}" in text
+    assert f"move {tmp_path / 'checkpoint.pth.tar'} away and train afresh without TRAIN.RESUME" in text
+    assert "starting from the weights of model_best.pth.tar with TRAIN.MODEL_FILE" in text
+
+
 # ------------------------------------------------------------------------------------- config rows
 @pytest.mark.parametrize("key,value,allowed", [
     ("MODEL.F_THRES", "-5", "in [1, 10000]"),

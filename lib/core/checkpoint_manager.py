@@ -126,8 +126,13 @@ def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional
     except CheckpointError as e:
         copies = sorted((f for f in os.listdir(out_dir) if f.startswith(EPOCH_PREFIX) or f == HEALTHY),
                         reverse=True) if os.path.isdir(out_dir) else []
+        weights = [f for f in (BEST, FINAL) if os.path.isfile(os.path.join(out_dir, f))]
         alt = (f" Other states in {out_dir}: {', '.join(copies)}; resume from one with TRAIN.CHECKPOINT "
-               f"<file>." if copies else "")
+               f"<file>." if copies else
+               f" No other training state is in {out_dir} (TRAIN.KEEP_CHECKPOINTS > 1 keeps epoch copies): move "
+               f"{resume_file} away and train afresh without TRAIN.RESUME"
+               + (f", starting from the weights of {' or '.join(weights)} with TRAIN.MODEL_FILE <file>."
+                  if weights else "."))
         raise CheckpointError(f"cannot resume: {e}.{alt}") from e
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
         raise CheckpointError(f"cannot resume from {resume_file}: it is not a training checkpoint (no "

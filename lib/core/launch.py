@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..utils.cpu_allocator import retain_freed_memory
 from ..utils.distributed import DistInfo, init_distributed
 from ..utils.logger import create_logger, output_dirs
@@ -95,10 +96,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     return args
 
 
+def _lacking_value(opts: Sequence[Any]) -> str:
+    """Which key of an odd ``KEY VALUE`` list has no value: one followed by another key or by nothing."""
+    def is_key(word: Any) -> bool:
+        return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+|[A-Z][A-Z0-9_]+", str(word)))
+    missing = [str(w) for i, w in enumerate(opts) if is_key(w) and (i + 1 == len(opts) or is_key(opts[i + 1]))]
+    return f"{', '.join(missing)} has no value" if missing else "a key lacks its value"
+
+
 def config_from_args(args: argparse.Namespace, extra_opts: Sequence[Any] = ()):
     """The frozen config of ``args.cfg`` with the ``KEY VALUE`` overrides of the command line, then
     the directory options (which win over them) and ``extra_opts``."""
     opts: List[Any] = list(args.opts or [])
+    if len(opts) % 2:   # checked before the options' own keys are added, which the user did not type
+        raise ConfigError(f"command line: overrides come as KEY VALUE pairs; in {' '.join(map(str, opts))!r} "
+                          f"{_lacking_value(opts)}")
     for flag, key in (("modelDir", "OUTPUT_DIR"), ("logDir", "LOG_DIR"), ("dataDir", "DATA_DIR"),
                       ("testModel", "TEST.MODEL_FILE")):
         if getattr(args, flag, ""):
