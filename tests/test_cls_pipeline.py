@@ -29,7 +29,6 @@ from mdeq.utils.checkpoint import load_checkpoint
 from mdeq.utils.optim import build_optimizer, build_scheduler, load_scheduler_state
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 TINY_CFG = "experiments/cifar/cls_mdeq_TINY.yaml"
 # CPU processes even on a GPU machine: the multi-process tests start more ranks than one GPU holds
@@ -310,10 +309,8 @@ def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     assert load_checkpoint(out_part / "checkpoint.pth.tar")["global_step"] == ref["global_step"]
 
 
-def test_valid_script_on_original_checkpoint(cifar_root, tmp_path):
-    pkl = REFERENCE / "cifar_tiny.pkl"
-    if not pkl.is_file():
-        pytest.skip(f"reference checkpoint not found at {pkl}")
+def test_valid_script_on_original_checkpoint(cifar_root, tmp_path, reference):
+    pkl = reference / "cifar_tiny.pkl"
     opts = ["DATASET.ROOT", str(cifar_root), "OUTPUT_DIR", str(tmp_path / "o"), "LOG_DIR", str(tmp_path / "l"),
             "TEST.BATCH_SIZE_PER_GPU", "100", "WORKERS", "0", "MODEL.F_THRES", "8"]
     proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", TINY_CFG, "--testModel", str(pkl), *opts])

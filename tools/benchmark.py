@@ -1,7 +1,7 @@
 """Benchmark the equilibrium solvers against the physical limit (one f evaluation) on CPU or CUDA.
 
     python tools/benchmark.py --cfg experiments/cifar/cls_mdeq_TINY.yaml \
-        --testModel ../shared/reference/cifar_tiny.pkl --batch-size 32 --image-size 32 MODEL.DROPOUT 0.0
+        --testModel tests/data/reference/cifar_tiny.pkl --batch-size 32 --image-size 32 MODEL.DROPOUT 0.0
 
 Prints markdown tables: f / VJP / stem+head times, forward solves of each solver at an equal number
 of f evaluations, training steps with their solver overhead, the unrolled warm-up at the same depth,

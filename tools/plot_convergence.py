@@ -1,7 +1,7 @@
 """Plot the forward solvers' convergence: relative residual against f evaluations.
 
     python tools/plot_convergence.py --cfg experiments/cifar/cls_mdeq_TINY.yaml \
-        --testModel ../shared/reference/cifar_tiny.pkl --out-dir output/convergence MODEL.DROPOUT 0.0
+        --testModel tests/data/reference/cifar_tiny.pkl --out-dir output/convergence MODEL.DROPOUT 0.0
 
 Writes ``convergence_solvers.png`` (the paper's Figure 6: Broyden, Anderson and plain iteration),
 ``convergence_streams.png`` (Figure 7: the residual of each resolution stream's part of z, one

@@ -4,7 +4,7 @@ A solver's behaviour depends on its input: on Gaussian noise (out of any trainin
 the reference CIFAR model's L-Broyden and plain iteration reach about the same residual after 30
 evaluations, on real photographs L-Broyden is ahead. :func:`photo_batch` cuts random crops out of
 the two photographs that ship with scikit-learn; :func:`recorded_batch` reads a batch saved as a
-tensor (e.g. the recorded input of ``../shared/reference/cifar_tiny.expected.pt``).
+tensor (e.g. the recorded input of ``tests/data/reference/cifar_tiny.expected.pt``).
 """
 from __future__ import annotations
 
