@@ -1,5 +1,5 @@
-"""Shared fixtures: paths to the repository and to the original implementation's reference files,
-and the device the device-independent tests run on.
+"""Shared fixtures: paths to the repository and to the original implementation's reference files
+(``tests/data/reference``, see its README), and the device the device-independent tests run on.
 
 ``pytest --device cuda`` runs the tests that take the ``device`` fixture (reference, gradient,
 layout, AMP, DDP and compile tests) on the GPU and skips the others, which do not depend on the
@@ -21,11 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_reference() -> Path:
-    """$MDEQ_REFERENCE, else ../shared/reference beside the checkout, else shared/reference inside it
-    (how the files travel to a machine that gets only the checkout, e.g. for tools/gpu_check.sh)."""
+    """$MDEQ_REFERENCE if set, else the recordings that ship with the repository (tests/data/reference)."""
     env = os.environ.get("MDEQ_REFERENCE")
-    candidates = ([Path(env)] if env else []) + [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
-    return next((p for p in candidates if (p / "cifar_tiny.pkl").is_file()), candidates[0])
+    return Path(env) if env else REPO / "tests" / "data" / "reference"
 
 
 REFERENCE = _find_reference()
@@ -87,9 +85,19 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def reference() -> Path:
-    if not (REFERENCE / "cifar_tiny.pkl").is_file():
-        pytest.skip(f"reference files not found at {REFERENCE}")
+    """The folder of the original implementation's recordings (tests/data/reference, or $MDEQ_REFERENCE)."""
+    if not (REFERENCE / "cifar_tiny.pkl").is_file():   # they ship with the repository: their absence is a failure
+        pytest.fail(f"reference files not found at {REFERENCE} (tests/data/reference, or $MDEQ_REFERENCE)")
     return REFERENCE
+
+
+def patched_tool(tool: str, patch: str) -> list:
+    """The arguments after ``python`` that run ``tools/<tool>`` as a user does (``__main__``, from the
+    repository root) after the Python code ``patch`` ran: how a test plants a failure (a full disk, a
+    signal at a chosen moment) in a real run without a test hook in the library."""
+    script = (f"{patch}\nimport runpy, sys\nsys.argv = ['tools/{tool}'] + sys.argv[1:]\n"
+              f"runpy.run_path('tools/{tool}', run_name='__main__')\n")
+    return ["-c", script]
 
 
 class _Payload:

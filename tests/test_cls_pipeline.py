@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mdeq.config import load_config
+from mdeq.config import ConfigError, load_config
 from mdeq.core.classification import validate
 from mdeq.core.metrics import accuracy, topk_correct
 from mdeq.datasets import build_cls_datasets
@@ -29,7 +29,6 @@ from mdeq.utils.checkpoint import load_checkpoint
 from mdeq.utils.optim import build_optimizer, build_scheduler, load_scheduler_state
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 TINY_CFG = "experiments/cifar/cls_mdeq_TINY.yaml"
 # CPU processes even on a GPU machine: the multi-process tests start more ranks than one GPU holds
@@ -151,6 +150,34 @@ def test_cifar_reader_and_safe_unpickling(cifar_root, tmp_path):
         build_cls_datasets(load_config(TINY_CFG, ["DATASET.ROOT", str(tmp_path / "bad")]))
 
 
+def test_labels_are_checked_when_the_dataset_is_built(cifar_root, tmp_path):
+    """A CIFAR label outside 0..9 (training or test batch) and an ImageNet tree whose class folders do
+    not match MODEL.NUM_CLASSES are one line naming the file or folder and the value, before training."""
+    from mdeq.core.classification import ClassificationTask
+    from mdeq.datasets.common import DatasetError
+    for name, index, value in (("data_batch_3", 5, 12), ("test_batch", 0, -1)):
+        bad = tmp_path / name / "cifar-10-batches-py"
+        shutil.copytree(cifar_root / "cifar-10-batches-py", bad)
+        with open(bad / name, "rb") as f:
+            batch = pickle.load(f)
+        batch[b"labels"][index] = value
+        with open(bad / name, "wb") as f:
+            pickle.dump(batch, f)
+        cfg = load_config(TINY_CFG, ["DATASET.ROOT", str(tmp_path / name)])
+        with pytest.raises(DatasetError, match=f"CIFAR batch {bad / name}: label {value} \\(sample {index}\\) is "
+                                               f"outside the 10 classes 0..9"):
+            build_cls_datasets(cfg)
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("n01", "n02", "n03"):
+            (tmp_path / "imagenet" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "imagenet" / split / c / "a.JPEG")
+    cfg = load_config("experiments/imagenet/cls_mdeq_SMALL.yaml", ["DATASET.ROOT", str(tmp_path / "imagenet")])
+    with pytest.raises(ConfigError, match=f"MODEL.NUM_CLASSES = 1000 but DATASET.DATASET 'imagenet' has 3 classes "
+                                          f"in {tmp_path / 'imagenet' / 'val'}"):
+        ClassificationTask().build_datasets(cfg)
+
+
 def test_scheduler_resume_is_exact():
     cfg = load_config(DIGITS_CFG, ["TRAIN.OPTIMIZER", "sgd", "TRAIN.NESTEROV", True, "TRAIN.END_EPOCH", 4])
     for sched in ("cosine", "step"):
@@ -184,11 +211,14 @@ def test_scheduler_resume_is_exact():
 def test_train_then_valid_scripts(cifar_root, tmp_path):
     proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)])
     out = tmp_path / "output" / "cifar10" / "cls_mdeq_digits"
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar", "final_state.pth", "results.json"):
+    for name in ("checkpoint.pth.tar", "final_state.pth", "results.json", "history.jsonl"):
         assert (out / name).is_file(), name
     logs = list(out.glob("cls_mdeq_digits_train_*.log"))
     assert len(logs) == 1
     log = logs[0].read_text()
+    # its one epoch (8 steps) may end at chance level, which the health check flags: then no model_best
+    healthy = "epoch 0 looks unhealthy" not in log
+    assert (out / "model_best.pth.tar").is_file() == healthy == ("new best top1" in log)
     assert "done: held-out loss" in log and "done: held-out loss" in proc.stdout
     assert "\r" not in proc.stdout + proc.stderr  # no progress bar when the output is not a terminal
     assert "trainable parameters" in log and "MFLOPs" in log
@@ -227,6 +257,7 @@ def test_torchrun_two_processes(cifar_root, tmp_path):
     assert len(list(out.glob("*.log"))) == 1
     assert len(list((tmp_path / "log" / "cifar10").iterdir())) == 1
     assert "identical" in proc.stdout
+    assert not (out / "run.lock").exists()   # rank 0's lock of the folder was given back
 
 
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp_path):
@@ -281,10 +312,8 @@ def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     assert load_checkpoint(out_part / "checkpoint.pth.tar")["global_step"] == ref["global_step"]
 
 
-def test_valid_script_on_original_checkpoint(cifar_root, tmp_path):
-    pkl = REFERENCE / "cifar_tiny.pkl"
-    if not pkl.is_file():
-        pytest.skip(f"reference checkpoint not found at {pkl}")
+def test_valid_script_on_original_checkpoint(cifar_root, tmp_path, reference):
+    pkl = reference / "cifar_tiny.pkl"
     opts = ["DATASET.ROOT", str(cifar_root), "OUTPUT_DIR", str(tmp_path / "o"), "LOG_DIR", str(tmp_path / "l"),
             "TEST.BATCH_SIZE_PER_GPU", "100", "WORKERS", "0", "MODEL.F_THRES", "8"]
     proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", TINY_CFG, "--testModel", str(pkl), *opts])

@@ -225,7 +225,7 @@ def test_solver_tools_feed_grey_photographs_to_a_grey_model():
     from mdeq.analysis.sample_images import tool_batch
     from mdeq.models import get_cls_net
     cfg = load_config(CFG)
-    x = tool_batch("", 3, 28, cfg.DATASET.DATASET, seed=1)
+    x = tool_batch("", 3, 28, cfg, seed=1)
     assert x.shape == (3, 1, 28, 28) and -3 < float(x.mean()) < 3 and float(x.std()) > 0.1
     model = get_cls_net(cfg).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Our MDEQ against recordings of the original implementation (../shared/reference).
+"""Our MDEQ against recordings of the original implementation (tests/data/reference).
 
 The model tests run on the ``device`` fixture's device (``pytest --device cuda``).
 """

@@ -7,9 +7,12 @@ The training runs are tools/cls_train.py subprocesses on the embedded digits (6 
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
+from conftest import patched_tool
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +162,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     text = log.read_text()
     assert "stopped by SIGTERM" in text and "To resume, run the same command with TRAIN.RESUME True" in text
+    assert not (_out_dir(tmp_path) / "run.lock").exists()
     ckpt = load_checkpoint(_out_dir(tmp_path) / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < STEPS_PER_EPOCH
     assert ckpt["global_step"] == STEPS_PER_EPOCH + ckpt["batch_in_epoch"]
@@ -165,6 +170,71 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
     assert ckpt["global_step"] == last_logged + 1  # saved right after the last step that ran
     resumed = _resume_and_compare(tmp_path, reference, ckpt["global_step"])
     assert f"epoch 1, global step {ckpt['global_step']}, batch {ckpt['batch_in_epoch']} of the epoch" in resumed
+
+
+# ------------------------------------------------------------------------------------------ the best model
+#: a run that learns (held-out top-1 from chance to about 40 % in its third epoch), for the tests of
+#: model_best: 15 steps per epoch, the first 14 unrolled
+LEARNS = {"PERCENT": "0.3", "TRAIN.BATCH_SIZE_PER_GPU": "32", "TRAIN.END_EPOCH": "3", "TRAIN.PRETRAIN_STEPS": "14",
+          "MODEL.F_THRES": "6", "MODEL.B_THRES": "6", "TRAIN.OPTIMIZER": "adam", "TRAIN.LR": "0.01",
+          "TRAIN.KEEP_CHECKPOINTS": "3", "DATASET.AUGMENT": "False", "PRINT_FREQ": "10"}
+
+# the training tool with SIGTERM sent to itself during the held-out evaluation number $MDEQ_TEST_TERM_AT
+_TERM_IN_EVALUATION = """import os, signal
+from mdeq.core.classification import ClassificationTask
+real_evaluate, calls = ClassificationTask.evaluate, []
+def evaluate(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["MDEQ_TEST_TERM_AT"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_evaluate(self, *args, **kwargs)
+ClassificationTask.evaluate = evaluate
+"""
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """An uninterrupted run of LEARNS; its best comes from its last epoch, well above the others."""
+    base = tmp_path_factory.mktemp("learned")
+    _run(_train_cmd(base, **LEARNS))
+    out = _out_dir(base)
+    best = load_checkpoint(out / "model_best.pth.tar")
+    scores = [load_checkpoint(out / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)]
+    assert best["epoch"] == 3 and scores[2] == best["top1"] > scores[1] + 20, scores
+    return {"base": base, "out": out, "best": best}
+
+
+def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(learned, tmp_path):
+    """Resumed from the epoch copy before the best epoch with TRAIN.LR 100: the epoch trained again is
+    reported unhealthy and its chance-level score, although above the copy's recorded best, replaces
+    neither model_best nor the run's best."""
+    shutil.copytree(learned["base"] / "output", tmp_path / "output")
+    out = _out_dir(tmp_path)
+    best_file = (out / "model_best.pth.tar").read_bytes()
+    copy = out / "checkpoint_ep0002.pth.tar"
+    proc = _run(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
+                                                  "TRAIN.LR": "100"}))
+    assert "epoch 2 looks unhealthy" in proc.all and "new best" not in proc.all
+    wrecked = json.loads((out / "results.json").read_text())
+    assert wrecked["top1"] > load_checkpoint(copy)["best"]   # what replaced model_best before the fix
+    assert (out / "model_best.pth.tar").read_bytes() == best_file
+    assert wrecked["best_top1"] == learned["best"]["top1"] == load_checkpoint(out / "checkpoint.pth.tar")["best"]
+
+
+def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp_path):
+    """Stopped during the last epoch's evaluation: the epoch's checkpoint already records that epoch's
+    score, so the resumed run (nothing left to train) reports the uninterrupted run's best and model_best."""
+    env = dict(ENV, MDEQ_TEST_TERM_AT="3")
+    cmd = [sys.executable, *patched_tool("cls_train.py", _TERM_IN_EVALUATION), "--cfg", CFG, *_opts(tmp_path, **LEARNS)]
+    stopped = _run(cmd, expect=128 + signal.SIGTERM, env=env)
+    assert "stopped by SIGTERM" in stopped.all
+    out = _out_dir(tmp_path)
+    ckpt = load_checkpoint(out / "checkpoint.pth.tar")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]) == (3, 0, learned["best"]["top1"])
+    resumed = _run(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
+    assert "nothing to train" in resumed.all
+    assert json.loads((out / "results.json").read_text())["best_top1"] == learned["best"]["top1"]
+    _assert_same_weights(load_checkpoint(out / "model_best.pth.tar")["model"], learned["best"]["model"])
 
 
 # ------------------------------------------------------------------------------------------ pickles
@@ -247,9 +317,9 @@ def test_missing_and_empty_dataset_folders(earlier_run):
     cases = [(str(base / "nowhere"), ("CIFAR-10 not found", "cifar-10-python.tar.gz")),
              (str(base / "empty"), ("lacks data_batch_1",)),
              (str(base / "cut"), ("cannot read CIFAR batch", "data_batch_1"))]
-    procs = _run_many([_train_cmd(base, **cifar, **{"DATASET.ROOT": root}) for root, _ in cases])
-    for (_, needles), proc in zip(cases, procs):
-        _bad([], *needles, proc=proc)
+    # one after the other: they resume the same run, whose folder admits one run at a time
+    for root, needles in cases:
+        _bad(_train_cmd(base, **cifar, **{"DATASET.ROOT": root}), *needles)
     untouched()
 
 
@@ -324,6 +394,65 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_checkpoint(earlier_run):
     base, untouched = earlier_run
     _bad(_train_cmd(base), "exists (an earlier run)", "TRAIN.RESUME True")
     untouched()
+    assert not (_out_dir(base) / "run.lock").exists()   # the refused run gave its lock back
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+_HOLD_LOCK = """import sys, time
+from mdeq.utils.run_lock import OutputLock
+OutputLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    from mdeq.utils.run_lock import LOCK_NAME, OutputLock, OutputLockedError
+    log = tmp_path / "holder.log"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=ENV,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_for(lambda: "locked" in log.read_text(), holder, log)
+    with pytest.raises(OutputLockedError, match=f"{tmp_path / 'run'} is in use by another training run "
+                                                f"\\(pid {holder.pid} on "):
+        OutputLock(tmp_path / "run").acquire()
+    holder.send_signal(signal.SIGKILL)   # no chance to give the lock back
+    holder.wait()
+    assert (tmp_path / "run" / LOCK_NAME).exists()
+    with caplog.at_level("WARNING"):
+        lock = OutputLock(tmp_path / "run").acquire()
+    assert f"taking over the lock {tmp_path / 'run' / LOCK_NAME}" in caplog.text and f"pid {holder.pid} " in caplog.text
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    # without flock (a file system that lacks it) the recorded pid decides: a dead one is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    import fcntl
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
+        OutputLock(tmp_path / "run").acquire().release()
+        (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+        with pytest.raises(OutputLockedError, match=f"pid {os.getppid()} on"):
+            OutputLock(tmp_path / "run").acquire()
+
+
+def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_path):
+    """This test holds the folder's lock as a running training would: the tool refuses at once, naming
+    the folder and the pid, and writes nothing there (no log file); under torchrun both ranks refuse."""
+    from mdeq.utils.run_lock import LOCK_NAME, OutputLock
+    out = _out_dir(tmp_path)
+    lock = OutputLock(out).acquire()
+    try:
+        line = _bad(_train_cmd(tmp_path), "OutputLockedError", f"the output folder {out} is in use by another "
+                    f"training run (pid {os.getpid()} on", "--modelDir")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+        ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "tools/cls_train.py", "--cfg", CFG, *_opts(tmp_path)], expect=None, timeout=180)
+        assert ddp.returncode != 0 and ddp.all.count(line.split("error: ", 1)[1]) >= 2, ddp.all[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        lock.release()
 
 
 def test_more_processes_than_devices(monkeypatch):

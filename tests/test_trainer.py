@@ -128,11 +128,11 @@ def test_health_check_names_fallbacks_residual_and_loss_rise():
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _manager(tmp_path, model, cfg, best_metric="top1") -> CheckpointManager:
+def _manager(tmp_path, model, cfg, best_metric="top1", steps_per_epoch=0) -> CheckpointManager:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ResumableSampler(list(range(10)), seed=cfg.SEED)
     return CheckpointManager(str(tmp_path), cfg, True, best_metric, model, opt, None, None, sampler, TrainState(),
-                             stateful={"health": HealthMonitor()})
+                             stateful={"health": HealthMonitor()}, steps_per_epoch=steps_per_epoch)
 
 
 def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
@@ -147,6 +147,91 @@ def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
     assert not m.update_best(40.0, 1) and not m.update_best(float("nan"), 2)
     assert torch.equal(load_checkpoint(tmp_path / BEST)["model"]["weight"], saved["model"]["weight"])
     assert m.update_best(60.0, 3) and load_checkpoint(tmp_path / BEST)["top1"] == 60.0
+
+
+def test_a_resume_never_lowers_the_best_below_model_best(tmp_path, caplog):
+    """An epoch copy may predate the run's model_best: the resumed best is the higher of the two, so a
+    worse evaluation after the resume does not replace model_best; an unreadable model_best is
+    named and the checkpoint's best is kept."""
+    cfg = load_config(DIGITS_CFG)
+    model = nn.Linear(2, 2)
+    m = _manager(tmp_path, model, cfg)
+    assert m.save_latest(2, 0, epoch_end=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    ckpt.update(best=50.0, _path="an epoch copy")
+    assert m.update_best(80.0, 4)
+    best_file = (tmp_path / BEST).read_bytes()
+    m2 = _manager(tmp_path, nn.Linear(2, 2), cfg)
+    m2.restore(ckpt, cfg.SEED, 0)
+    assert m2.best == 80.0
+    assert not m2.update_best(60.0, 2)
+    assert (tmp_path / BEST).read_bytes() == best_file
+    (tmp_path / BEST).write_bytes(best_file[:100])
+    m3 = _manager(tmp_path, nn.Linear(2, 2), cfg)
+    with caplog.at_level("WARNING"):
+        m3.restore(ckpt, cfg.SEED, 0)
+    assert m3.best == 50.0 and f"cannot read the score of {tmp_path / BEST}" in caplog.text
+
+
+def test_a_resume_with_another_epoch_length_warns_in_one_line_and_restarts_a_cut_epoch(tmp_path, caplog):
+    """Saved mid-epoch (batch 4 of 6, batch size 16) and resumed with batch size 32 (3 steps per epoch):
+    one warning naming both settings, the epoch restarts from its first batch, and where the schedule
+    goes; the same settings resume silently where they stopped."""
+    cfg16 = load_config(DIGITS_CFG, ["TRAIN.BATCH_SIZE_PER_GPU", 16, "TRAIN.END_EPOCH", 4])
+    m = _manager(tmp_path, nn.Linear(2, 2), cfg16, steps_per_epoch=6)
+    m.state.global_step = 10
+    assert m.save_latest(1, 4, epoch_end=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ckpt["steps_per_epoch"] == 6
+    with caplog.at_level("WARNING"):
+        assert _manager(tmp_path, nn.Linear(2, 2), cfg16, steps_per_epoch=6).restore(ckpt, cfg16.SEED, 0) == (1, 4)
+    assert "another epoch length" not in caplog.text
+    cfg32 = load_config(DIGITS_CFG, ["TRAIN.BATCH_SIZE_PER_GPU", 32, "TRAIN.END_EPOCH", 4])
+    with caplog.at_level("WARNING"):
+        assert _manager(tmp_path, nn.Linear(2, 2), cfg32, steps_per_epoch=3).restore(ckpt, cfg32.SEED, 0) == (1, 0)
+    [line] = [r.getMessage() for r in caplog.records if "another epoch length" in r.getMessage()]
+    assert "TRAIN.BATCH_SIZE_PER_GPU 16 -> 32, steps per epoch 6 -> 3" in line and "processes" not in line
+    assert "epoch 1 restarts from its first batch" in line
+    assert "goes on from step 10 and ends at step 19 where this run's epochs plan 12" in line
+
+
+class _ScriptedScores(ClassificationTask):
+    """The digits task with planted held-out scores (one per epoch) and a planted health problem on
+    the epochs in ``unhealthy``."""
+
+    def __init__(self, scores, unhealthy) -> None:
+        self.scores, self.unhealthy, self.epoch = list(scores), set(unhealthy), -1
+
+    def evaluate(self, model, loader, cfg, info):
+        self.epoch += 1
+        return {**super().evaluate(model, loader, cfg, info), "top1": self.scores[self.epoch]}
+
+    def health_problem(self, cfg, train, val):
+        return "a planted problem" if self.epoch in self.unhealthy else None
+
+
+def test_the_best_is_saved_before_each_epoch_checkpoint_and_never_from_an_unhealthy_epoch(tmp_path, caplog):
+    """Scores 20, 90, 30 with epoch 1 unhealthy: model_best holds epoch 0 then epoch 2, never the 90;
+    every epoch's checkpoint records the best including its own epoch."""
+    from mdeq.core.trainer import fit
+    cfg = load_config(DIGITS_CFG, ["PERCENT", 0.03, "TRAIN.BATCH_SIZE_PER_GPU", 16, "TRAIN.END_EPOCH", 3,
+                                   "TRAIN.PRETRAIN_STEPS", 0, "MODEL.F_THRES", 8, "MODEL.B_THRES", 3,
+                                   "TRAIN.KEEP_CHECKPOINTS", 3, "TEST.BATCH_SIZE_PER_GPU", 300])
+    bests = []
+    real_update = CheckpointManager.update_best
+
+    def update_best(self, value, epoch):   # records model_best's score after every update
+        changed = real_update(self, value, epoch)
+        bests.append((epoch, load_checkpoint(tmp_path / BEST)["top1"]))
+        return changed
+
+    with caplog.at_level("WARNING"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CheckpointManager, "update_best", update_best)
+        results = fit(_ScriptedScores([20.0, 90.0, 30.0], {1}), cfg, DistInfo(), str(tmp_path), str(tmp_path / "tb"))
+    assert "epoch 1 looks unhealthy: a planted problem" in caplog.text
+    assert bests == [(0, 20.0), (2, 30.0)]   # the unhealthy epoch 1 was not even offered
+    assert results["best_top1"] == 30.0 and load_checkpoint(tmp_path / BEST)["epoch"] == 3
+    assert [load_checkpoint(tmp_path / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)] == [20.0, 20.0, 30.0]
 
 
 def test_checkpoints_of_the_previous_format_still_resume(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import patched_tool
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED
 from mdeq.core.cli import run_tool
@@ -67,11 +68,48 @@ def junk(tmp_path_factory) -> Path:
     return d
 
 
+# ------------------------------------------------------------------------------- config file, overrides
+def test_config_file_and_override_slips_say_what_to_do(tmp_path):
+    from mdeq.core.launch import base_parser, config_from_args, parse_args
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty \\(no config keys\\): give an experiment file"):
+        load_config(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match=r"config file .*experiments/digits is a folder: give one yaml file in it "
+                                          r"\(cls_mdeq_digits.yaml, "):
+        load_config(REPO / "experiments" / "digits")
+    with pytest.raises(ConfigError, match="on the command line write False, as Python does, not false"):
+        load_config(DIGITS, ["DATASET.AUGMENT", "false"])
+    for words, missing in ((["TRAIN.END_EPOCH", "3", "TRAIN.LR"], "TRAIN.LR"),
+                           (["TRAIN.LR", "TRAIN.END_EPOCH", "3"], "TRAIN.LR")):
+        args = parse_args(base_parser("x"), ["--cfg", DIGITS, "--modelDir", str(tmp_path / "o"), *words])
+        with pytest.raises(ConfigError) as err:
+            config_from_args(args)
+        assert f"in {' '.join(words)!r} {missing} has no value" in str(err.value)
+        assert "OUTPUT_DIR" not in str(err.value)   # the option's own key is not the user's word
+    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir", tmp_path / "o"])
+    _one_error_line(proc, "ConfigError", "is a folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path):
+    from mdeq.core.checkpoint_manager import resume_checkpoint
+    (tmp_path / "checkpoint.pth.tar").write_bytes(b"PK\x03\x04 cut short")
+    save_checkpoint({"model": {"w": torch.ones(1)}, "top1": 50.0}, tmp_path / "model_best.pth.tar")
+    cfg = load_config(DIGITS, ["TRAIN.RESUME", True])
+    with pytest.raises(CheckpointError) as err:
+        resume_checkpoint(str(tmp_path), cfg, True, "cpu")
+    text = str(err.value)
+    assert "truncated or corrupt" in text and f"No other training state is in {tmp_path}" in text
+    assert f"move {tmp_path / 'checkpoint.pth.tar'} away and train afresh without TRAIN.RESUME" in text
+    assert "starting from the weights of model_best.pth.tar with TRAIN.MODEL_FILE" in text
+
+
 # ------------------------------------------------------------------------------------- config rows
 @pytest.mark.parametrize("key,value,allowed", [
-    ("MODEL.F_THRES", "-5", ">= 1"),
-    ("MODEL.F_THRES", "0", ">= 1"),
-    ("MODEL.B_THRES", "0", ">= 1"),
+    ("MODEL.F_THRES", "-5", "in [1, 10000]"),
+    ("MODEL.F_THRES", "1000000000", "in [1, 10000]"),
+    ("MODEL.F_THRES", "0", "in [1, 10000]"),
+    ("MODEL.B_THRES", "0", "in [1, 10000]"),
     ("MODEL.F_EPS", "-1", ">= 0"),
     ("MODEL.B_EPS", "-1", ">= 0"),
     ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
@@ -206,6 +244,41 @@ def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name
     _one_error_line(proc, str(junk / name), needle)
 
 
+@pytest.mark.parametrize("tool,args,needle", [
+    ("benchmark", ["--batch-size", "-4"], "argument --batch-size: -4 is out of range: must be >= 1"),
+    ("benchmark", ["--solvers", "broyden,nosuch"], "argument --solvers: 'nosuch': choose from broyden, anderson"),
+    ("benchmark", ["--repeats", "0"], "argument --repeats: 0 is out of range: must be >= 1"),
+    ("benchmark", ["--image-size", "many"], "argument --image-size: 'many' is not a whole number"),
+    ("plot_convergence", ["--batch-size", "-2"], "argument --batch-size: -2 is out of range: must be >= 1"),
+    ("plot_convergence", ["--solvers", "nosuch"], "argument --solvers: 'nosuch': choose from"),
+    ("plot_convergence", ["--evals", "0"], "argument --evals: 0 is out of range: must be >= 1"),
+    ("compare_training_cost", ["--seeds", "abc"], "argument --seeds: 'abc' in 'abc' is not a whole number >= 0"),
+    ("compare_training_cost", ["--seeds", ","], "argument --seeds: ',' names no number"),
+])
+def test_tool_arguments_are_checked_by_the_parser_in_one_line(tool, args, needle, tmp_path, capsys):
+    """The tools' own options (in-process: the parser exits before any work); nothing is written."""
+    import runpy
+    main = runpy.run_path(str(REPO / "tools" / f"{tool}.py"))["main"]
+    where = ["--out", str(tmp_path / "out")] if tool == "compare_training_cost" else ["--cfg", DIGITS]
+    where += ["--out-dir", str(tmp_path / "out")] if tool == "plot_convergence" else []
+    where += ["--json", str(tmp_path / "out" / "b.json")] if tool == "benchmark" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*where, *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exit_.value.code == 2 and len(errors) == 1 and f"error: {needle}" in errors[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp_path):
+    """--image-size 3 for the digits model (two halvings before its coarsest stream) in both solver tools."""
+    for tool, extra in (("tools/benchmark.py", ["--json", tmp_path / "out" / "b.json", "--repeats", "1"]),
+                        ("tools/plot_convergence.py", ["--out-dir", tmp_path / "out"])):
+        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra])
+        _one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
+        assert not (tmp_path / "out").exists()
+
+
 def test_converter_bad_input_is_one_line(junk, tmp_path):
     proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json", tmp_path / "o.pth"])
     _one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
@@ -271,7 +344,7 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous
 
 
 # the real training tool with torch.save failing as on a full disk from the second epoch's checkpoint on
-_FULL_DISK = """import errno, os, runpy, sys, torch
+_FULL_DISK = """import errno, os, torch
 real_save = torch.save
 def save(obj, f, *args, **kwargs):
     if isinstance(obj, dict) and obj.get("epoch") == 2:
@@ -279,8 +352,6 @@ def save(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
-sys.argv = ["tools/cls_train.py"] + sys.argv[1:]
-runpy.run_path("tools/cls_train.py", run_name="__main__")
 """
 
 
@@ -288,7 +359,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
     opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
             "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
             "TEST.BATCH_SIZE_PER_GPU", "150"]
-    proc = _run([sys.executable, "-c", _FULL_DISK, "--cfg", DIGITS, *opts])
+    proc = _run([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts])
     out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
     _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
@@ -312,16 +383,32 @@ def _bad_label_list(city: Path, name: str, label: np.ndarray) -> str:
 
 
 def test_label_images_are_checked_for_dtype_and_range(city):
+    """When the dataset is built (its first label) and whenever a label is read."""
     shape = cv2.imread(str(city / "cityscapes/leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png")).shape[:2]
     wide = np.full(shape, 7, np.uint16)
     wide[3, 5] = 2301
     trainids = np.full(shape, 255, np.uint8)  # a *_labelTrainIds.png by mistake
     for name, label, needles in (("wide", wide, ("uint16", "2301")), ("trainids", trainids, ("value 255", "0..33"))):
-        ds = CityscapesDataset(str(city), _bad_label_list(city, name, label), train=True, crop_size=(32, 64),
-                               base_size=128)
+        lst = _bad_label_list(city, name, label)
         with pytest.raises(CityscapesError) as err:
-            ds[0]
+            CityscapesDataset(str(city), lst, train=True, crop_size=(32, 64), base_size=128)
         assert f"{name}_gtFine_labelIds.png" in str(err.value) and all(n in str(err.value) for n in needles)
+        good = (city / "list" / "cityscapes" / "train.lst").read_text().splitlines()[0]
+        (city / lst).write_text(f"{good}\n{(city / lst).read_text()}")   # the bad label second: found when read
+        ds = CityscapesDataset(str(city), lst, train=True, crop_size=(32, 64), base_size=128)
+        with pytest.raises(CityscapesError, match=f"{name}_gtFine_labelIds.png"):
+            ds[1]
+
+
+def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp_path):
+    for tool in ("tools/seg_train.py", "tools/seg_test.py"):
+        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir", tmp_path / "l",
+                     "--testModel", tmp_path / "none.pth"])
+        _one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
+                        "tools/cls_train.py")
+    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
+                 tmp_path / "l", "DATASET.NUM_CLASSES", "1000"])
+    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; DATASET.NUM_CLASSES is 1000")
 
 
 def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):

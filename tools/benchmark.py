@@ -1,7 +1,7 @@
 """Benchmark the equilibrium solvers against the physical limit (one f evaluation) on CPU or CUDA.
 
     python tools/benchmark.py --cfg experiments/cifar/cls_mdeq_TINY.yaml \
-        --testModel ../shared/reference/cifar_tiny.pkl --batch-size 32 --image-size 32 MODEL.DROPOUT 0.0
+        --testModel tests/data/reference/cifar_tiny.pkl --batch-size 32 --image-size 32 MODEL.DROPOUT 0.0
 
 Prints markdown tables: f / VJP / stem+head times, forward solves of each solver at an equal number
 of f evaluations, training steps with their solver overhead, the unrolled warm-up at the same depth,
@@ -20,7 +20,9 @@ import torch
 
 from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
+from mdeq.config.validation import SOLVERS
 from mdeq.core.cli import tool_main
+from mdeq.core.launch import int_at_least, names_from
 from mdeq.core.launch import parse_args as parse_launch_args
 from mdeq.utils.cpu_allocator import retain_freed_memory
 
@@ -28,16 +30,17 @@ from mdeq.utils.cpu_allocator import retain_freed_memory
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="experiment yaml")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--f-thres", type=int, default=None, help="forward threshold (default: MODEL.F_THRES)")
-    p.add_argument("--b-thres", type=int, default=None, help="backward threshold (default: MODEL.B_THRES)")
-    p.add_argument("--solvers", default="broyden,anderson,fixed_point", help="comma-separated solver names")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--image-size", type=int_at_least(1), default=32)
+    p.add_argument("--f-thres", type=int_at_least(1), default=None, help="forward threshold (default: MODEL.F_THRES)")
+    p.add_argument("--b-thres", type=int_at_least(1), default=None, help="backward threshold (default: MODEL.B_THRES)")
+    p.add_argument("--solvers", type=names_from(SOLVERS), default="broyden,anderson,fixed_point",
+                   help=f"comma-separated solver names, of {','.join(SOLVERS)}")
     p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
     p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--mem-thres", default="10,40", help="thresholds for the peak-memory table")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default all; the component "
@@ -54,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     retain_freed_memory()       # as the training programs do (the memory rows run in fresh processes)
     spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
                      test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
-    result = run_benchmark(spec, args.f_thres, args.b_thres, [s for s in args.solvers.split(",") if s],
+    result = run_benchmark(spec, args.f_thres, args.b_thres, args.solvers,
                            args.repeats, [int(t) for t in args.mem_thres.split(",") if t],
                            parts=[p for p in args.parts.split(",") if p])
     print(format_report(result))

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 
 from mdeq.analysis.cost_comparison import BENCHMARKS, format_table, read_runs, run_comparison
+from mdeq.core.cli import tool_main
+from mdeq.core.launch import int_list
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +22,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="digits",
                    help="the variants to train (default: digits)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated seeds")
     p.add_argument("--out", default=str(REPO / "output" / "training_cost"), help="runs and runs.jsonl go here")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--report", default="", help="print the table of an existing runs.jsonl and exit")
@@ -34,9 +36,9 @@ def main(argv=None) -> None:
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v.name in keep]
-    rows = run_comparison(variants, [int(s) for s in args.seeds.split(",") if s], Path(args.out), REPO)
+    rows = run_comparison(variants, args.seeds, Path(args.out), REPO)
     print(format_table(rows, baseline))
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main)

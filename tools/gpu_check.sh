@@ -20,8 +20,8 @@
 #                        quick: 1800, and each step's own limit 5 times longer, for a slow or shared CPU)
 #   GPU_CHECK_STEPS      comma-separated steps to run (default all): tests, tiny32, inet16, tiny96,
 #                        tiny96_compile, inet16_compile; e.g. to rerun the ones a first call skipped
-#   MDEQ_REFERENCE       folder of the original's reference files (default ../shared/reference or
-#                        ./shared/reference); without them the reference tests are skipped
+#   MDEQ_REFERENCE       folder of the original's reference files (default tests/data/reference, in
+#                        the checkout)
 #   PYTHON               the interpreter (default python3)
 # Python packages missing on the machine (yacs) are installed from ./.whl when that folder has wheels.
 set -u -o pipefail
@@ -50,10 +50,8 @@ if ! "$PY" -c "import yacs" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 mkdir -p "$WORK/pkg" && ln -s "$REPO/lib" "$WORK/pkg/mdeq"
 export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
-for cand in "${MDEQ_REFERENCE:-}" "$REPO/../shared/reference" "$REPO/shared/reference"; do
-    if [ -n "$cand" ] && [ -f "$cand/cifar_tiny.pkl" ]; then export MDEQ_REFERENCE=$(cd "$cand" && pwd); break; fi
-done
-REF=${MDEQ_REFERENCE:-}
+export MDEQ_REFERENCE=${MDEQ_REFERENCE:-$REPO/tests/data/reference}
+REF=$MDEQ_REFERENCE
 
 log "# GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE, quick $QUICK)"
 log ""
@@ -63,7 +61,7 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA G
 print(f"- card: {gpu}; GPUs visible: {torch.cuda.device_count()}; torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}); Python {platform.python_version()}; {torch.get_num_threads()} CPU threads")
 EOF
-log "- reference files: ${REF:-not found (the reference tests and the TINY reference weights are skipped)}"
+log "- reference files: $REF"
 log ""
 
 STEP_TIMES=$WORK/steps.md
@@ -115,7 +113,7 @@ else
     TINY_B=(32 96) INET=(16 224) THRES=() MEM=10,40 REPEATS=5 SOLVERS=broyden,anderson,fixed_point
 fi
 TINY_W=()
-[ -n "$REF" ] && TINY_W=(--testModel "$REF/cifar_tiny.pkl")
+[ -f "$REF/cifar_tiny.pkl" ] && TINY_W=(--testModel "$REF/cifar_tiny.pkl")
 bench() {   # bench NAME TOOL-ARGS...: one tools/benchmark.py run; its tables go to the summary
     local name=$1
     shift

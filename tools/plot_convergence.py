@@ -1,7 +1,7 @@
 """Plot the forward solvers' convergence: relative residual against f evaluations.
 
     python tools/plot_convergence.py --cfg experiments/cifar/cls_mdeq_TINY.yaml \
-        --testModel ../shared/reference/cifar_tiny.pkl --out-dir output/convergence MODEL.DROPOUT 0.0
+        --testModel tests/data/reference/cifar_tiny.pkl --out-dir output/convergence MODEL.DROPOUT 0.0
 
 Writes ``convergence_solvers.png`` (the paper's Figure 6: Broyden, Anderson and plain iteration),
 ``convergence_streams.png`` (Figure 7: the residual of each resolution stream's part of z, one
@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 from mdeq.config import load_config  # noqa: E402
 from mdeq.core.cli import tool_main  # noqa: E402
+from mdeq.config.validation import SOLVERS  # noqa: E402
+from mdeq.core.launch import int_at_least, names_from  # noqa: E402
 from mdeq.core.launch import parse_args as parse_launch_args  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
@@ -40,13 +42,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True)
     p.add_argument("--testModel", default="", help="weights (ours or the original .pkl); default random init")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=0, help="default: MODEL.IMAGE_SIZE[0]")
-    p.add_argument("--evals", type=int, default=30, help="f evaluations per solver")
-    p.add_argument("--solvers", default="broyden,anderson,fixed_point")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--image-size", type=int_at_least(0), default=0, help="default: MODEL.IMAGE_SIZE[0]")
+    p.add_argument("--evals", type=int_at_least(1), default=30, help="f evaluations per solver")
+    p.add_argument("--solvers", type=names_from(SOLVERS), default="broyden,anderson,fixed_point",
+                   help=f"comma-separated solver names, of {','.join(SOLVERS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", default="", help=IMAGES_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out-dir", default="output/convergence")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
     return parse_launch_args(p, argv)  # overrides anywhere, as in the training tools
@@ -63,10 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         load_weights(model, args.testModel)
     model.to(args.device)
     size = args.image_size or int(cfg.MODEL.IMAGE_SIZE[0])
-    x = tool_batch(args.images, args.batch_size, size, cfg.DATASET.DATASET, args.seed).to(args.device)
+    x = tool_batch(args.images, args.batch_size, size, cfg, args.seed).to(args.device)
     size = x.shape[-1]
-    solvers = [s for s in args.solvers.split(",") if s]
-    traces = convergence_traces(model, x, solvers, args.evals)
+    traces = convergence_traces(model, x, args.solvers, args.evals)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = Path(args.testModel).name if args.testModel else "random init"

@@ -76,7 +76,7 @@ def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
         load_weights(model, spec.test_model)
     device = torch.device(spec.device)
     model.to(device)
-    x = tool_batch(spec.images, spec.batch_size, spec.image_size, cfg.DATASET.DATASET, spec.seed).to(device)
+    x = tool_batch(spec.images, spec.batch_size, spec.image_size, cfg, spec.seed).to(device)
     y = (torch.arange(spec.batch_size) % cfg.MODEL.NUM_CLASSES).to(device)
     return model, x, y
 

@@ -4,7 +4,7 @@ A solver's behaviour depends on its input: on Gaussian noise (out of any trainin
 the reference CIFAR model's L-Broyden and plain iteration reach about the same residual after 30
 evaluations, on real photographs L-Broyden is ahead. :func:`photo_batch` cuts random crops out of
 the two photographs that ship with scikit-learn; :func:`recorded_batch` reads a batch saved as a
-tensor (e.g. the recorded input of ``../shared/reference/cifar_tiny.expected.pt``).
+tensor (e.g. the recorded input of ``tests/data/reference/cifar_tiny.expected.pt``).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..datasets.cifar import MEAN as CIFAR_MEAN, STD as CIFAR_STD
 from ..datasets.common import DatasetError
 from ..datasets.fashion_mnist import MEAN as FASHION_MEAN, STD as FASHION_STD
@@ -78,9 +79,26 @@ def recorded_batch(path: str | Path, batch: int) -> Tensor:
     return x[torch.arange(batch) % x.shape[0]].float()
 
 
-def tool_batch(images: str | Path, batch: int, size: int, dataset: str, seed: int = 0) -> Tensor:
-    """What the solver tools feed the model: the recorded batch ``images`` if given (its own image
-    size), else :func:`photo_batch` crops normalised as ``dataset`` (e.g. ``cfg.DATASET.DATASET``)."""
+def smallest_input(cfg) -> int:
+    """The smallest image side the model of ``cfg`` is measured on: its coarsest resolution stream
+    (the stem's MODEL.DOWNSAMPLE_TIMES halvings, then one per further branch) at least 2 pixels wide;
+    below that, 3x3 convolutions there see mostly padding and the figures mean nothing."""
+    return 2 ** (int(cfg.MODEL.DOWNSAMPLE_TIMES) + int(cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES))
+
+
+def tool_batch(images: str | Path, batch: int, size: int, cfg, seed: int = 0) -> Tensor:
+    """What the solver tools feed the model of ``cfg``: the recorded batch ``images`` if given (its
+    own image size), else :func:`photo_batch` crops of side ``size`` normalised as its dataset.
+
+    Raises:
+        ConfigError: the images are smaller than :func:`smallest_input`.
+    """
+    low = smallest_input(cfg)
+    if not images and size < low:
+        raise ConfigError(f"--image-size {size} is too small for this model: its coarsest stream needs at least "
+                          f"{low} pixels (MODEL.DOWNSAMPLE_TIMES {cfg.MODEL.DOWNSAMPLE_TIMES}, "
+                          f"{cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES} branches); MODEL.IMAGE_SIZE is "
+                          f"{list(cfg.MODEL.IMAGE_SIZE)}")
     if images:
         return recorded_batch(images, batch)
-    return photo_batch(batch, size, *normalization(dataset), seed=seed)
+    return photo_batch(batch, size, *normalization(cfg.DATASET.DATASET), seed=seed)

@@ -57,10 +57,17 @@ def _coerce(new: Any, old: Any, full_key: str, source: str) -> Any:
             return type(old)(new)
     elif old is None:
         return new
+    hint = ""
+    if isinstance(old, bool) and isinstance(new, str) and new.lower() in _YAML_BOOLS:
+        # yaml writes false / true; the command line's values are Python literals
+        hint = f" (on the command line write {_YAML_BOOLS[new.lower()]}, as Python does, not {new})"
     raise ConfigError(
         f"{source}: wrong type for config key {full_key}: got {new!r} ({type(new).__name__}), "
-        f"expected {type(old).__name__} like the default {old!r}"
+        f"expected {type(old).__name__} like the default {old!r}{hint}"
     )
+
+
+_YAML_BOOLS = {"true": "True", "false": "False", "yes": "True", "no": "False", "on": "True", "off": "False"}
 
 
 def _merge(cfg: CN, updates: dict, source: str, prefix: str = "") -> None:
@@ -122,7 +129,7 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ())
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ConfigError: an unknown key, a value of the wrong type or out of its range, or unparsable
+        ConfigError: the file is a folder or empty; an unknown key, a value of the wrong type or out of its range, or unparsable
             yaml; the message names the key, the value and the file.
     """
     opts = list(opts)
@@ -130,13 +137,20 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ())
     ignored: List[str] = []
     if path is not None:
         path = os.fspath(path)
+        if os.path.isdir(path):
+            inside = sorted(f for f in os.listdir(path) if f.endswith((".yaml", ".yml")))[:3]
+            raise ConfigError(f"config file {path} is a folder: give one yaml file"
+                              + (f" in it ({', '.join(inside)} ...)" if inside else " (experiments/<dataset>/*.yaml)"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path} (experiment files live under experiments/)")
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid yaml: {e}") from e
+        if data is None:   # would silently mean "all defaults", which no experiment is
+            raise ConfigError(f"{path} is empty (no config keys): give an experiment file, e.g. "
+                              f"experiments/digits/cls_mdeq_digits.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
         data, ignored = split_ignored(data)

@@ -80,8 +80,10 @@ RANGES: Dict[str, Range] = {
     "MODEL.IN_CHANNELS": AT_LEAST_1,
     "MODEL.DROPOUT": Range(0, 1, high_open=True),
     "MODEL.NUM_CLASSES": AT_LEAST_1,
-    "MODEL.F_THRES": AT_LEAST_1,
-    "MODEL.B_THRES": AT_LEAST_1,
+    # every solver step is an evaluation of f: 10,000 is 250x the original's largest budget (40), and
+    # a budget such as 1e9 is a typo that would run for days without a word
+    "MODEL.F_THRES": Range(1, 10000),
+    "MODEL.B_THRES": Range(1, 10000),
     "MODEL.F_EPS": AT_LEAST_0,
     "MODEL.B_EPS": AT_LEAST_0,
     "MODEL.EXPANSION_FACTOR": AT_LEAST_1,

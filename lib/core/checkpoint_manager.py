@@ -14,6 +14,7 @@
                                solver statistics), held-out scalars, step and time (what
                                ``tools/plot_training.py`` draws); a resumed run drops the lines
                                of the epochs it trains again
+``run.lock``                   while a training run is on: its owner (:mod:`mdeq.utils.run_lock`)
 =============================  ==================================================================
 
 A training state holds the model, optimizer, scheduler and AMP scaler states, the position
@@ -34,10 +35,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import yaml
 
 from ..utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..utils.distributed import all_gather_object, unwrap
-from ..utils.optim import current_lr, load_scheduler_state
+from ..utils.optim import current_lr, load_scheduler_state, total_iterations
 from ..utils.rng import get_rng_state, set_rng_state
 from .signals import GracefulStop, TrainingInterrupted, resume_command
 from .state import ResumableSampler, TrainState
@@ -54,6 +56,15 @@ RESULTS = "results.json"
 HISTORY = "history.jsonl"
 FORMAT_VERSION = 3
 _OLD_BEST_KEYS = ("best_acc", "best_miou")  # format 2 named the best metric per task
+
+
+def _saved_batch_size(config_text: Any) -> Optional[int]:
+    """TRAIN.BATCH_SIZE_PER_GPU of a checkpoint's saved config (None when it cannot be read)."""
+    try:
+        value = yaml.safe_load(config_text)["TRAIN"]["BATCH_SIZE_PER_GPU"]
+        return int(value)
+    except (yaml.YAMLError, TypeError, KeyError, ValueError):
+        return None
 
 
 def model_files(cfg, out_dir: str, several: bool = False) -> List[str]:
@@ -115,8 +126,13 @@ def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional
     except CheckpointError as e:
         copies = sorted((f for f in os.listdir(out_dir) if f.startswith(EPOCH_PREFIX) or f == HEALTHY),
                         reverse=True) if os.path.isdir(out_dir) else []
+        weights = [f for f in (BEST, FINAL) if os.path.isfile(os.path.join(out_dir, f))]
         alt = (f" Other states in {out_dir}: {', '.join(copies)}; resume from one with TRAIN.CHECKPOINT "
-               f"<file>." if copies else "")
+               f"<file>." if copies else
+               f" No other training state is in {out_dir} (TRAIN.KEEP_CHECKPOINTS > 1 keeps epoch copies): move "
+               f"{resume_file} away and train afresh without TRAIN.RESUME"
+               + (f", starting from the weights of {' or '.join(weights)} with TRAIN.MODEL_FILE <file>."
+                  if weights else "."))
         raise CheckpointError(f"cannot resume: {e}.{alt}") from e
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
         raise CheckpointError(f"cannot resume from {resume_file}: it is not a training checkpoint (no "
@@ -137,16 +153,19 @@ class CheckpointManager:
             model may be DDP-wrapped, scheduler / scaler may be None.
         stateful: further objects with ``state_dict()`` / ``load_state_dict()`` (the health check).
         world_size: processes in this run.
+        steps_per_epoch: optimiser steps in one of this run's epochs (0: unknown); saved, and compared
+            with the checkpoint's on resume.
     """
 
     def __init__(self, out_dir: str, cfg, is_main: bool, best_metric: str, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, sampler: ResumableSampler,
-                 state: TrainState, stateful: Optional[Mapping[str, Any]] = None, world_size: int = 1) -> None:
+                 state: TrainState, stateful: Optional[Mapping[str, Any]] = None, world_size: int = 1,
+                 steps_per_epoch: int = 0) -> None:
         self.out_dir, self.cfg, self.is_main = out_dir, cfg, is_main
         self.best_metric, self.best = best_metric, float("-inf")
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.sampler, self.state, self.stateful = sampler, state, dict(stateful or {})
-        self.world_size = int(world_size)
+        self.world_size, self.steps_per_epoch = int(world_size), int(steps_per_epoch)
         self.keep = int(cfg.TRAIN.KEEP_CHECKPOINTS)
         self.latest = os.path.join(out_dir, LATEST)
         self.last_saved: Optional[str] = None  # what the latest file holds, for the messages
@@ -163,7 +182,7 @@ class CheckpointManager:
             "optimizer": self.optimizer.state_dict(), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch),
             "global_step": int(st.global_step), "bad_steps": int(st.bad_steps), "skipped_steps": int(st.skipped_steps),
             "best_metric": self.best_metric, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
-            "world_size": self.world_size, "lr": current_lr(self.optimizer),
+            "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch, "lr": current_lr(self.optimizer),
             "sampler": self.sampler.state(),
         }
         if self.scheduler is not None:
@@ -289,10 +308,7 @@ class CheckpointManager:
             if ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])
         epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
-        if batch and int(ckpt.get("world_size", self.world_size)) != self.world_size:
-            logger.warning("the checkpoint was written mid-epoch by %s processes, this run has %d: epoch %d "
-                           "restarts from its first batch", ckpt.get("world_size"), self.world_size, epoch)
-            batch = 0
+        batch = self._check_epoch_length(ckpt, epoch, batch)
         saved_seed = (ckpt.get("sampler") or {}).get("seed", seed)
         if int(saved_seed) != int(seed):
             logger.warning("the checkpoint's SEED is %s, this run's %s: the data order differs from the "
@@ -307,6 +323,31 @@ class CheckpointManager:
                     src, epoch, st.global_step, batch, current_lr(self.optimizer), self.best_metric,
                     self.best)
         return epoch, batch
+
+    def _check_epoch_length(self, ckpt: Dict[str, Any], epoch: int, batch: int) -> int:
+        """Warn in one line when the checkpoint's run had another batch size, number of processes or
+        epoch length, saying what follows; returns the batch of the epoch to resume at (its first
+        when the checkpoint is mid-epoch: its batch index counts batches of the other size)."""
+        saved_bs = _saved_batch_size(ckpt.get("config"))
+        was = {"TRAIN.BATCH_SIZE_PER_GPU": saved_bs, "processes": ckpt.get("world_size"),
+               "steps per epoch": ckpt.get("steps_per_epoch") or None}
+        now = {"TRAIN.BATCH_SIZE_PER_GPU": int(self.cfg.TRAIN.BATCH_SIZE_PER_GPU), "processes": self.world_size,
+               "steps per epoch": self.steps_per_epoch or None}
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in was
+                   if was[k] is not None and now[k] is not None and int(was[k]) != int(now[k])]
+        if not changed:
+            return batch
+        where = (f"epoch {epoch} restarts from its first batch (the checkpoint's batch {batch} counted batches "
+                 f"of the other size)" if batch else f"training continues with epoch {epoch}")
+        schedule = ""
+        if self.steps_per_epoch:
+            end = self.state.global_step + max(0, self.cfg.TRAIN.END_EPOCH - epoch) * self.steps_per_epoch
+            schedule = (f"; the LR schedule, a function of the global step, goes on from step "
+                        f"{self.state.global_step} and ends at step {end} where this run's epochs plan "
+                        f"{total_iterations(self.cfg, self.steps_per_epoch)}")
+        logger.warning("resuming a run with another epoch length (%s): %s%s; scores and losses per epoch are "
+                       "not comparable across the change", ", ".join(changed), where, schedule)
+        return 0
 
     def _saved_best(self) -> float:
         """The score recorded in the run's ``model_best.pth.tar`` (-inf when there is none or it is unreadable)."""

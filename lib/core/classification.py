@@ -77,10 +77,14 @@ def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
 
 
 def _check_classes(ds: Dataset, cfg) -> None:
-    classes = getattr(getattr(ds, "dataset", ds), "classes", None)
+    """The dataset's classes (class folders of ImageNet, CIFAR's label names) against MODEL.NUM_CLASSES,
+    when the dataset is built: a label beyond the model's outputs would stop training at its batch."""
+    inner = getattr(ds, "dataset", ds)
+    classes = getattr(inner, "classes", None)
     if classes and len(classes) != cfg.MODEL.NUM_CLASSES:
+        where = f" in {os.path.abspath(inner.root)}" if isinstance(getattr(inner, "root", None), str) else ""
         raise ConfigError(f"MODEL.NUM_CLASSES = {cfg.MODEL.NUM_CLASSES} but DATASET.DATASET "
-                          f"{cfg.DATASET.DATASET!r} has {len(classes)} classes")
+                          f"{cfg.DATASET.DATASET!r} has {len(classes)} classes{where}")
 
 
 @torch.no_grad()

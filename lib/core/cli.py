@@ -7,7 +7,8 @@ Exit statuses:
   (unknown / mistyped key, a value of the wrong type or out of its range), a missing config file,
   missing or unreadable data (a label image that is not 8-bit label ids), a file that is not a
   checkpoint, a checkpoint that is refused / truncated / of another architecture, an output folder
-  that cannot be written, more processes than devices; also a checkpoint write that failed (disk
+  that cannot be written or that another training run is using (its lock names the run), more
+  processes than devices; also a checkpoint write that failed (disk
   full, I/O error: :class:`~mdeq.utils.checkpoint.CheckpointWriteError`), which leaves the previous
   checkpoint intact;
 * 3 — training diverged (``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps), or an epoch failed the
@@ -29,6 +30,7 @@ from ..config.loader import ConfigError
 from ..datasets.common import DatasetError
 from ..utils.checkpoint import CheckpointError, OutputDirError
 from ..utils.distributed import DeviceError
+from ..utils.run_lock import release_output_locks
 from .signals import TrainingInterrupted
 from .step_guard import TrainingDiverged
 
@@ -58,7 +60,9 @@ def _report(msg: str) -> None:
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; return the exit status (see the module docstring) after logging one line."""
+    """Run ``main(argv)``; return the exit status (see the module docstring) after logging one line.
+    The output folder's lock of a training run (:mod:`mdeq.utils.run_lock`) is given back however
+    ``main`` ends."""
     try:
         main(argv)
         return 0
@@ -74,6 +78,8 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequ
         _report(f"abandoned ({e or 'interrupted'}): the last checkpoint written stays intact; resume with "
                 f"TRAIN.RESUME True")
         return 128 + signal.SIGINT
+    finally:
+        release_output_locks()   # a tool called in-process (tests) gives its folder back at once
 
 
 def tool_main(main: Callable[[Optional[Sequence[str]]], Any]) -> None:

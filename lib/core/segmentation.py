@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, train_ids_to_label_ids
+from ..datasets.cityscapes import (CLASS_NAMES, CityscapesDataset, colorize, require_cityscapes,
+                                  train_ids_to_label_ids)
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
@@ -193,6 +194,7 @@ def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str
 def train_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``tools/seg_train.py``."""
     cfg = config_from_args(args)
+    require_cityscapes(cfg)
     info, out_dir, tb_dir = setup_process(cfg, args.cfg, "train", args.local_rank)
     with process_group_closed(together=STOPPED_TOGETHER):
         return fit(SegmentationTask(), cfg, info, out_dir, tb_dir)
@@ -209,6 +211,7 @@ def _write_png(path: str, array: np.ndarray) -> None:
 def test_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``tools/seg_test.py``."""
     cfg = config_from_args(args)
+    require_cityscapes(cfg)
     info, out_dir, _ = setup_process(cfg, args.cfg, "test", args.local_rank)
     with process_group_closed():
         if args.f_thres_sweep:

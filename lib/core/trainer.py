@@ -420,7 +420,8 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     run = build_run(task, cfg, info, tb_dir, initial_weights=ckpt is None)
     manager = CheckpointManager(out_dir, cfg, info.is_main, task.best_metric, run.model, run.optimizer,
                                 run.scheduler, run.scaler, run.loader.sampler, run.state,
-                                stateful={"health": run.health}, world_size=info.world_size)
+                                stateful={"health": run.health}, world_size=info.world_size,
+                                steps_per_epoch=len(run.loader))
     begin, start_batch = (cfg.TRAIN.BEGIN_EPOCH, 0) if ckpt is None else manager.restore(ckpt, cfg.SEED, info.rank)
     del ckpt
     summary = task.summary(run.model, cfg)

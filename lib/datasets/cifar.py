@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .common import DatasetError, require_dir, require_files
+from .common import DatasetError, check_labels, require_dir, require_files
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+NUM_CLASSES = 10
 
 _ALLOWED = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -97,7 +98,9 @@ class CIFAR10(Dataset):
             if arr.ndim != 2 or arr.shape[1] != 3072:
                 raise DatasetError(f"CIFAR batch {name}: 'data' has shape {arr.shape}, expected (N, 3072)")
             data.append(arr)
-            labels.extend(int(v) for v in entry.get("labels", entry.get("fine_labels")))
+            batch_labels = [int(v) for v in entry.get("labels", entry.get("fine_labels"))]
+            check_labels(batch_labels, NUM_CLASSES, f"CIFAR batch {os.path.join(folder, name)}")
+            labels.extend(batch_labels)
         self.data = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NHWC
         self.targets = labels
         if len(self.targets) != len(self.data):

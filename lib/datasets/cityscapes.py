@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config.loader import ConfigError
 from .common import DatasetError, ignore_label
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,15 @@ def read_list(list_path: str, need_labels: bool) -> List[Tuple[str, Optional[str
     return items
 
 
+def require_cityscapes(cfg) -> None:
+    """Raise ConfigError unless ``cfg`` is a Cityscapes config (what the segmentation tools take),
+    before anything is built or written."""
+    if cfg.DATASET.DATASET != "cityscapes":
+        raise ConfigError(f"segmentation trains and tests on Cityscapes, but DATASET.DATASET is "
+                          f"{cfg.DATASET.DATASET!r}: a classification config? Classifiers train with "
+                          f"tools/cls_train.py; segmentation configs are in experiments/cityscapes/")
+
+
 class CityscapesDataset(Dataset):
     """Cityscapes images and train-id labels.
 
@@ -203,7 +213,7 @@ class CityscapesDataset(Dataset):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  labeled: Optional[bool] = None) -> None:
         if num_classes != NUM_TRAIN_CLASSES:
-            raise ValueError(f"Cityscapes has {NUM_TRAIN_CLASSES} train classes; DATASET.NUM_CLASSES is {num_classes}")
+            raise ConfigError(f"Cityscapes has {NUM_TRAIN_CLASSES} train classes; DATASET.NUM_CLASSES is {num_classes}")
         self.root = root
         self.base = os.path.join(root, "cityscapes")
         self.list_path = list_path if os.path.isabs(list_path) else os.path.join(root, list_path)
@@ -238,6 +248,10 @@ class CityscapesDataset(Dataset):
                     raise FileNotFoundError(f"label of {img_path} (listed in {self.list_path}) not found: {lab_path}")
             name = os.path.splitext(os.path.basename(img))[0]
             self.files.append({"img": img_path, "label": lab_path, "name": name})
+        if self.labeled and self.files:
+            # the first label read now: a list of the wrong label files (train ids, instance ids,
+            # 16-bit) fails here, not at its first batch; every label is checked again when read
+            self.load_label(0)
         logger.info("Cityscapes %s: %d images%s", self.list_path, len(self.files),
                     "" if self.labeled else " (no labels)")
 

@@ -35,6 +35,16 @@ def subset_fraction(ds: Dataset, percent: float, seed: int = 0, name: str = "PER
     return Subset(ds, idx)
 
 
+def check_labels(labels: Sequence[int], num_classes: int, source: str) -> None:
+    """Raise DatasetError naming ``source``, the first label outside ``0..num_classes-1`` and its
+    index: read when the dataset is built, such a label would otherwise stop training or evaluation
+    at the batch that holds it, minutes or hours in."""
+    for i, v in enumerate(labels):
+        if not 0 <= v < num_classes:
+            raise DatasetError(f"{source}: label {v} (sample {i}) is outside the {num_classes} classes "
+                               f"0..{num_classes - 1}; the file is corrupt or of another dataset")
+
+
 def require_dir(path: str, what: str, hint: str) -> None:
     """Raise FileNotFoundError naming ``path`` and how to get the data when it is not a folder."""
     if not os.path.isdir(path):
