@@ -75,6 +75,35 @@ def test_phantom_with_many_undamped_steps_approaches_the_implicit_gradient():
     assert torch.allclose(implicit, phantom, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("run_backward", [False, True])
+def test_implicit_backward_leaves_no_graph_behind(run_backward):
+    """The graph of f(z*) (and the adjoint hook with it) is freed as soon as nothing refers to the output,
+    by reference counting alone: with a backward (a training step) and without one (a skipped step).
+    A hook on f(z*) itself that refers to f(z*) made a cycle through autograd's nodes, and every step's
+    graph of f stayed in memory."""
+    import gc
+    import weakref
+    f = SmallMap(scale=0.5)
+    z_star = _equilibrium(f)
+    outputs = []
+
+    def recorded(z: torch.Tensor) -> torch.Tensor:
+        out = f(z)
+        outputs.append(weakref.ref(out))
+        return out
+
+    gc.disable()
+    try:
+        z = attach_implicit_backward(recorded, z_star, get_solver("broyden"), 20, eps=1e-10, stop_mode="abs")
+        if run_backward:
+            z.sum().backward()
+        assert outputs[0]() is not None
+        del z
+        assert outputs[0]() is None, "the graph of f(z*) outlived the output"
+    finally:
+        gc.enable()
+
+
 def test_one_phantom_step_is_exactly_the_one_step_gradient():
     f = SmallMap(scale=0.9)
     z_star = _equilibrium(f)
