@@ -74,8 +74,8 @@ def recorded_batch(path: str | Path, batch: int) -> Tensor:
         raise DatasetError(f"cannot use {path} as a recorded batch (--images): {e}") from e
     x = obj.get("input") if isinstance(obj, dict) else obj
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise DatasetError(f"{path}: expected a (N, 3, H, W) (or grey (N, 1, H, W)) image tensor, or a dict with "
-                           f"one under 'input' (--images)")
+        raise DatasetError(f"{path}: expected a (N, 3, H, W) image tensor (or a grey (N, 1, H, W) one), or a dict "
+                           f"with one under 'input' (--images)")
     return x[torch.arange(batch) % x.shape[0]].float()
 
 
