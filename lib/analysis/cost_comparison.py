@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from .training_curves import read_history
+
 logger = logging.getLogger(__name__)
 
 METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (final eval)", "{:.2f}"),
@@ -92,21 +94,17 @@ BENCHMARKS = {"digits": (digits_variants, "implicit (quickstart)"),
 
 
 def history_metrics(run_dir: Path) -> Dict[str, float]:
-    """From a run's ``history.jsonl``: the last epoch's training means of the forward steps, forward and
-    backward relative residuals, and the seconds of all epochs outside their held-out evaluations."""
+    """From a run's ``history.jsonl`` (:func:`~mdeq.analysis.training_curves.read_history`): the last
+    epoch's training means of the forward steps, forward and backward relative residuals, and the seconds
+    of all epochs outside their held-out evaluations."""
     found = sorted(run_dir.glob("**/history.jsonl"))
     if not found:
         return {}
-    with open(found[0]) as f:
-        lines = {}
-        for line in f:
-            if line.strip():
-                entry = json.loads(line)
-                lines[entry["epoch"]] = entry   # a resumed run wrote its epochs again: the last line counts
-    last = lines[max(lines)]["train"]
+    epochs = read_history(found[0])
+    last = epochs[-1]["train"]
     out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel") if k in last}
-    if all("eval_time_s" in e for e in lines.values()):
-        out["train_time_s"] = sum(e["epoch_time_s"] - e["eval_time_s"] for e in lines.values())
+    if all("time" in e for e in epochs):
+        out["train_time_s"] = sum(e["time"]["train_s"] for e in epochs)
     return out
 
 
