@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="mdeq",
@@ -6,17 +6,7 @@ setup(
     description="Multiscale Deep Equilibrium Models (Bai, Koltun, Kolter, NeurIPS 2020) for classification and segmentation",
     python_requires=">=3.9",
     package_dir={"mdeq": "lib"},
-    packages=[
-        "mdeq",
-        "mdeq.config",
-        "mdeq.models",
-        "mdeq.modules",
-        "mdeq.solvers",
-        "mdeq.analysis",
-        "mdeq.datasets",
-        "mdeq.core",
-        "mdeq.utils",
-    ],
+    packages=["mdeq", *(f"mdeq.{name}" for name in find_packages("lib"))],
     install_requires=[
         "torch>=2.0",
         "torchvision>=0.15",

@@ -12,7 +12,7 @@ dropped. With ``--cfg`` the result is checked against the segmentation net of th
 
 Exit status: 0 done, 2 bad input (a missing file or one that is not a checkpoint, a checkpoint
 without an equilibrium stage or that does not fit ``--cfg``; one-line message), see
-:mod:`mdeq.core.cli`.
+:mod:`mdeq.programs.cli`.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from mdeq.core.cli import tool_main
-from mdeq.core.launch import parse_args as parse_launch_args
+from mdeq.programs.cli import tool_main
+from mdeq.programs.launch import parse_args as parse_launch_args
 from mdeq.config import load_config
 from mdeq.models import BACKBONE_PREFIXES, get_seg_net
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, mismatch_listing,

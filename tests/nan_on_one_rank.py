@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mdeq.core import classification, segmentation
-from mdeq.core.cli import tool_main
+from mdeq.programs.cli import tool_main
 
 
 class NaNOnce(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from mdeq.config import ConfigError, load_config
-from mdeq.core.classification import validate
+from mdeq.tasks.classification import validate
 from mdeq.core.metrics import accuracy, topk_correct
 from mdeq.datasets import build_cls_datasets
 from mdeq.datasets.cifar import MEAN, STD
@@ -153,7 +153,7 @@ def test_cifar_reader_and_safe_unpickling(cifar_root, tmp_path):
 def test_labels_are_checked_when_the_dataset_is_built(cifar_root, tmp_path):
     """A CIFAR label outside 0..9 (training or test batch) and an ImageNet tree whose class folders do
     not match MODEL.NUM_CLASSES are one line naming the file or folder and the value, before training."""
-    from mdeq.core.classification import ClassificationTask
+    from mdeq.tasks.classification import ClassificationTask
     from mdeq.datasets.common import DatasetError
     for name, index, value in (("data_batch_3", 5, 12), ("test_batch", 0, -1)):
         bad = tmp_path / name / "cifar-10-batches-py"

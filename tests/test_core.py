@@ -386,7 +386,7 @@ def test_solvers_build_no_autograd_graph(solver):
 def test_f_flops_counts_what_torch_flop_counter_counts(repo, key):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mdeq.core.classification import f_flops
+    from mdeq.tasks.classification import f_flops
     model, x = _build(repo, key)
     size = [x.shape[3], x.shape[2]]
     ours = f_flops(model, size)

@@ -1,4 +1,4 @@
-"""The command line every tool shares (mdeq.core.launch)."""
+"""The command line every tool shares (mdeq.programs.launch)."""
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mdeq.core.launch import base_parser, config_from_args, parse_args
+from mdeq.programs.launch import base_parser, config_from_args, parse_args
 
 
 def test_options_may_stand_between_overrides_and_directories_prefix_relative_paths(repo, tmp_path):

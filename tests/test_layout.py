@@ -19,7 +19,15 @@ ALLOWED = {
     "datasets": {"config", "utils"},
     "analysis": {"config", "utils", "solvers", "modules", "models", "datasets"},
     "core": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis"},
+    "tasks": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core", "programs"},
+    "programs": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core"},
 }
+
+
+def test_every_package_folder_is_a_package_and_has_its_layer():
+    folders = {p.name for p in LIB.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(ALLOWED), folders ^ set(ALLOWED)
+    assert not [f for f in folders if not (LIB / f / "__init__.py").is_file()]
 
 
 def _modules():
@@ -68,9 +76,9 @@ def test_one_training_loop_for_every_task():
     assert defs == ["core/trainer.py"], defs
     tools = Path(LIB.parent, "tools")
     for tool, task in (("cls_train.py", "classification"), ("seg_train.py", "segmentation")):
-        assert f"mdeq.core.{task}" in (tools / tool).read_text()
+        assert f"mdeq.tasks.{task}" in (tools / tool).read_text()
     for task in ("classification", "segmentation"):
-        tree = ast.parse((LIB / "core" / f"{task}.py").read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "trainer"
+        tree = ast.parse((LIB / "tasks" / f"{task}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "core.trainer"
                     for a in n.names}
         assert {"Task", "fit"} <= imported, (task, imported)

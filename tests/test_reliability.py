@@ -181,7 +181,7 @@ LEARNS = {"PERCENT": "0.3", "TRAIN.BATCH_SIZE_PER_GPU": "32", "TRAIN.END_EPOCH":
 
 # the training tool with SIGTERM sent to itself during the held-out evaluation number $MDEQ_TEST_TERM_AT
 _TERM_IN_EVALUATION = """import os, signal
-from mdeq.core.classification import ClassificationTask
+from mdeq.tasks.classification import ClassificationTask
 real_evaluate, calls = ClassificationTask.evaluate, []
 def evaluate(self, *args, **kwargs):
     calls.append(1)
@@ -464,7 +464,7 @@ def test_more_processes_than_devices(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(distributed.DeviceError, match=r"LOCAL_RANK=3 has no GPU: only 1 visible.*nproc_per_node=1"):
         distributed.init_distributed()
-    from mdeq.core.cli import BAD_INPUT
+    from mdeq.programs.cli import BAD_INPUT
     assert issubclass(distributed.DeviceError, BAD_INPUT)
 
 

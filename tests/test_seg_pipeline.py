@@ -367,7 +367,7 @@ def test_torch_distributed_launch(city_root, tmp_path):
 # ---------------------------------------------------------------------------------------------- pretrained
 def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, caplog):
     from mdeq.config import load_config
-    from mdeq.core.segmentation import load_backbone
+    from mdeq.tasks.segmentation import load_backbone
     from mdeq.models import get_seg_net
     from mdeq.utils.checkpoint import save_checkpoint
 

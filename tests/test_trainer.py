@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from mdeq.config import load_config
 from mdeq.core.checkpoint_manager import BEST, CheckpointManager
-from mdeq.core.classification import ClassificationTask
+from mdeq.tasks.classification import ClassificationTask
 from mdeq.core.health import HealthMonitor
-from mdeq.core.segmentation import SegmentationTask
+from mdeq.tasks.segmentation import SegmentationTask
 from mdeq.core.state import ResumableSampler, TrainState
 from mdeq.core.step_guard import TrainingDiverged
 from mdeq.core.trainer import Run, amp_setup, train_one_epoch
@@ -287,8 +287,8 @@ class _RecordsAutocast(nn.Module):
 def test_held_out_evaluation_autocasts_under_train_amp_in_both_tasks(monkeypatch, amp):
     """Both tasks evaluate in the training's autocast dtype under TRAIN.AMP (bfloat16 here, on the
     CPU, by pretending that the CPU is a device autocast_dtype chooses one for)."""
-    import mdeq.core.classification as cls_mod
-    import mdeq.core.segmentation as seg_mod
+    import mdeq.tasks.classification as cls_mod
+    import mdeq.tasks.segmentation as seg_mod
     for mod in (cls_mod, seg_mod):
         monkeypatch.setattr(mod, "autocast_dtype", lambda enabled, device: torch.bfloat16 if enabled else None)
     cpu = torch.device("cpu")

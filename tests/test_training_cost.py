@@ -249,7 +249,7 @@ def test_parse_budgets_errors():
 def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
     import json
     from test_seg_pipeline import SEG_CFG, TINY, build_cityscapes_tree
-    from mdeq.core.segmentation import parse_seg_args, test_main
+    from mdeq.tasks.segmentation import parse_seg_args, test_main
     from mdeq.models import get_seg_net
     from mdeq.utils.checkpoint import save_checkpoint
     monkeypatch.chdir(repo)

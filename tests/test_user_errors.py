@@ -26,7 +26,7 @@ import torch
 from conftest import patched_tool
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED
-from mdeq.core.cli import run_tool
+from mdeq.programs.cli import run_tool
 from mdeq.datasets.cityscapes import CityscapesDataset, CityscapesError
 from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 
@@ -70,7 +70,7 @@ def junk(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------- config file, overrides
 def test_config_file_and_override_slips_say_what_to_do(tmp_path):
-    from mdeq.core.launch import base_parser, config_from_args, parse_args
+    from mdeq.programs.launch import base_parser, config_from_args, parse_args
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match="empty.yaml is empty \\(no config keys\\): give an experiment file"):
         load_config(tmp_path / "empty.yaml")

@@ -8,7 +8,7 @@ of f evaluations, training steps with their solver overhead, the unrolled warm-u
 and the peak memory of a training step at two thresholds. See :mod:`mdeq.analysis.benchmark`.
 
 Exit status: 0 done, 2 bad input (a config error, a weights or --images file that is missing or not
-a checkpoint; one-line message), see :mod:`mdeq.core.cli`.
+a checkpoint; one-line message), see :mod:`mdeq.programs.cli`.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.config.validation import SOLVERS
-from mdeq.core.cli import tool_main
-from mdeq.core.launch import int_at_least, names_from
-from mdeq.core.launch import parse_args as parse_launch_args
+from mdeq.programs.cli import tool_main
+from mdeq.programs.launch import int_at_least, names_from
+from mdeq.programs.launch import parse_args as parse_launch_args
 from mdeq.utils.cpu_allocator import retain_freed_memory
 
 

@@ -4,10 +4,10 @@
     torchrun --nproc_per_node=2 tools/cls_train.py --cfg experiments/cifar/cls_mdeq_TINY.yaml
 
 Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N after
-saving a checkpoint (resume with ``TRAIN.RESUME True``); see :mod:`mdeq.core.cli`.
+saving a checkpoint (resume with ``TRAIN.RESUME True``); see :mod:`mdeq.programs.cli`.
 """
-from mdeq.core.cli import tool_main
-from mdeq.core.classification import train
+from mdeq.programs.cli import tool_main
+from mdeq.tasks.classification import train
 
 
 def main() -> None:

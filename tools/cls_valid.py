@@ -5,8 +5,8 @@
 Checkpoints are read with ``weights_only=True``: a file that would run code when unpickled is
 refused (exit status 2, one-line message), never executed.
 """
-from mdeq.core.cli import tool_main
-from mdeq.core.classification import valid
+from mdeq.programs.cli import tool_main
+from mdeq.tasks.classification import valid
 
 
 def main() -> None:

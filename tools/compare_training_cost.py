@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from mdeq.analysis.cost_comparison import BENCHMARKS, format_table, read_runs, run_comparison
-from mdeq.core.cli import tool_main
-from mdeq.core.launch import int_list
+from mdeq.programs.cli import tool_main
+from mdeq.programs.launch import int_list
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ panel per solver) and ``convergence.json`` (the traces). Random initialisation w
 crops of real photographs without --images.
 
 Exit status: 0 done, 2 bad input (a config error, a weights or --images file that is missing or not
-a checkpoint; one-line message), see :mod:`mdeq.core.cli`.
+a checkpoint; one-line message), see :mod:`mdeq.programs.cli`.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from mdeq.config import load_config  # noqa: E402
-from mdeq.core.cli import tool_main  # noqa: E402
+from mdeq.programs.cli import tool_main  # noqa: E402
 from mdeq.config.validation import SOLVERS  # noqa: E402
-from mdeq.core.launch import int_at_least, names_from  # noqa: E402
-from mdeq.core.launch import parse_args as parse_launch_args  # noqa: E402
+from mdeq.programs.launch import int_at_least, names_from  # noqa: E402
+from mdeq.programs.launch import parse_args as parse_launch_args  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.analysis.convergence import convergence_traces  # noqa: E402

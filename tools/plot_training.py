@@ -7,7 +7,7 @@ residual and the training time of each epoch (see :mod:`mdeq.analysis.training_c
 
 Each RUN is a run's output folder (the one ``history.jsonl`` below it is read) or the file itself.
 Exit status: 0 done, 2 bad input (a run without its history, an unreadable line, labels that do not
-match the runs; one-line message), see :mod:`mdeq.core.cli`.
+match the runs; one-line message), see :mod:`mdeq.programs.cli`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from mdeq.analysis.training_curves import find_history, plot_histories, read_history
 from mdeq.config import ConfigError
-from mdeq.core.cli import tool_main
+from mdeq.programs.cli import tool_main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -10,12 +10,12 @@ predictions (``color/``), overlays on the input (``overlay/``) and label-id imag
 expects, named like the input images (``<city>_<seq>_<frame>_leftImg8bit.png``), and colour images.
 
 Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
-(see :mod:`mdeq.core.cli`).
+(see :mod:`mdeq.programs.cli`).
 """
 from __future__ import annotations
 
-from mdeq.core.cli import tool_main
-from mdeq.core.segmentation import parse_seg_args, test_main
+from mdeq.programs.cli import tool_main
+from mdeq.tasks.segmentation import parse_seg_args, test_main
 
 
 def _run(argv=None) -> None:

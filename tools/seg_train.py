@@ -10,12 +10,12 @@ stem and equilibrium stage initialise the net (its classification head is droppe
 ``<output>/checkpoint.pth.tar``.
 
 Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
-(see :mod:`mdeq.core.cli`).
+(see :mod:`mdeq.programs.cli`).
 """
 from __future__ import annotations
 
-from mdeq.core.cli import tool_main
-from mdeq.core.segmentation import parse_seg_args, train_main
+from mdeq.programs.cli import tool_main
+from mdeq.tasks.segmentation import parse_seg_args, train_main
 
 
 def _run(argv=None) -> None:

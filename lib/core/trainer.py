@@ -1,7 +1,7 @@
 """The one training engine of mdeq: :func:`train_one_epoch` and :func:`fit`, used by every task.
 
-A :class:`Task` (classification: :mod:`mdeq.core.classification`, segmentation:
-:mod:`mdeq.core.segmentation`) supplies only what differs: its datasets, model, criterion, the
+A :class:`Task` (classification: :mod:`mdeq.tasks.classification`, segmentation:
+:mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, the
 metrics of a training batch, the held-out evaluation and the name of its best metric. Everything
 else is decided here, once:
 

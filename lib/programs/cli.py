@@ -31,8 +31,8 @@ from ..datasets.common import DatasetError
 from ..utils.checkpoint import CheckpointError, OutputDirError
 from ..utils.distributed import DeviceError
 from ..utils.run_lock import release_output_locks
-from .signals import TrainingInterrupted
-from .step_guard import TrainingDiverged
+from ..core.signals import TrainingInterrupted
+from ..core.step_guard import TrainingDiverged
 
 logger = logging.getLogger("mdeq")
 

@@ -31,15 +31,15 @@ from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
-from .checkpoint_manager import model_files
-from .criterion import build_criterion, resize_logits
-from .launch import base_parser, config_from_args, setup_process
-from .launch import parse_args as parse_launch_args
-from .seg_metrics import confusion_matrix, scores_from_confusion
-from .solver_stats import to_float
-from .state import make_loader
-from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
+from ..core.checkpoint_manager import model_files
+from ..core.criterion import build_criterion, resize_logits
+from ..programs.launch import base_parser, config_from_args, setup_process
+from ..programs.launch import parse_args as parse_launch_args
+from ..core.seg_metrics import confusion_matrix, scores_from_confusion
+from ..core.solver_stats import to_float
+from ..core.state import make_loader
+from ..programs.sweep import add_sweep_option, sweep_checkpoints
+from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -179,7 +179,7 @@ class SegmentationTask(Task):
 
 # ---------------------------------------------------------------------------------------------- programs
 def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The shared options (:func:`mdeq.core.launch.base_parser`); seg_test adds ``--no-pictures``."""
+    """The shared options (:func:`mdeq.programs.launch.base_parser`); seg_test adds ``--no-pictures``."""
     p = base_parser(description)
     if test:
         p.add_argument("--no-pictures", dest="pictures", action="store_false",

@@ -26,14 +26,14 @@ from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
-from .checkpoint_manager import model_files
-from .launch import base_parser, config_from_args, setup_process
-from .launch import parse_args as parse_launch_args
-from .metrics import topk_correct
-from .solver_stats import to_float
-from .state import make_loader
-from .sweep import add_sweep_option, sweep_checkpoints
-from .trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
+from ..core.checkpoint_manager import model_files
+from ..programs.launch import base_parser, config_from_args, setup_process
+from ..programs.launch import parse_args as parse_launch_args
+from ..core.metrics import topk_correct
+from ..core.solver_stats import to_float
+from ..core.state import make_loader
+from ..programs.sweep import add_sweep_option, sweep_checkpoints
+from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class ClassificationTask(Task):
 # ---------------------------------------------------------------------------------------- programs
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "", sweep: bool = False
                ) -> argparse.Namespace:
-    """The options of the original MDEQ scripts (:func:`mdeq.core.launch.base_parser`) and ``--percent``;
+    """The options of the original MDEQ scripts (:func:`mdeq.programs.launch.base_parser`) and ``--percent``;
     with ``sweep`` (cls_valid) also ``--f-thres-sweep``."""
     p = base_parser(description)
     p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")

@@ -8,7 +8,7 @@ import argparse
 from typing import Any, Callable, Dict, Mapping
 
 from ..analysis.sweep import parse_budgets, sweep_models
-from .checkpoint_manager import model_files
+from ..core.checkpoint_manager import model_files
 
 
 def add_sweep_option(parser: argparse.ArgumentParser) -> None:
