@@ -27,7 +27,8 @@ from conftest import patched_tool
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED
 from mdeq.programs.cli import run_tool
-from mdeq.datasets.cityscapes import CityscapesDataset, CityscapesError
+from mdeq.datasets.cityscapes import LIST_PATTERN, CityscapesDataset, CityscapesError
+from mdeq.datasets.common import split_path
 from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,36 @@ def test_no_default_is_dead():
             if not re.search(rf"[.\"']{k.split('.')[-1]}\b", source) and len(CHOICES.get(k, ())) != 1]
     assert dead == []
     assert not set(IGNORED) & _default_keys()
+
+
+def test_the_originals_second_names_are_applied_to_the_key_that_owns_the_fact(tmp_path, caplog):
+    """AUTO_RESUME is TRAIN.RESUME, DATASET.NUM_CLASSES is MODEL.NUM_CLASSES: applied there, named in the
+    warning; a file that gives one setting two different values under both names is an error."""
+    path = tmp_path / "original.yaml"
+    digits = Path(DIGITS).read_text().replace("  RESUME: false\n", "")
+    path.write_text(digits.replace("DATASET:\n", "AUTO_RESUME: true\nDATASET:\n  NUM_CLASSES: 10\n"))
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(path)
+    assert cfg.TRAIN.RESUME is True and cfg.MODEL.NUM_CLASSES == 10
+    assert "AUTO_RESUME" not in cfg and "NUM_CLASSES" not in cfg.DATASET
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "AUTO_RESUME (applied as TRAIN.RESUME)" in warnings[0]
+    assert "DATASET.NUM_CLASSES (applied as MODEL.NUM_CLASSES)" in warnings[0]
+    assert load_config(DIGITS, ["DATASET.NUM_CLASSES", "7"]).MODEL.NUM_CLASSES == 7
+    path.write_text(digits.replace("DATASET:\n", "DATASET:\n  NUM_CLASSES: 19\n"))
+    with pytest.raises(ConfigError, match=r"DATASET\.NUM_CLASSES = 19 and MODEL\.NUM_CLASSES = 10 name one setting"):
+        load_config(path)
+    path.write_text(Path(DIGITS).read_text() + "AUTO_RESUME: true\n")   # the file says RESUME: false
+    with pytest.raises(ConfigError, match=r"AUTO_RESUME = True and TRAIN\.RESUME = False name one setting"):
+        load_config(path)
+
+
+def test_a_split_is_named_the_same_way_for_every_dataset():
+    """DATASET.TRAIN_SET / TEST_SET name a split; the dataset says where it lies; a path stays a path."""
+    assert split_path("val", "{}") == "val" and split_path("valid", "{}") == "val"
+    assert split_path("test", LIST_PATTERN) == "list/cityscapes/test.lst"
+    assert split_path("list/cityscapes/val.lst", LIST_PATTERN) == "list/cityscapes/val.lst"
+    assert split_path("mine.lst", LIST_PATTERN) == "mine.lst"
 
 
 def test_the_originals_unused_keys_load_with_one_warning_naming_them_all(tmp_path, caplog):
@@ -408,7 +439,7 @@ def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp
                         "tools/cls_train.py")
     proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
                  tmp_path / "l", "DATASET.NUM_CLASSES", "1000"])
-    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; DATASET.NUM_CLASSES is 1000")
+    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
 
 
 def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
