@@ -73,7 +73,9 @@ def _cpu_allocator():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
+    """Every test starts from torch's global generator seeded with 0 (the number of threads is left to
+    OMP_NUM_THREADS / torch's default)."""
     torch.manual_seed(0)
     yield
 

@@ -50,7 +50,8 @@ _C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
 # new: memory layout of the equilibrium states, 'nchw' or 'channels_last'; the results do not depend on it,
 # the speed does, and which is faster depends on the model and the device (README: CPU settings that matter)
 _C.MODEL.STATE_LAYOUT = "nchw"
-_C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
+# new: the stopping residual, per sample: 'rel' ||f(z) - z|| / ||f(z)|| (mdeq.solvers.residuals) or 'abs' ||f(z) - z||
+_C.MODEL.STOP_MODE = "rel"
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
 # new: torch.compile f_theta (the module MODEL.EXTRA.FULL_STAGE builds), in place: the same parameter names

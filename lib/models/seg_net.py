@@ -16,8 +16,9 @@ class MDEQSegNet(MDEQNet):
     """Images (N, 3, H, W) -> logits (N, MODEL.NUM_CLASSES, H_1, W_1) at the highest resolution
     of the equilibrium (H/4 with two downsamplings).
 
-    Head: every stream upsampled bilinearly to the highest resolution, concatenated, conv1x1-BN-ReLU,
-    then a conv of ``MODEL.EXTRA.FINAL_CONV_KERNEL`` to the classes.
+    Head: every stream upsampled bilinearly (``align_corners=True``, unlike the loss and the evaluation's
+    resizing, which use False) to the highest resolution, concatenated, conv1x1-BN-ReLU, then a conv of
+    ``MODEL.EXTRA.FINAL_CONV_KERNEL`` to the classes.
     """
 
     def __init__(self, cfg, bn_momentum: float = 0.01) -> None:
