@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_process
 from mdeq.analysis.cost_comparison import format_table, history_metrics, wilson_interval
 from mdeq.analysis.training_curves import read_history
 from mdeq.config import ConfigError, load_config
@@ -139,10 +139,9 @@ def test_augmentation_crops_and_flips(tmp_path):
     assert torch.equal(plain, FashionMNIST(images, np.zeros(1, dtype=np.int64))[0][0])
 
 
-def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def _tool(*args: str) -> None:
+    """Run a tool as a user does, with every thread of this machine (the real data set's runs)."""
+    run_process([sys.executable, *args], timeout=600, env=os.environ)
 
 
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
@@ -196,10 +195,9 @@ def test_plot_training_draws_several_runs_and_refuses_bad_input(tmp_path):
     for bad, message in ((["--labels", "only-one"], "--labels has 1 labels for 2 runs"),
                          ([], "no history.jsonl")):
         runs = [str(tmp_path / "a"), str(b)] if bad else [str(tmp_path / "nothing")]
-        proc = subprocess.run([sys.executable, "tools/plot_training.py", *runs, *bad, "--out", str(tmp_path / "x.png")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr + proc.stdout, proc.stderr
-        assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
+        proc = run_process([sys.executable, "tools/plot_training.py", *runs, *bad, "--out", str(tmp_path / "x.png")],
+                           expect=2)
+        assert message in proc.all and "Traceback" not in proc.all and not (tmp_path / "x.png").exists()
 
 
 def test_comparison_table_has_history_columns_and_binomial_interval(tmp_path):

@@ -24,13 +24,11 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from conftest import patched_tool
+from conftest import SEG_CFG, TOOL_ENV, build_cityscapes_tree, patched_tool, run_process
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
-SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 STEPS_PER_EPOCH = 6
 FOLDER = ("digits", "cls_mdeq_digits")
 
@@ -52,18 +50,7 @@ def _train_cmd(out: Path, **extra: str) -> List[str]:
 def _run_many(cmds: List[List[str]], expect: Optional[int] = None) -> List[subprocess.CompletedProcess]:
     """Run independent commands concurrently (they mostly wait on imports)."""
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(lambda c: _run(c, expect=expect), cmds))
-
-
-def _run(cmd: List[str], expect: Optional[int] = 0, cwd: Path = REPO, env: Optional[dict] = None,
-         timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    if expect is not None and proc.returncode != expect:
-        raise AssertionError(f"exit status {proc.returncode}, expected {expect}:\n{proc.stdout[-5000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
+        return list(pool.map(lambda c: run_process(c, expect=expect), cmds))
 
 
 def _out_dir(base: Path) -> Path:
@@ -85,7 +72,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def reference(tmp_path_factory):
     """An uninterrupted run: its per-step losses and final checkpoints."""
     base = tmp_path_factory.mktemp("reference")
-    proc = _run(_train_cmd(base))
+    proc = run_process(_train_cmd(base))
     losses = _losses(proc.stdout)
     assert sorted(losses) == list(range(2 * STEPS_PER_EPOCH))
     out = _out_dir(base)
@@ -94,7 +81,7 @@ def reference(tmp_path_factory):
 
 
 def _start(cmd: List[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or ENV, stdout=open(log, "w"),
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or TOOL_ENV, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -112,7 +99,7 @@ def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 90.0) ->
 def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
     """Resume in ``base``; the resumed run logs the reference's loss at every step it runs, runs no
     step before ``min_step`` and ends with the reference's weights, bit for bit."""
-    proc = _run(_train_cmd(base, **{"TRAIN.RESUME": "True"}))
+    proc = run_process(_train_cmd(base, **{"TRAIN.RESUME": "True"}))
     got = _losses(proc.stdout)
     assert got, proc.stdout[-3000:]
     assert min(got) >= min_step and max(got) == 2 * STEPS_PER_EPOCH - 1
@@ -131,7 +118,7 @@ def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
 def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp_path):
     log = tmp_path / "killed.log"
     out = _out_dir(tmp_path)
-    env = dict(ENV)
+    env = dict(TOOL_ENV)
     if point == "step":  # in the middle of epoch 1, after the epoch-0 checkpoint
         proc = _start(_train_cmd(tmp_path), log)
         _wait_for(lambda: "] step 8 loss" in log.read_text(), proc, log)
@@ -196,7 +183,7 @@ ClassificationTask.evaluate = evaluate
 def learned(tmp_path_factory):
     """An uninterrupted run of LEARNS; its best comes from its last epoch, well above the others."""
     base = tmp_path_factory.mktemp("learned")
-    _run(_train_cmd(base, **LEARNS))
+    run_process(_train_cmd(base, **LEARNS))
     out = _out_dir(base)
     best = load_checkpoint(out / "model_best.pth.tar")
     scores = [load_checkpoint(out / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)]
@@ -212,7 +199,7 @@ def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(le
     out = _out_dir(tmp_path)
     best_file = (out / "model_best.pth.tar").read_bytes()
     copy = out / "checkpoint_ep0002.pth.tar"
-    proc = _run(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
+    proc = run_process(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
                                                   "TRAIN.LR": "100"}))
     assert "epoch 2 looks unhealthy" in proc.all and "new best" not in proc.all
     wrecked = json.loads((out / "results.json").read_text())
@@ -224,14 +211,14 @@ def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(le
 def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp_path):
     """Stopped during the last epoch's evaluation: the epoch's checkpoint already records that epoch's
     score, so the resumed run (nothing left to train) reports the uninterrupted run's best and model_best."""
-    env = dict(ENV, MDEQ_TEST_TERM_AT="3")
+    env = dict(TOOL_ENV, MDEQ_TEST_TERM_AT="3")
     cmd = [sys.executable, *patched_tool("cls_train.py", _TERM_IN_EVALUATION), "--cfg", CFG, *_opts(tmp_path, **LEARNS)]
-    stopped = _run(cmd, expect=128 + signal.SIGTERM, env=env)
+    stopped = run_process(cmd, expect=128 + signal.SIGTERM, env=env)
     assert "stopped by SIGTERM" in stopped.all
     out = _out_dir(tmp_path)
     ckpt = load_checkpoint(out / "checkpoint.pth.tar")
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]) == (3, 0, learned["best"]["top1"])
-    resumed = _run(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
+    resumed = run_process(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
     assert "nothing to train" in resumed.all
     assert json.loads((out / "results.json").read_text())["best_top1"] == learned["best"]["top1"]
     _assert_same_weights(load_checkpoint(out / "model_best.pth.tar")["model"], learned["best"]["model"])
@@ -280,7 +267,7 @@ def earlier_run(tmp_path):
 def _bad(cmd: List[str], *needles: str, proc: Optional[subprocess.CompletedProcess] = None) -> str:
     """Run ``cmd`` (or check its finished ``proc``): exit status 2, one error line holding ``needles``,
     no traceback."""
-    proc = proc or _run(cmd, expect=2)
+    proc = proc or run_process(cmd, expect=2)
     assert proc.returncode == 2, proc.all[-3000:]
     for n in needles:
         assert n in proc.all, f"{n!r} not in:\n{proc.all[-3000:]}"
@@ -325,7 +312,6 @@ def test_missing_and_empty_dataset_folders(earlier_run):
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory):
-    from test_seg_pipeline import build_cityscapes_tree
     return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
 
 
@@ -409,7 +395,7 @@ time.sleep(120)
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
     from mdeq.utils.run_lock import LOCK_NAME, OutputLock, OutputLockedError
     log = tmp_path / "holder.log"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=ENV,
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=TOOL_ENV,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     _wait_for(lambda: "locked" in log.read_text(), holder, log)
     with pytest.raises(OutputLockedError, match=f"{tmp_path / 'run'} is in use by another training run "
@@ -447,7 +433,7 @@ def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_pat
         line = _bad(_train_cmd(tmp_path), "OutputLockedError", f"the output folder {out} is in use by another "
                     f"training run (pid {os.getpid()} on", "--modelDir")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
-        ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        ddp = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "tools/cls_train.py", "--cfg", CFG, *_opts(tmp_path)], expect=None, timeout=180)
         assert ddp.returncode != 0 and ddp.all.count(line.split("error: ", 1)[1]) >= 2, ddp.all[-3000:]
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
@@ -491,7 +477,7 @@ def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_che
     work.mkdir()
     cmd = _train_cmd(tmp_path, **{"TRAIN.RESUME": "True", "TRAIN.LR": "1e6", "TRAIN.MAX_BAD_STEPS": "3",
                                   "TRAIN.END_EPOCH": "3"})
-    proc = _run(cmd, expect=3, cwd=work)
+    proc = run_process(cmd, expect=3, cwd=work)
     skipped = [l for l in proc.all.splitlines() if "update skipped" in l]
     assert len(skipped) >= 3 and all("solver: mode=" in l for l in skipped)
     assert "training diverged: 3 consecutive steps" in proc.all

@@ -16,14 +16,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from conftest import patched_tool
+from conftest import SEG_CFG, build_cityscapes_tree, patched_tool, run_process
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED
 from mdeq.programs.cli import run_tool
@@ -33,14 +32,6 @@ from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_ch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
-SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-
-
-def _run(cmd: List, timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -87,7 +78,8 @@ def test_config_file_and_override_slips_say_what_to_do(tmp_path):
             config_from_args(args)
         assert f"in {' '.join(words)!r} {missing} has no value" in str(err.value)
         assert "OUTPUT_DIR" not in str(err.value)   # the option's own key is not the user's word
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir", tmp_path / "o"])
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir",
+                        tmp_path / "o"], expect=None)
     _one_error_line(proc, "ConfigError", "is a folder")
     assert not (tmp_path / "o").exists()
 
@@ -116,8 +108,8 @@ def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path)
     ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
 ])
 def test_out_of_range_setting_is_one_line_naming_key_value_and_range(tmp_path, key, value, allowed):
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
-                 "--logDir", tmp_path / "l", key, value])
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", key, value], expect=None)
     line = _one_error_line(proc, "ConfigError", f"{key} = {value}", allowed)
     assert "out of range" in line
     assert not (tmp_path / "o").exists()  # nothing written
@@ -257,8 +249,8 @@ def test_a_code_carrying_pickle_is_still_refused(evil_pickle):
 @pytest.mark.parametrize("name,needle", [("notes.txt", "not a checkpoint"), ("picture.png", "not a checkpoint"),
                                          ("a_run", "is a folder, not a checkpoint file")])
 def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, needle):
-    proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
-                 "--logDir", tmp_path / "l", "--testModel", junk / name])
+    proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "--testModel", junk / name], expect=None)
     _one_error_line(proc, "CheckpointError", str(junk / name), needle)
 
 
@@ -271,7 +263,8 @@ def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, ne
 ])
 def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name, needle):
     extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
-    proc = _run([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra])
+    proc = run_process([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra],
+                       expect=None)
     _one_error_line(proc, str(junk / name), needle)
 
 
@@ -305,22 +298,25 @@ def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp
     """--image-size 3 for the digits model (two halvings before its coarsest stream) in both solver tools."""
     for tool, extra in (("tools/benchmark.py", ["--json", tmp_path / "out" / "b.json", "--repeats", "1"]),
                         ("tools/plot_convergence.py", ["--out-dir", tmp_path / "out"])):
-        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra])
+        proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra],
+                           expect=None)
         _one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
         assert not (tmp_path / "out").exists()
 
 
 def test_converter_bad_input_is_one_line(junk, tmp_path):
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json", tmp_path / "o.pth"])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json",
+                        tmp_path / "o.pth"], expect=None)
     _one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth", tmp_path / "o.pth"])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth",
+                        tmp_path / "o.pth"], expect=None)
     _one_error_line(proc, "CheckpointError", "no equilibrium stage")
     assert not (tmp_path / "o.pth").exists()
     # a classification checkpoint of another width than the segmentation config: the report lists it
     from mdeq.models import get_cls_net
     save_checkpoint(get_cls_net(load_config(DIGITS)).state_dict(), tmp_path / "digits.pth")
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth", tmp_path / "o.pth",
-                 "--cfg", SEG_CFG])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth",
+                        tmp_path / "o.pth", "--cfg", SEG_CFG], expect=None)
     _one_error_line(proc, "CheckpointError", "does not fit the segmentation net of", SEG_CFG)
     assert "missing in the checkpoint" in proc.all and "shape mismatches" in proc.all
     assert not (tmp_path / "o.pth").exists()
@@ -390,7 +386,8 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
     opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
             "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
             "TEST.BATCH_SIZE_PER_GPU", "150"]
-    proc = _run([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts])
+    proc = run_process([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts],
+                       expect=None)
     out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
     _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
@@ -400,7 +397,6 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
 # ------------------------------------------------------------------------------------ label images
 @pytest.fixture(scope="module")
 def city(tmp_path_factory) -> Path:
-    from test_seg_pipeline import build_cityscapes_tree
     return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
 
 
@@ -433,12 +429,12 @@ def test_label_images_are_checked_for_dtype_and_range(city):
 
 def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp_path):
     for tool in ("tools/seg_train.py", "tools/seg_test.py"):
-        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir", tmp_path / "l",
-                     "--testModel", tmp_path / "none.pth"])
+        proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir",
+                            tmp_path / "l", "--testModel", tmp_path / "none.pth"], expect=None)
         _one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
                         "tools/cls_train.py")
-    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
-                 tmp_path / "l", "DATASET.NUM_CLASSES", "1000"])
+    proc = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "DATASET.NUM_CLASSES", "1000"], expect=None)
     _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
 
 
@@ -447,8 +443,8 @@ def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
     wide = np.full(shape, 7, np.uint16)
     wide[0, 0] = 2301
     lst = _bad_label_list(city, "wide16", wide)
-    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
-                 tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst, "DATASET.TEST_SET", "",
-                 "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1", "TRAIN.IMAGE_SIZE", "[64, 32]",
-                 "TRAIN.BASE_SIZE", "128"])
+    proc = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst,
+                        "DATASET.TEST_SET", "", "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1",
+                        "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128"], expect=None)
     _one_error_line(proc, "CityscapesError", "wide16_gtFine_labelIds.png", "2301")
