@@ -12,10 +12,10 @@ import errno
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import cv2
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 
 from conftest import SEG_CFG, build_cityscapes_tree, patched_tool, run_process
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
-from mdeq.config.original import IGNORED
+from mdeq.config.original import IGNORED, RENAMED
 from mdeq.programs.cli import run_tool
 from mdeq.datasets.cityscapes import LIST_PATTERN, CityscapesDataset, CityscapesError
 from mdeq.datasets.common import split_path
@@ -163,15 +163,53 @@ def _default_keys(node=None, prefix: str = "") -> set:
     return out
 
 
+def _attribute_chain(node: ast.AST) -> List[str]:
+    """``cfg.MODEL.F_THRES`` -> ['cfg', 'MODEL', 'F_THRES'] ([] when the chain does not start at a name)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *parts[::-1]] if isinstance(node, ast.Name) else []
+
+
+def _key_path(parts: List[str], sections: dict) -> List[str]:
+    """The config path a chain reads: from its first upper-case part (``self.cfg.TRAIN.LR`` ->
+    TRAIN.LR), or through a name bound to a section (``m = cfg.MODEL``; ``m.F_THRES`` -> MODEL.F_THRES)."""
+    if parts and parts[0] in sections:
+        return sections[parts[0]] + parts[1:]
+    return next((parts[i:] for i, p in enumerate(parts) if p.isupper()), [])
+
+
+def read_config_keys(tree: ast.AST) -> set:
+    """The full config keys a module reads by attribute: ``cfg.TRAIN.RESUME``, or a section bound to
+    a name and then its key (``t = cfg.TRAIN`` ... ``t.WD``)."""
+    sections = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            path = _key_path(_attribute_chain(node.value), {})
+            if path:
+                sections[node.targets[0].id] = path
+    return {".".join(path) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            for path in [_key_path(_attribute_chain(node), sections)] if path}
+
+
+def test_the_key_reader_needs_the_full_path():
+    tree = ast.parse("m = cfg.MODEL\nx = m.F_THRES\ny = run.cfg.TRAIN.MULTI_SCALE\nz = stage.NUM_BRANCHES\n")
+    keys = read_config_keys(tree)
+    assert {"MODEL.F_THRES", "TRAIN.MULTI_SCALE"} <= keys
+    assert "TEST.MULTI_SCALE" not in keys and "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES" not in keys
+
+
 def test_no_default_is_dead():
-    """Every default is read outside the config package, or pinned by a one-value choice (the
-    original's architecture keys, which say what this implementation builds)."""
-    files = [p for d in ("lib", "tools") for p in (REPO / d).rglob("*.py") if "config" not in p.relative_to(REPO).parts]
-    source = "\n".join(p.read_text() for p in files)
-    dead = [k for k in sorted(_default_keys())
-            if not re.search(rf"[.\"']{k.split('.')[-1]}\b", source) and len(CHOICES.get(k, ())) != 1]
+    """Every default is read, by its full path, outside the config package (``cfg.TEST.MULTI_SCALE``
+    does not count for ``TRAIN.MULTI_SCALE``), or pinned by a one-value choice (the original's
+    architecture keys, which say what this implementation builds)."""
+    files = [p for d in ("lib", "tools", "pretrained_models") for p in (REPO / d).rglob("*.py")
+             if "config" not in p.relative_to(REPO).parts]
+    read = set().union(*(read_config_keys(ast.parse(p.read_text(), filename=str(p))) for p in files))
+    dead = [k for k in sorted(_default_keys()) if k not in read and len(CHOICES.get(k, ())) != 1]
     assert dead == []
-    assert not set(IGNORED) & _default_keys()
+    assert not set(IGNORED) & _default_keys() and not set(RENAMED) & _default_keys()
 
 
 def test_the_originals_second_names_are_applied_to_the_key_that_owns_the_fact(tmp_path, caplog):

@@ -19,17 +19,18 @@ from ..config.validation import ConfigError, register_choices
 
 logger = logging.getLogger(__name__)
 
-def _sgd(params: Iterable, t) -> torch.optim.Optimizer:
+def _sgd(params: Iterable, cfg) -> torch.optim.Optimizer:
+    t = cfg.TRAIN
     if t.NESTEROV and t.MOMENTUM <= 0:
         raise ConfigError(f"TRAIN.NESTEROV is true but TRAIN.MOMENTUM = {t.MOMENTUM}; Nesterov needs momentum > 0")
     return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=bool(t.NESTEROV))
 
 
-def _adam(params: Iterable, t) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=t.LR, weight_decay=t.WD)
+def _adam(params: Iterable, cfg) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WD)
 
 
-#: ``TRAIN.OPTIMIZER`` names and their builders ``(params, cfg.TRAIN) -> optimizer``: the one list of
+#: ``TRAIN.OPTIMIZER`` names and their builders ``(params, cfg) -> optimizer``: the one list of
 #: optimiser names (the config checks ``TRAIN.OPTIMIZER`` against it)
 OPTIMIZERS: Dict[str, Callable[[Iterable, Any], torch.optim.Optimizer]] = {"adam": _adam, "sgd": _sgd}
 #: ``TRAIN.LR_SCHEDULER`` names (see :func:`build_scheduler`)
@@ -53,7 +54,7 @@ def build_optimizer(cfg, params: Union[nn.Module, Iterable]) -> torch.optim.Opti
     name = str(cfg.TRAIN.OPTIMIZER).lower()
     if name not in OPTIMIZERS:
         raise ConfigError(f"TRAIN.OPTIMIZER = {cfg.TRAIN.OPTIMIZER!r}; choose one of {tuple(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, cfg.TRAIN)
+    return OPTIMIZERS[name](params, cfg)
 
 
 def cosine_factor(total_steps: int, eta_min_ratio: float = 0.0) -> Callable[[int], float]:
