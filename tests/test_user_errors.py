@@ -61,6 +61,7 @@ def junk(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------- config file, overrides
+@pytest.mark.slow
 def test_config_file_and_override_slips_say_what_to_do(tmp_path):
     from mdeq.programs.launch import base_parser, config_from_args, parse_args
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
@@ -107,6 +108,7 @@ def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path)
     ("MODEL.B_EPS", "-1", ">= 0"),
     ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
 ])
+@pytest.mark.slow
 def test_out_of_range_setting_is_one_line_naming_key_value_and_range(tmp_path, key, value, allowed):
     proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
                         "--logDir", tmp_path / "l", key, value], expect=None)
@@ -286,6 +288,7 @@ def test_a_code_carrying_pickle_is_still_refused(evil_pickle):
 
 @pytest.mark.parametrize("name,needle", [("notes.txt", "not a checkpoint"), ("picture.png", "not a checkpoint"),
                                          ("a_run", "is a folder, not a checkpoint file")])
+@pytest.mark.slow
 def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, needle):
     proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
                         "--logDir", tmp_path / "l", "--testModel", junk / name], expect=None)
@@ -299,6 +302,7 @@ def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, ne
     ("tools/plot_convergence.py", "--images", "weights.pth", "expected a (N, 3, H, W) image tensor"),
     ("tools/plot_convergence.py", "--testModel", "a_run", "is a folder"),
 ])
+@pytest.mark.slow
 def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name, needle):
     extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
     proc = run_process([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra],
@@ -332,6 +336,7 @@ def test_tool_arguments_are_checked_by_the_parser_in_one_line(tool, args, needle
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp_path):
     """--image-size 3 for the digits model (two halvings before its coarsest stream) in both solver tools."""
     for tool, extra in (("tools/benchmark.py", ["--json", tmp_path / "out" / "b.json", "--repeats", "1"]),
@@ -342,6 +347,7 @@ def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_converter_bad_input_is_one_line(junk, tmp_path):
     proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json",
                         tmp_path / "o.pth"], expect=None)
@@ -420,6 +426,7 @@ torch.save = save
 """
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
             "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
@@ -465,6 +472,7 @@ def test_label_images_are_checked_for_dtype_and_range(city):
             ds[1]
 
 
+@pytest.mark.slow
 def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp_path):
     for tool in ("tools/seg_train.py", "tools/seg_test.py"):
         proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir",
@@ -476,6 +484,7 @@ def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp
     _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
 
 
+@pytest.mark.slow
 def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
     shape = (64, 128)
     wide = np.full(shape, 7, np.uint16)

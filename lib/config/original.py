@@ -129,6 +129,8 @@ def apply_renamed(data: Dict[str, Any], source: str) -> List[str]:
         node = data
         for part in sections:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: config key {part} is a section; got the value {node!r}")
         if last in node and node[last] != value:
             raise ConfigError(f"{source}: {old} = {value!r} and {new} = {node[last]!r} name one setting "
                               f"({new}); give it once")
