@@ -197,6 +197,7 @@ def test_scheduler_resume_is_exact():
 
 
 # ------------------------------------------------------------------------------------------ scripts
+@pytest.mark.slow
 def test_train_then_valid_scripts(cifar_root, tmp_path):
     proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)])
     out = tmp_path / "output" / "cifar10" / "cls_mdeq_digits"
@@ -227,6 +228,7 @@ def test_train_then_valid_scripts(cifar_root, tmp_path):
     assert vres["f_steps"] > 0 and vres["f_rel"] >= 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(cifar_root, tmp_path):
     proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                  "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)], timeout=300)
@@ -249,6 +251,7 @@ def test_torchrun_two_processes(cifar_root, tmp_path):
     assert not (out / "run.lock").exists()   # rank 0's lock of the folder was given back
 
 
+@pytest.mark.slow
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp_path):
     """Rank 1 alone sees a NaN loss at step 3 (the first equilibrium step): both ranks skip it, stay in
     step (no hang, no half-finished DDP reduction) and end with identical parameters."""
@@ -263,6 +266,7 @@ def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp
     assert "step 3: non-finite loss" in text and "update skipped" in text
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     opts = dict(**{"TRAIN.END_EPOCH": "2", "TRAIN.KEEP_CHECKPOINTS": "2", "DETERMINISTIC": "True"})
     full = tmp_path / "full"
@@ -298,6 +302,7 @@ def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     assert load_checkpoint(out_part / "checkpoint.pth.tar")["global_step"] == ref["global_step"]
 
 
+@pytest.mark.slow
 def test_valid_script_on_original_checkpoint(cifar_root, tmp_path, reference):
     pkl = reference / "cifar_tiny.pkl"
     opts = ["DATASET.ROOT", str(cifar_root), "OUTPUT_DIR", str(tmp_path / "o"), "LOG_DIR", str(tmp_path / "l"),

@@ -145,6 +145,7 @@ def _tool(*args: str) -> None:
 
 
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
+@pytest.mark.slow
 def test_one_training_step_on_the_real_data(tmp_path):
     _tool("tools/cls_train.py", "--cfg", CFG, "OUTPUT_DIR", str(tmp_path / "out"), "LOG_DIR", str(tmp_path / "log"),
           "TRAIN.MAX_ITERS", "2", "TRAIN.PRETRAIN_STEPS", "1", "TRAIN.BATCH_SIZE_PER_GPU", "16",
@@ -159,6 +160,7 @@ def test_one_training_step_on_the_real_data(tmp_path):
 
 
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
+@pytest.mark.slow
 def test_released_checkpoint_reproduces_its_test_top1(tmp_path):
     assert RELEASED.is_file(), f"{RELEASED} is not in the repository"
     recorded = json.loads(RELEASED_RESULTS.read_text())
@@ -178,6 +180,7 @@ def _history_line(epoch: int, top1: float, f_rel: float, eval_s: float = 1.0) ->
                        "held_out": {"top1": top1, "loss": 0.5, "f_rel": f_rel * 2, "f_steps": 9.0}}) + "\n"
 
 
+@pytest.mark.slow
 def test_plot_training_draws_several_runs_and_refuses_bad_input(tmp_path):
     a, b = tmp_path / "a" / "run", tmp_path / "b"
     a.mkdir(parents=True)

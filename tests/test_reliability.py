@@ -115,6 +115,7 @@ def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
 
 # ------------------------------------------------------------------------------------------ crashes
 @pytest.mark.parametrize("point", ["step", "checkpoint-write"])
+@pytest.mark.slow
 def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp_path):
     log = tmp_path / "killed.log"
     out = _out_dir(tmp_path)
@@ -141,6 +142,7 @@ def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp
         assert "removing" in text and "interrupted" in text
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, tmp_path):
     log = tmp_path / "term.log"
     proc = _start(_train_cmd(tmp_path), log)
@@ -191,6 +193,7 @@ def learned(tmp_path_factory):
     return {"base": base, "out": out, "best": best}
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(learned, tmp_path):
     """Resumed from the epoch copy before the best epoch with TRAIN.LR 100: the epoch trained again is
     reported unhealthy and its chance-level score, although above the copy's recorded best, replaces
@@ -208,6 +211,7 @@ def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(le
     assert wrecked["best_top1"] == learned["best"]["top1"] == load_checkpoint(out / "checkpoint.pth.tar")["best"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp_path):
     """Stopped during the last epoch's evaluation: the epoch's checkpoint already records that epoch's
     score, so the resumed run (nothing left to train) reports the uninterrupted run's best and model_best."""
@@ -225,6 +229,7 @@ def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp
 
 
 # ------------------------------------------------------------------------------------------ pickles
+@pytest.mark.slow
 def test_a_code_running_pickle_is_refused_by_the_tools(tmp_path, evil_pickle):
     evil, marker = evil_pickle
     with pytest.raises(Exception, match="refused"):
@@ -282,17 +287,20 @@ def _bad(cmd: List[str], *needles: str, proc: Optional[subprocess.CompletedProce
     (["TRAIN.END_EPOCH", "many"], ["wrong type for config key TRAIN.END_EPOCH", "'many'"]),
     (["TRAIN.OPTIMIZER", "lamb"], ["TRAIN.OPTIMIZER = 'lamb'", "choose one of"]),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line(earlier_run, override, needles):
     base, untouched = earlier_run
     _bad([*_train_cmd(base, **{"TRAIN.RESUME": "True"}), *override], *needles)
     untouched()
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     _bad([sys.executable, "tools/cls_train.py", "--cfg", str(tmp_path / "nope.yaml")],
          "config file not found", "nope.yaml")
 
 
+@pytest.mark.slow
 def test_missing_and_empty_dataset_folders(earlier_run):
     base, untouched = earlier_run
     cifar = {"DATASET.DATASET": "cifar10", "TRAIN.RESUME": "True"}
@@ -321,6 +329,7 @@ def _seg_train(out: Path, root: Path, *opts: str) -> List[str]:
             "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128", "DATASET.TEST_SET", "", *opts]
 
 
+@pytest.mark.slow
 def test_segmentation_list_errors_image_without_label_and_truncated_image(city, tmp_path):
     lst = city / "list" / "cityscapes"
     img = "leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png"
@@ -347,6 +356,7 @@ def test_segmentation_list_errors_image_without_label_and_truncated_image(city, 
     assert not (tmp_path / "c" / "o" / "cityscapes" / "seg_mdeq_SMALL" / "checkpoint.pth.tar").exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(earlier_run, reference):
     base, _ = earlier_run
     out = _out_dir(base)
@@ -361,6 +371,7 @@ def test_truncated_checkpoint(earlier_run, reference):
           *_opts(base)], "truncated or corrupt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture(reference, tmp_path):
     line = _bad([sys.executable, "tools/cls_valid.py", "--cfg", CFG, "--testModel", reference["out"] / "final_state.pth",
                  *_opts(tmp_path), "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 32]"],
@@ -423,6 +434,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, capl
             OutputLock(tmp_path / "run").acquire()
 
 
+@pytest.mark.slow
 def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_path):
     """This test holds the folder's lock as a running training would: the tool refuses at once, naming
     the folder and the pid, and writes nothing there (no log file); under torchrun both ranks refuse."""
@@ -467,6 +479,7 @@ def test_truncated_imagenet_image_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ divergence
+@pytest.mark.slow
 def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
     out = _out_dir(tmp_path)
     out.mkdir(parents=True)
@@ -490,6 +503,7 @@ def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_che
 
 
 # ------------------------------------------------------------------------------------------ health
+@pytest.mark.slow
 def test_a_run_gone_bad_is_reported_and_the_stop_option_stops_it_keeping_the_last_checkpoint(tmp_path):
     """TRAIN.LR 100 with Adam: the loss stays finite (no step is skipped), the model collapses to chance.
     The first equilibrium epoch (epoch 1) is reported with its solver numbers; by default the run goes
@@ -499,8 +513,8 @@ def test_a_run_gone_bad_is_reported_and_the_stop_option_stops_it_keeping_the_las
            "MODEL.B_THRES": "6", "TRAIN.KEEP_CHECKPOINTS": "1"}
     warn_base, stop_base = tmp_path / "warn", tmp_path / "stop"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        warned = pool.submit(_run, _train_cmd(warn_base, **bad), 0)
-        stopped = pool.submit(_run, _train_cmd(stop_base, **bad, **{"TRAIN.STOP_ON_UNHEALTHY": "True"}), 3)
+        warned = pool.submit(run_process, _train_cmd(warn_base, **bad), 0)
+        stopped = pool.submit(run_process, _train_cmd(stop_base, **bad, **{"TRAIN.STOP_ON_UNHEALTHY": "True"}), 3)
         warned, stopped = warned.result(), stopped.result()
     assert "update skipped" not in warned.all  # the step guard alone would not notice
     line = next(l for l in warned.all.splitlines() if "epoch 1 looks unhealthy" in l)

@@ -224,6 +224,7 @@ def _torchrun():
     return _launcher("torch.distributed.run")
 
 
+@pytest.mark.slow
 def test_train_ddp_then_test_matches_official(city_root, tmp_path):
     out_dir, log_dir = tmp_path / "out", tmp_path / "log"
     dirs = ["--modelDir", str(out_dir), "--logDir", str(log_dir)]
@@ -280,6 +281,7 @@ def test_train_ddp_then_test_matches_official(city_root, tmp_path):
         assert ids.dtype == np.uint8 and ids.shape == (TILE_H, TILE_W) and set(np.unique(ids)) <= valid_ids
 
 
+@pytest.mark.slow
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(city_root, tmp_path):
     """Rank 1 alone sees a NaN loss at step 3 (an equilibrium step): both ranks skip it, stay in step and
     end with identical parameters; the run finishes."""
@@ -294,6 +296,7 @@ def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(city_root, tmp_
     assert "step 3: non-finite loss" in out and "identical" in out
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch(city_root, tmp_path):
     """The deprecated launcher passes --local-rank=N; two CPU processes, MAX_ITERS caps the run."""
     out = run_process(_launcher("torch.distributed.launch") + [
@@ -305,6 +308,7 @@ def test_torch_distributed_launch(city_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- pretrained
+@pytest.mark.slow
 def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, caplog):
     from mdeq.config import load_config
     from mdeq.tasks.segmentation import load_backbone
