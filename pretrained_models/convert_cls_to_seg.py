@@ -26,7 +26,7 @@ import torch
 from mdeq.programs.cli import tool_main
 from mdeq.programs.launch import parse_args as parse_launch_args
 from mdeq.config import load_config
-from mdeq.models import BACKBONE_PREFIXES, get_seg_net
+from mdeq.models import BACKBONE_PREFIXES, MDEQNet, get_seg_net
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, mismatch_listing,
                                    mismatch_report, save_checkpoint)
 
@@ -40,7 +40,7 @@ def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) ->
         CheckpointError: ``src`` is not a checkpoint, has no equilibrium stage, or does not fit the
             segmentation net of ``cfg_path``.
     """
-    sd = extract_state_dict(load_checkpoint(src), src)
+    sd = extract_state_dict(load_checkpoint(src), src, MDEQNet.state_dict_aliases)
     backbone = {k: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIXES)}
     dropped = sorted({k.split(".")[0] for k in sd if not k.startswith(BACKBONE_PREFIXES)})
     if not any(k.startswith("fullstage.") for k in backbone):

@@ -5,15 +5,26 @@
 layout, AMP, DDP and compile tests) on the GPU and skips the others, which do not depend on the
 device; without a GPU every one of them is skipped with the reason. The default is the CPU, on
 which every test runs as it always did. ``--run-compile`` also runs the tests marked
-``compile`` (``torch.compile`` takes minutes on a small CPU).
+``compile`` (``torch.compile`` takes minutes on a small CPU). Tests marked ``slow`` (a tool run in
+subprocesses, over about 5 s each) run by default, as in CI; ``-m "not slow"`` leaves them out.
+
+Helpers that several test files use live here, imported as ``from conftest import ...``:
+:func:`run_process` and :data:`TOOL_ENV` (running a tool as a user does), :func:`patched_tool`,
+:func:`build_cityscapes_tree` with :data:`SEG_CFG` / :data:`SEG_TINY` (a small Cityscapes tree and
+a segmentation model that trains on it in seconds).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
+import time
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +49,8 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "compile: compiles the model with torch.compile (needs --run-compile)")
+    config.addinivalue_line("markers", "slow: runs tools in subprocesses for more than about 5 s (deselect with "
+                                       "-m 'not slow'; CI runs them)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -73,7 +86,9 @@ def _cpu_allocator():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
+    """Every test starts from torch's global generator seeded with 0 (the number of threads is left to
+    OMP_NUM_THREADS / torch's default)."""
     torch.manual_seed(0)
     yield
 
@@ -98,6 +113,93 @@ def patched_tool(tool: str, patch: str) -> list:
     script = (f"{patch}\nimport runpy, sys\nsys.argv = ['tools/{tool}'] + sys.argv[1:]\n"
               f"runpy.run_path('tools/{tool}', run_name='__main__')\n")
     return ["-c", script]
+
+
+#: the environment of the tools a test starts: one thread, unbuffered output, and no GPU (the
+#: multi-process tests start more ranks than one GPU holds)
+TOOL_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+
+
+def run_process(cmd: Sequence[Any], expect: Optional[int] = 0, cwd: Path = REPO, timeout: float = 240,
+                env: Optional[Mapping[str, str]] = None, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (its items as strings) from ``cwd`` as a user runs a tool, in its own process group,
+    which is killed whole on a timeout (launchers leave their workers behind), then fail the test.
+
+    Args:
+        expect: the exit status the test needs (a failure shows the output's tail); ``None``: any.
+        env: the environment (default :data:`TOOL_ENV`), plus ``extra_env``.
+
+    Returns:
+        the finished process; ``proc.all`` is stdout then stderr, ``proc.seconds`` its wall time.
+    """
+    t0 = time.time()
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env={**(env or TOOL_ENV), **extra_env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} timed out after {timeout}s:\n{out[-4000:]}\n{err[-4000:]}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.all, done.seconds = out + err, time.time() - t0  # type: ignore[attr-defined]
+    if expect is not None and done.returncode != expect:
+        raise AssertionError(f"{' '.join(map(str, cmd))}: exit status {done.returncode}, expected {expect}:\n"
+                             f"{out[-5000:]}\n{err[-5000:]}")
+    return done
+
+
+# ---------------------------------------------------------------------- a small Cityscapes tree
+SEG_CFG = "experiments/cityscapes/seg_mdeq_SMALL.yaml"
+#: overrides that make SEG_CFG's model train on :func:`build_cityscapes_tree` in seconds
+SEG_TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8,16,16,16]", "MODEL.NUM_GROUPS", "4",
+            "TRAIN.IMAGE_SIZE", "[64,32]", "TRAIN.BASE_SIZE", "128", "TRAIN.BATCH_SIZE_PER_GPU", "2",
+            "MODEL.F_THRES", "6", "MODEL.B_THRES", "6", "WORKERS", "0", "PRINT_FREQ", "1",
+            "TEST.BATCH_SIZE_PER_GPU", "2"]
+CITY_TILE_W, CITY_TILE_H = 128, 64
+#: split -> (city, images) of the tree
+CITY_SPLITS = {"train": ("aachen", 8), "val": ("frankfurt", 4), "test": ("berlin", 2)}
+
+
+def _tiles():
+    from sklearn.datasets import load_sample_images
+    for photo in load_sample_images().images:  # (427, 640, 3) RGB
+        for y in range(0, photo.shape[0] - CITY_TILE_H + 1, CITY_TILE_H):
+            for x in range(0, photo.shape[1] - CITY_TILE_W + 1, CITY_TILE_W):
+                yield photo[y:y + CITY_TILE_H, x:x + CITY_TILE_W]
+
+
+def _label_ids(tile: np.ndarray) -> np.ndarray:
+    """Label ids 0..33 from the quantised brightness, a band with every id, and a block of road."""
+    gray = tile.astype(np.float32).mean(axis=2)
+    ids = np.minimum((gray / 256.0 * 34).astype(np.int64), 33)
+    ids[:2, :] = np.arange(tile.shape[1])[None, :] % 34  # every id, ignored ones included
+    ids[-8:, :16] = 7  # road
+    return ids.astype(np.uint8)
+
+
+def build_cityscapes_tree(root: Path) -> Path:
+    """A Cityscapes-format tree under ``root`` (returned): tiles (128x64) of scikit-learn's two sample
+    photographs as ``cityscapes/leftImg8bit/<split>/<city>/..._leftImg8bit.png``, label-id images
+    ``gtFine/.../..._gtFine_labelIds.png`` (ids from the quantised brightness plus a band holding every
+    id 0..33), and ``list/cityscapes/{train,val,test}.lst`` (:data:`CITY_SPLITS`; test without labels)."""
+    base = root / "cityscapes"
+    (root / "list" / "cityscapes").mkdir(parents=True)
+    tiles = _tiles()
+    for split, (city, count) in CITY_SPLITS.items():
+        lines = []
+        for i in range(count):
+            tile = next(tiles)
+            stem = f"{city}_000000_{i:06d}"
+            img_rel = f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"
+            lab_rel = f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png"
+            (base / img_rel).parent.mkdir(parents=True, exist_ok=True)
+            (base / lab_rel).parent.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(base / img_rel), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
+            assert cv2.imwrite(str(base / lab_rel), _label_ids(tile))
+            lines.append(img_rel if split == "test" else f"{img_rel} {lab_rel}")
+        (root / "list" / "cityscapes" / f"{split}.lst").write_text("\n".join(lines) + "\n")
+    return root
 
 
 class _Payload:

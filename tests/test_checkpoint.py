@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mdeq.config import load_config
-from mdeq.models import BACKBONE_PREFIXES, get_cls_net, get_seg_net
+from mdeq.models import BACKBONE_PREFIXES, MDEQNet, get_cls_net, get_seg_net
 from mdeq.utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_pretrained,
-                                   load_weights, save_checkpoint)
+                                   load_weights, model_aliases, save_checkpoint)
 
 
 def test_a_pickle_that_runs_code_is_refused_and_the_code_does_not_run(evil_pickle):
@@ -57,8 +57,11 @@ def test_extract_state_dict_understands_wrappers_and_the_original_aliases():
     assert extract_state_dict({"model": {"module.a.weight": w}}) == {"a.weight": w}
     assert extract_state_dict({"state_dict": {"a": w}, "epoch": 3}) == {"a": w}
     original = {"fullstage.x": w, "deq.func.x": w, "fullstage_copy.x": w, "deq.func_copy.x": w, "head.y": w}
-    assert set(extract_state_dict(original)) == {"fullstage.x", "head.y"}
-    assert set(extract_state_dict({"deq.func.x": w, "head.y": w})) == {"fullstage.x", "head.y"}
+    aliases = MDEQNet.state_dict_aliases   # the model's table, not the checkpoint module's knowledge
+    assert set(extract_state_dict(original, aliases=aliases)) == {"fullstage.x", "head.y"}
+    assert set(extract_state_dict({"deq.func.x": w, "head.y": w}, aliases=aliases)) == {"fullstage.x", "head.y"}
+    assert set(extract_state_dict(original)) == set(original)   # without a table nothing is renamed
+    assert model_aliases(torch.nn.Linear(1, 1)) == {} and model_aliases(MDEQNet) is aliases
     with pytest.raises(CheckpointError, match="no state dict"):
         extract_state_dict({"epoch": 3})
 

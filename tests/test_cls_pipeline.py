@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import run_process
 from mdeq.config import ConfigError, load_config
 from mdeq.tasks.classification import validate
 from mdeq.core.metrics import accuracy, topk_correct
@@ -28,11 +28,8 @@ from mdeq.models import get_cls_net
 from mdeq.utils.checkpoint import load_checkpoint
 from mdeq.utils.optim import build_optimizer, build_scheduler, load_scheduler_state
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 TINY_CFG = "experiments/cifar/cls_mdeq_TINY.yaml"
-# CPU processes even on a GPU machine: the multi-process tests start more ranks than one GPU holds
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -79,14 +76,6 @@ def _small_opts(root: Path, out: Path, **extra) -> list:
             "MODEL.F_THRES": "6", "MODEL.B_THRES": "6", "TEST.BATCH_SIZE_PER_GPU": "100", "WORKERS": "0"}
     opts.update(extra)
     return [s for kv in opts.items() for s in kv]
-
-
-def _run(args: list, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def _state_sum(sd: dict) -> float:
@@ -208,8 +197,9 @@ def test_scheduler_resume_is_exact():
 
 
 # ------------------------------------------------------------------------------------------ scripts
+@pytest.mark.slow
 def test_train_then_valid_scripts(cifar_root, tmp_path):
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)])
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)])
     out = tmp_path / "output" / "cifar10" / "cls_mdeq_digits"
     for name in ("checkpoint.pth.tar", "final_state.pth", "results.json", "history.jsonl"):
         assert (out / name).is_file(), name
@@ -230,7 +220,7 @@ def test_train_then_valid_scripts(cifar_root, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["top1"] <= 100.0 and res["top5"] >= res["top1"] and res["global_step"] == steps
 
-    proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS_CFG,
+    proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS_CFG,
                  "--testModel", str(out / "final_state.pth"), *_small_opts(cifar_root, tmp_path)])
     assert "held-out (cifar10, 300 images): top-1" in proc.stdout
     vres = json.loads((out / "valid_results.json").read_text())
@@ -238,8 +228,9 @@ def test_train_then_valid_scripts(cifar_root, tmp_path):
     assert vres["f_steps"] > 0 and vres["f_rel"] >= 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(cifar_root, tmp_path):
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                  "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)], timeout=300)
     out = tmp_path / "output" / "cifar10" / "cls_mdeq_digits"
     res = json.loads((out / "results.json").read_text())
@@ -260,15 +251,13 @@ def test_torchrun_two_processes(cifar_root, tmp_path):
     assert not (out / "run.lock").exists()   # rank 0's lock of the folder was given back
 
 
+@pytest.mark.slow
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp_path):
     """Rank 1 alone sees a NaN loss at step 3 (the first equilibrium step): both ranks skip it, stay in
     step (no hang, no half-finished DDP reduction) and end with identical parameters."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "tests/nan_on_one_rank.py", "cls", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(ENV, NAN_RANK="1", NAN_STEP="3"), capture_output=True, text=True,
-                          timeout=300)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-5000:]
+    text = run_process(cmd, timeout=300, NAN_RANK="1", NAN_STEP="3").all
     res = json.loads((tmp_path / "output" / "cifar10" / "cls_mdeq_digits" / "results.json").read_text())
     assert res["world_size"] == 2 and res["skipped_steps"] == 1
     assert res["global_step"] == math.ceil(math.ceil(round(1497 * 0.15) / 2) / 32)  # the skipped step counts
@@ -277,10 +266,11 @@ def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(cifar_root, tmp
     assert "step 3: non-finite loss" in text and "update skipped" in text
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     opts = dict(**{"TRAIN.END_EPOCH": "2", "TRAIN.KEEP_CHECKPOINTS": "2", "DETERMINISTIC": "True"})
     full = tmp_path / "full"
-    _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, full, **opts)])
+    run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG, *_small_opts(cifar_root, full, **opts)])
     out_full = full / "output" / "cifar10" / "cls_mdeq_digits"
     ref = load_checkpoint(out_full / "checkpoint.pth.tar")
     after1 = load_checkpoint(out_full / "checkpoint_ep0001.pth.tar")
@@ -291,7 +281,7 @@ def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
     out_part = part / "output" / "cifar10" / "cls_mdeq_digits"
     out_part.mkdir(parents=True)
     shutil.copy(out_full / "checkpoint_ep0001.pth.tar", out_part / "checkpoint.pth.tar")
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG,
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG,
                  *_small_opts(cifar_root, part, **opts, **{"TRAIN.RESUME": "True"})])
     assert f"resumed from {out_part / 'checkpoint.pth.tar'}: epoch 1, global step {after1['global_step']}" in proc.stdout
     assert "training epochs 1..1" in proc.stdout
@@ -305,18 +295,19 @@ def test_resume_continues_at_the_right_epoch_and_lr(cifar_root, tmp_path):
         if v.is_floating_point():
             torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     # resuming the finished run trains nothing and says so
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG,
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS_CFG,
                  *_small_opts(cifar_root, part, **opts, **{"TRAIN.RESUME": "True"})])
     assert ("the run is finished (the checkpoint is at epoch 2, TRAIN.END_EPOCH is 2): nothing to train"
             in proc.stdout) and "training epochs" not in proc.stdout
     assert load_checkpoint(out_part / "checkpoint.pth.tar")["global_step"] == ref["global_step"]
 
 
+@pytest.mark.slow
 def test_valid_script_on_original_checkpoint(cifar_root, tmp_path, reference):
     pkl = reference / "cifar_tiny.pkl"
     opts = ["DATASET.ROOT", str(cifar_root), "OUTPUT_DIR", str(tmp_path / "o"), "LOG_DIR", str(tmp_path / "l"),
             "TEST.BATCH_SIZE_PER_GPU", "100", "WORKERS", "0", "MODEL.F_THRES", "8"]
-    proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", TINY_CFG, "--testModel", str(pkl), *opts])
+    proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", TINY_CFG, "--testModel", str(pkl), *opts])
     assert "held-out (cifar10, 300 images): top-1" in proc.stdout
     res = json.loads((tmp_path / "o" / "cifar10" / "cls_mdeq_TINY" / "valid_results.json").read_text())
     assert res["num_samples"] == 300 and res["parameters"] == 158986  # the original's count

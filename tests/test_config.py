@@ -75,3 +75,44 @@ def test_overrides_coerce_harmless_types(repo):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_registered_solver_is_a_valid_config_choice(repo, monkeypatch):
+    """The solver registry is the one list of solver names: the config accepts what it holds."""
+    from mdeq.solvers import fixed_point, get_solver, history_rows, register_solver, registry, solver_names
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))   # the registration ends with the test
+    path = repo / "experiments/cifar/cls_mdeq_TINY.yaml"
+    with pytest.raises(ConfigError, match=r"MODEL\.B_SOLVER = 'damped'; choose one of \('broyden', 'anderson', "
+                                          r"'fixed_point'\)"):
+        load_config(path, ["MODEL.B_SOLVER", "damped"])
+
+    def damped(f, z0, threshold, eps=1e-3, stop_mode="rel"):
+        return fixed_point(f, z0, threshold, eps=eps, stop_mode=stop_mode)
+
+    register_solver("damped", damped, history_rows=lambda threshold, memory: 3)
+    cfg = load_config(path, ["MODEL.F_SOLVER", "damped", "MODEL.B_SOLVER", "damped"])
+    with torch.device("meta"):
+        model = get_cls_net(cfg)
+    assert model.f_solver is damped and model.b_solver is damped and get_solver("damped") is damped
+    assert solver_names()[-1] == "damped" and history_rows(damped, 30, 12) == 3
+    with pytest.raises(ValueError, match="already registered"):
+        register_solver("damped", fixed_point)
+
+
+def test_the_registry_declares_each_solvers_history(repo):
+    """The benchmark's history sizes come from the solvers' registry entries (2 rows per Broyden slot + 1,
+    2 per Anderson iterate, none for plain iteration; m = 12 with 40 steps: 13 slots / 12 iterates)."""
+    from mdeq.solvers import history_rows
+    assert (history_rows("broyden", 40, 12), history_rows("anderson", 40, 12), history_rows("fixed_point", 40, 12)) \
+        == (27, 24, 0)
+    assert history_rows(lambda *a: None, 40, 12) == 0   # an unregistered callable: unknown, counted as none
+
+
+def test_the_model_names_the_key_of_an_unknown_solver(repo):
+    """Where a config skipped the load-time check (a solver owner not imported yet), building the model
+    still names the key and the choices."""
+    from mdeq.config import get_default_config
+    cfg = get_default_config()
+    cfg.MODEL.F_SOLVER = "newton"
+    with pytest.raises(ConfigError, match=r"MODEL\.F_SOLVER = 'newton'; choose one of \('broyden'"):
+        get_cls_net(cfg)

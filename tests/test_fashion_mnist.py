@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_process
 from mdeq.analysis.cost_comparison import format_table, history_metrics, wilson_interval
 from mdeq.analysis.training_curves import read_history
 from mdeq.config import ConfigError, load_config
@@ -139,13 +139,13 @@ def test_augmentation_crops_and_flips(tmp_path):
     assert torch.equal(plain, FashionMNIST(images, np.zeros(1, dtype=np.int64))[0][0])
 
 
-def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def _tool(*args: str) -> None:
+    """Run a tool as a user does, with every thread of this machine (the real data set's runs)."""
+    run_process([sys.executable, *args], timeout=600, env=os.environ)
 
 
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
+@pytest.mark.slow
 def test_one_training_step_on_the_real_data(tmp_path):
     _tool("tools/cls_train.py", "--cfg", CFG, "OUTPUT_DIR", str(tmp_path / "out"), "LOG_DIR", str(tmp_path / "log"),
           "TRAIN.MAX_ITERS", "2", "TRAIN.PRETRAIN_STEPS", "1", "TRAIN.BATCH_SIZE_PER_GPU", "16",
@@ -160,6 +160,7 @@ def test_one_training_step_on_the_real_data(tmp_path):
 
 
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
+@pytest.mark.slow
 def test_released_checkpoint_reproduces_its_test_top1(tmp_path):
     assert RELEASED.is_file(), f"{RELEASED} is not in the repository"
     recorded = json.loads(RELEASED_RESULTS.read_text())
@@ -179,6 +180,7 @@ def _history_line(epoch: int, top1: float, f_rel: float, eval_s: float = 1.0) ->
                        "held_out": {"top1": top1, "loss": 0.5, "f_rel": f_rel * 2, "f_steps": 9.0}}) + "\n"
 
 
+@pytest.mark.slow
 def test_plot_training_draws_several_runs_and_refuses_bad_input(tmp_path):
     a, b = tmp_path / "a" / "run", tmp_path / "b"
     a.mkdir(parents=True)
@@ -196,10 +198,9 @@ def test_plot_training_draws_several_runs_and_refuses_bad_input(tmp_path):
     for bad, message in ((["--labels", "only-one"], "--labels has 1 labels for 2 runs"),
                          ([], "no history.jsonl")):
         runs = [str(tmp_path / "a"), str(b)] if bad else [str(tmp_path / "nothing")]
-        proc = subprocess.run([sys.executable, "tools/plot_training.py", *runs, *bad, "--out", str(tmp_path / "x.png")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr + proc.stdout, proc.stderr
-        assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
+        proc = run_process([sys.executable, "tools/plot_training.py", *runs, *bad, "--out", str(tmp_path / "x.png")],
+                           expect=2)
+        assert message in proc.all and "Traceback" not in proc.all and not (tmp_path / "x.png").exists()
 
 
 def test_comparison_table_has_history_columns_and_binomial_interval(tmp_path):

@@ -32,6 +32,7 @@ def test_an_unknown_option_is_a_usage_error(repo, capsys):
     assert e.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_retained_freed_cpu_memory_stops_page_faults(tmp_path):
     # in a fresh process (the setting is process-wide). glibc's own thresholds adapt to what the
     # process did before, so the test fixes them: small (every 16 MiB block mmapped and unmapped,

@@ -24,13 +24,11 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from conftest import patched_tool
+from conftest import SEG_CFG, TOOL_ENV, build_cityscapes_tree, patched_tool, run_process
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
-SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 STEPS_PER_EPOCH = 6
 FOLDER = ("digits", "cls_mdeq_digits")
 
@@ -52,18 +50,7 @@ def _train_cmd(out: Path, **extra: str) -> List[str]:
 def _run_many(cmds: List[List[str]], expect: Optional[int] = None) -> List[subprocess.CompletedProcess]:
     """Run independent commands concurrently (they mostly wait on imports)."""
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(lambda c: _run(c, expect=expect), cmds))
-
-
-def _run(cmd: List[str], expect: Optional[int] = 0, cwd: Path = REPO, env: Optional[dict] = None,
-         timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    if expect is not None and proc.returncode != expect:
-        raise AssertionError(f"exit status {proc.returncode}, expected {expect}:\n{proc.stdout[-5000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
+        return list(pool.map(lambda c: run_process(c, expect=expect), cmds))
 
 
 def _out_dir(base: Path) -> Path:
@@ -85,7 +72,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def reference(tmp_path_factory):
     """An uninterrupted run: its per-step losses and final checkpoints."""
     base = tmp_path_factory.mktemp("reference")
-    proc = _run(_train_cmd(base))
+    proc = run_process(_train_cmd(base))
     losses = _losses(proc.stdout)
     assert sorted(losses) == list(range(2 * STEPS_PER_EPOCH))
     out = _out_dir(base)
@@ -94,7 +81,7 @@ def reference(tmp_path_factory):
 
 
 def _start(cmd: List[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or ENV, stdout=open(log, "w"),
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or TOOL_ENV, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -112,7 +99,7 @@ def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 90.0) ->
 def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
     """Resume in ``base``; the resumed run logs the reference's loss at every step it runs, runs no
     step before ``min_step`` and ends with the reference's weights, bit for bit."""
-    proc = _run(_train_cmd(base, **{"TRAIN.RESUME": "True"}))
+    proc = run_process(_train_cmd(base, **{"TRAIN.RESUME": "True"}))
     got = _losses(proc.stdout)
     assert got, proc.stdout[-3000:]
     assert min(got) >= min_step and max(got) == 2 * STEPS_PER_EPOCH - 1
@@ -128,10 +115,11 @@ def _resume_and_compare(base: Path, reference: dict, min_step: int) -> str:
 
 # ------------------------------------------------------------------------------------------ crashes
 @pytest.mark.parametrize("point", ["step", "checkpoint-write"])
+@pytest.mark.slow
 def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp_path):
     log = tmp_path / "killed.log"
     out = _out_dir(tmp_path)
-    env = dict(ENV)
+    env = dict(TOOL_ENV)
     if point == "step":  # in the middle of epoch 1, after the epoch-0 checkpoint
         proc = _start(_train_cmd(tmp_path), log)
         _wait_for(lambda: "] step 8 loss" in log.read_text(), proc, log)
@@ -154,6 +142,7 @@ def test_sigkill_loses_nothing_and_the_resumed_run_matches(point, reference, tmp
         assert "removing" in text and "interrupted" in text
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, tmp_path):
     log = tmp_path / "term.log"
     proc = _start(_train_cmd(tmp_path), log)
@@ -196,7 +185,7 @@ ClassificationTask.evaluate = evaluate
 def learned(tmp_path_factory):
     """An uninterrupted run of LEARNS; its best comes from its last epoch, well above the others."""
     base = tmp_path_factory.mktemp("learned")
-    _run(_train_cmd(base, **LEARNS))
+    run_process(_train_cmd(base, **LEARNS))
     out = _out_dir(base)
     best = load_checkpoint(out / "model_best.pth.tar")
     scores = [load_checkpoint(out / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)]
@@ -204,6 +193,7 @@ def learned(tmp_path_factory):
     return {"base": base, "out": out, "best": best}
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(learned, tmp_path):
     """Resumed from the epoch copy before the best epoch with TRAIN.LR 100: the epoch trained again is
     reported unhealthy and its chance-level score, although above the copy's recorded best, replaces
@@ -212,7 +202,7 @@ def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(le
     out = _out_dir(tmp_path)
     best_file = (out / "model_best.pth.tar").read_bytes()
     copy = out / "checkpoint_ep0002.pth.tar"
-    proc = _run(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
+    proc = run_process(_train_cmd(tmp_path, **{**LEARNS, "TRAIN.RESUME": "True", "TRAIN.CHECKPOINT": str(copy),
                                                   "TRAIN.LR": "100"}))
     assert "epoch 2 looks unhealthy" in proc.all and "new best" not in proc.all
     wrecked = json.loads((out / "results.json").read_text())
@@ -221,23 +211,25 @@ def test_a_resume_with_a_learning_rate_that_wrecks_the_model_keeps_model_best(le
     assert wrecked["best_top1"] == learned["best"]["top1"] == load_checkpoint(out / "checkpoint.pth.tar")["best"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_held_out_evaluation_keeps_the_true_best(learned, tmp_path):
     """Stopped during the last epoch's evaluation: the epoch's checkpoint already records that epoch's
     score, so the resumed run (nothing left to train) reports the uninterrupted run's best and model_best."""
-    env = dict(ENV, MDEQ_TEST_TERM_AT="3")
+    env = dict(TOOL_ENV, MDEQ_TEST_TERM_AT="3")
     cmd = [sys.executable, *patched_tool("cls_train.py", _TERM_IN_EVALUATION), "--cfg", CFG, *_opts(tmp_path, **LEARNS)]
-    stopped = _run(cmd, expect=128 + signal.SIGTERM, env=env)
+    stopped = run_process(cmd, expect=128 + signal.SIGTERM, env=env)
     assert "stopped by SIGTERM" in stopped.all
     out = _out_dir(tmp_path)
     ckpt = load_checkpoint(out / "checkpoint.pth.tar")
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]) == (3, 0, learned["best"]["top1"])
-    resumed = _run(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
+    resumed = run_process(_train_cmd(tmp_path, **LEARNS, **{"TRAIN.RESUME": "True"}))
     assert "nothing to train" in resumed.all
     assert json.loads((out / "results.json").read_text())["best_top1"] == learned["best"]["top1"]
     _assert_same_weights(load_checkpoint(out / "model_best.pth.tar")["model"], learned["best"]["model"])
 
 
 # ------------------------------------------------------------------------------------------ pickles
+@pytest.mark.slow
 def test_a_code_running_pickle_is_refused_by_the_tools(tmp_path, evil_pickle):
     evil, marker = evil_pickle
     with pytest.raises(Exception, match="refused"):
@@ -280,7 +272,7 @@ def earlier_run(tmp_path):
 def _bad(cmd: List[str], *needles: str, proc: Optional[subprocess.CompletedProcess] = None) -> str:
     """Run ``cmd`` (or check its finished ``proc``): exit status 2, one error line holding ``needles``,
     no traceback."""
-    proc = proc or _run(cmd, expect=2)
+    proc = proc or run_process(cmd, expect=2)
     assert proc.returncode == 2, proc.all[-3000:]
     for n in needles:
         assert n in proc.all, f"{n!r} not in:\n{proc.all[-3000:]}"
@@ -295,17 +287,20 @@ def _bad(cmd: List[str], *needles: str, proc: Optional[subprocess.CompletedProce
     (["TRAIN.END_EPOCH", "many"], ["wrong type for config key TRAIN.END_EPOCH", "'many'"]),
     (["TRAIN.OPTIMIZER", "lamb"], ["TRAIN.OPTIMIZER = 'lamb'", "choose one of"]),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line(earlier_run, override, needles):
     base, untouched = earlier_run
     _bad([*_train_cmd(base, **{"TRAIN.RESUME": "True"}), *override], *needles)
     untouched()
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     _bad([sys.executable, "tools/cls_train.py", "--cfg", str(tmp_path / "nope.yaml")],
          "config file not found", "nope.yaml")
 
 
+@pytest.mark.slow
 def test_missing_and_empty_dataset_folders(earlier_run):
     base, untouched = earlier_run
     cifar = {"DATASET.DATASET": "cifar10", "TRAIN.RESUME": "True"}
@@ -325,7 +320,6 @@ def test_missing_and_empty_dataset_folders(earlier_run):
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory):
-    from test_seg_pipeline import build_cityscapes_tree
     return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
 
 
@@ -335,6 +329,7 @@ def _seg_train(out: Path, root: Path, *opts: str) -> List[str]:
             "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128", "DATASET.TEST_SET", "", *opts]
 
 
+@pytest.mark.slow
 def test_segmentation_list_errors_image_without_label_and_truncated_image(city, tmp_path):
     lst = city / "list" / "cityscapes"
     img = "leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png"
@@ -361,6 +356,7 @@ def test_segmentation_list_errors_image_without_label_and_truncated_image(city, 
     assert not (tmp_path / "c" / "o" / "cityscapes" / "seg_mdeq_SMALL" / "checkpoint.pth.tar").exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(earlier_run, reference):
     base, _ = earlier_run
     out = _out_dir(base)
@@ -375,6 +371,7 @@ def test_truncated_checkpoint(earlier_run, reference):
           *_opts(base)], "truncated or corrupt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture(reference, tmp_path):
     line = _bad([sys.executable, "tools/cls_valid.py", "--cfg", CFG, "--testModel", reference["out"] / "final_state.pth",
                  *_opts(tmp_path), "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 32]"],
@@ -409,7 +406,7 @@ time.sleep(120)
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
     from mdeq.utils.run_lock import LOCK_NAME, OutputLock, OutputLockedError
     log = tmp_path / "holder.log"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=ENV,
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run")], env=TOOL_ENV,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     _wait_for(lambda: "locked" in log.read_text(), holder, log)
     with pytest.raises(OutputLockedError, match=f"{tmp_path / 'run'} is in use by another training run "
@@ -437,6 +434,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, capl
             OutputLock(tmp_path / "run").acquire()
 
 
+@pytest.mark.slow
 def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_path):
     """This test holds the folder's lock as a running training would: the tool refuses at once, naming
     the folder and the pid, and writes nothing there (no log file); under torchrun both ranks refuse."""
@@ -447,7 +445,7 @@ def test_a_second_training_run_in_a_folder_in_use_is_refused_in_one_line(tmp_pat
         line = _bad(_train_cmd(tmp_path), "OutputLockedError", f"the output folder {out} is in use by another "
                     f"training run (pid {os.getpid()} on", "--modelDir")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
-        ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        ddp = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "tools/cls_train.py", "--cfg", CFG, *_opts(tmp_path)], expect=None, timeout=180)
         assert ddp.returncode != 0 and ddp.all.count(line.split("error: ", 1)[1]) >= 2, ddp.all[-3000:]
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
@@ -481,6 +479,7 @@ def test_truncated_imagenet_image_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ divergence
+@pytest.mark.slow
 def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
     out = _out_dir(tmp_path)
     out.mkdir(parents=True)
@@ -491,7 +490,7 @@ def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_che
     work.mkdir()
     cmd = _train_cmd(tmp_path, **{"TRAIN.RESUME": "True", "TRAIN.LR": "1e6", "TRAIN.MAX_BAD_STEPS": "3",
                                   "TRAIN.END_EPOCH": "3"})
-    proc = _run(cmd, expect=3, cwd=work)
+    proc = run_process(cmd, expect=3, cwd=work)
     skipped = [l for l in proc.all.splitlines() if "update skipped" in l]
     assert len(skipped) >= 3 and all("solver: mode=" in l for l in skipped)
     assert "training diverged: 3 consecutive steps" in proc.all
@@ -504,6 +503,7 @@ def test_absurd_learning_rate_skips_steps_then_stops_and_keeps_the_last_good_che
 
 
 # ------------------------------------------------------------------------------------------ health
+@pytest.mark.slow
 def test_a_run_gone_bad_is_reported_and_the_stop_option_stops_it_keeping_the_last_checkpoint(tmp_path):
     """TRAIN.LR 100 with Adam: the loss stays finite (no step is skipped), the model collapses to chance.
     The first equilibrium epoch (epoch 1) is reported with its solver numbers; by default the run goes
@@ -513,8 +513,8 @@ def test_a_run_gone_bad_is_reported_and_the_stop_option_stops_it_keeping_the_las
            "MODEL.B_THRES": "6", "TRAIN.KEEP_CHECKPOINTS": "1"}
     warn_base, stop_base = tmp_path / "warn", tmp_path / "stop"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        warned = pool.submit(_run, _train_cmd(warn_base, **bad), 0)
-        stopped = pool.submit(_run, _train_cmd(stop_base, **bad, **{"TRAIN.STOP_ON_UNHEALTHY": "True"}), 3)
+        warned = pool.submit(run_process, _train_cmd(warn_base, **bad), 0)
+        stopped = pool.submit(run_process, _train_cmd(stop_base, **bad, **{"TRAIN.STOP_ON_UNHEALTHY": "True"}), 3)
         warned, stopped = warned.result(), stopped.result()
     assert "update skipped" not in warned.all  # the step guard alone would not notice
     line = next(l for l in warned.all.splitlines() if "epoch 1 looks unhealthy" in l)

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -22,51 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CITY_TILE_H, CITY_TILE_W, SEG_CFG, SEG_TINY, build_cityscapes_tree, run_process
 from mdeq.core.criterion import CrossEntropy, OhemCrossEntropy, build_criterion
 from mdeq.core.seg_metrics import confusion_matrix, scores_from_confusion
 from mdeq.datasets.cityscapes import (CLASS_NAMES, LABELS, PALETTE, CityscapesDataset, CityscapesError,
                                       label_ids_to_train_ids, train_ids_to_label_ids)
 
 REPO = Path(__file__).resolve().parents[1]
-TILE_W, TILE_H = 128, 64
-SPLITS = {"train": ("aachen", 8), "val": ("frankfurt", 4), "test": ("berlin", 2)}
-
-
-def _tiles():
-    from sklearn.datasets import load_sample_images
-    for photo in load_sample_images().images:  # (427, 640, 3) RGB
-        for y in range(0, photo.shape[0] - TILE_H + 1, TILE_H):
-            for x in range(0, photo.shape[1] - TILE_W + 1, TILE_W):
-                yield photo[y:y + TILE_H, x:x + TILE_W]
-
-
-def _label_ids(tile: np.ndarray) -> np.ndarray:
-    """Label ids 0..33 from the quantised brightness, a band with every id, and a block of road."""
-    gray = tile.astype(np.float32).mean(axis=2)
-    ids = np.minimum((gray / 256.0 * 34).astype(np.int64), 33)
-    ids[:2, :] = np.arange(tile.shape[1])[None, :] % 34  # every id, ignored ones included
-    ids[-8:, :16] = 7  # road
-    return ids.astype(np.uint8)
-
-
-def build_cityscapes_tree(root: Path) -> Path:
-    base = root / "cityscapes"
-    (root / "list" / "cityscapes").mkdir(parents=True)
-    tiles = _tiles()
-    for split, (city, count) in SPLITS.items():
-        lines = []
-        for i in range(count):
-            tile = next(tiles)
-            stem = f"{city}_000000_{i:06d}"
-            img_rel = f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"
-            lab_rel = f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png"
-            (base / img_rel).parent.mkdir(parents=True, exist_ok=True)
-            (base / lab_rel).parent.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(base / img_rel), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
-            assert cv2.imwrite(str(base / lab_rel), _label_ids(tile))
-            lines.append(img_rel if split == "test" else f"{img_rel} {lab_rel}")
-        (root / "list" / "cityscapes" / f"{split}.lst").write_text("\n".join(lines) + "\n")
-    return root
+TILE_W, TILE_H = CITY_TILE_W, CITY_TILE_H
 
 
 @pytest.fixture(scope="session")
@@ -246,27 +206,7 @@ def test_metrics_equal_official_evaluation(city_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8,16,16,16]", "MODEL.NUM_GROUPS", "4",
-        "TRAIN.IMAGE_SIZE", "[64,32]", "TRAIN.BASE_SIZE", "128", "TRAIN.BATCH_SIZE_PER_GPU", "2",
-        "MODEL.F_THRES", "6", "MODEL.B_THRES", "6", "WORKERS", "0", "PRINT_FREQ", "1",
-        "TEST.BATCH_SIZE_PER_GPU", "2"]
-SEG_CFG = "experiments/cityscapes/seg_mdeq_SMALL.yaml"
-
-
-def _run(cmd, cwd=REPO, timeout=240, **extra_env):
-    """Run a command in its own process group (killed whole on timeout: launchers leave workers behind)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **extra_env)  # CPU ranks
-    t0 = time.time()
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd))} timed out after {timeout}s:\n{out[-6000:]}")
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out, time.time() - t0
+TINY = SEG_TINY
 
 
 def _free_port() -> int:
@@ -284,12 +224,13 @@ def _torchrun():
     return _launcher("torch.distributed.run")
 
 
+@pytest.mark.slow
 def test_train_ddp_then_test_matches_official(city_root, tmp_path):
     out_dir, log_dir = tmp_path / "out", tmp_path / "log"
     dirs = ["--modelDir", str(out_dir), "--logDir", str(log_dir)]
     # 8 images / (2 processes x 2) = 2 steps per epoch: epoch 0 unrolled (PRETRAIN_STEPS 2), epoch 1 equilibrium
-    out, _ = _run(_torchrun() + ["tools/seg_train.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
-                                 *TINY, "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "2"])
+    out = run_process(_torchrun() + ["tools/seg_train.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
+                                 *TINY, "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "2"]).all
     assert "rank 0/2" in out and "mode=unrolled" in out and "mode=equilibrium" in out
     assert "b_steps=" in out  # the implicit backward ran
     assert "validation:\nclass" in out and "global step 4" in out
@@ -301,14 +242,14 @@ def test_train_ddp_then_test_matches_official(city_root, tmp_path):
     assert any(log_dir.rglob("events.out.tfevents.*"))
 
     # resume: one more epoch from checkpoint.pth.tar, in a single process
-    out, _ = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
-                   *TINY, "TRAIN.END_EPOCH", "3", "TRAIN.PRETRAIN_STEPS", "2", "TRAIN.RESUME", "True"])
+    out = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
+                   *TINY, "TRAIN.END_EPOCH", "3", "TRAIN.PRETRAIN_STEPS", "2", "TRAIN.RESUME", "True"]).all
     assert "resumed from" in out and "epoch 2, global step 4" in out and "8 steps (0 skipped)" in out
     assert torch.load(folder / "checkpoint.pth.tar", weights_only=True)["epoch"] == 3
 
     # evaluation of the val list: metrics, json, pictures
-    out, _ = _run([sys.executable, "tools/seg_test.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
-                   *TINY, "--testModel", str(folder / "final_state.pth")])
+    out = run_process([sys.executable, "tools/seg_test.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root),
+                   *TINY, "--testModel", str(folder / "final_state.pth")]).all
     assert "mIoU" in out and "mean solver steps" in out
     report = json.loads((folder / "val_results.json").read_text())
     assert 0.0 <= report["miou"] <= 1.0 and 0.0 <= report["pixel_acc"] <= 1.0
@@ -330,7 +271,7 @@ def test_train_ddp_then_test_matches_official(city_root, tmp_path):
     _assert_same_scores(report, official)
 
     # the test list: label-id PNGs named like the inputs, in label ids (not train ids)
-    _run([sys.executable, "tools/seg_test.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root), *TINY,
+    run_process([sys.executable, "tools/seg_test.py", "--cfg", SEG_CFG, *dirs, "DATASET.ROOT", str(city_root), *TINY,
           "DATASET.TEST_SET", "list/cityscapes/test.lst"])
     written = sorted(p.name for p in (folder / "test_results" / "label_ids").iterdir())
     assert written == ["berlin_000000_000000_leftImg8bit.png", "berlin_000000_000001_leftImg8bit.png"]
@@ -340,13 +281,14 @@ def test_train_ddp_then_test_matches_official(city_root, tmp_path):
         assert ids.dtype == np.uint8 and ids.shape == (TILE_H, TILE_W) and set(np.unique(ids)) <= valid_ids
 
 
+@pytest.mark.slow
 def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(city_root, tmp_path):
     """Rank 1 alone sees a NaN loss at step 3 (an equilibrium step): both ranks skip it, stay in step and
     end with identical parameters; the run finishes."""
     cmd = _torchrun() + ["tests/nan_on_one_rank.py", "seg", "--cfg", SEG_CFG, "--modelDir", str(tmp_path / "o"),
                          "--logDir", str(tmp_path / "l"), "DATASET.ROOT", str(city_root), *TINY,
                          "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "2", "DATASET.TEST_SET", ""]
-    out, _ = _run(cmd, NAN_RANK="1", NAN_STEP="3")
+    out = run_process(cmd, NAN_RANK="1", NAN_STEP="3").all
     res = json.loads((tmp_path / "o" / "cityscapes" / "seg_mdeq_SMALL" / "results.json").read_text())
     assert res["world_size"] == 2 and res["skipped_steps"] == 1 and res["global_step"] == 4
     c0, c1 = res["rank_checksums"]
@@ -354,17 +296,19 @@ def test_torchrun_non_finite_loss_on_one_rank_is_skipped_by_both(city_root, tmp_
     assert "step 3: non-finite loss" in out and "identical" in out
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch(city_root, tmp_path):
     """The deprecated launcher passes --local-rank=N; two CPU processes, MAX_ITERS caps the run."""
-    out, _ = _run(_launcher("torch.distributed.launch") + [
+    out = run_process(_launcher("torch.distributed.launch") + [
                    "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", str(tmp_path / "o"), "--logDir",
                    str(tmp_path / "l"), "DATASET.ROOT", str(city_root), *TINY, "TRAIN.END_EPOCH", "5",
-                   "TRAIN.MAX_ITERS", "1", "DATASET.TEST_SET", "", "TRAIN.PRETRAIN_STEPS", "0"])
+                   "TRAIN.MAX_ITERS", "1", "DATASET.TEST_SET", "", "TRAIN.PRETRAIN_STEPS", "0"]).all
     assert "rank 0/2" in out and "1 steps (0 skipped)" in out and "mode=equilibrium" in out
     assert (tmp_path / "o" / "cityscapes" / "seg_mdeq_SMALL" / "final_state.pth").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- pretrained
+@pytest.mark.slow
 def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, caplog):
     from mdeq.config import load_config
     from mdeq.tasks.segmentation import load_backbone
@@ -378,7 +322,7 @@ def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, c
                         "MODEL.EXPANSION_FACTOR", "5", "MODEL.WNORM", "True", "TRAIN.END_EPOCH", "1",
                         "TRAIN.MAX_ITERS", "1", "MODEL.F_THRES", "2", "MODEL.B_THRES", "2", "MODEL.NUM_LAYERS", "2",
                         "TRAIN.BATCH_SIZE_PER_GPU", "16"]
-    _run([sys.executable, "tools/cls_train.py", "--cfg", "experiments/digits/cls_mdeq_digits.yaml",
+    run_process([sys.executable, "tools/cls_train.py", "--cfg", "experiments/digits/cls_mdeq_digits.yaml",
           "--modelDir", str(tmp_path / "cls_out"), "--logDir", str(tmp_path / "cls_log"), *cls_opts])
     path = tmp_path / "cls_out" / "digits" / "cls_mdeq_digits" / "checkpoint.pth.tar"
     assert path.is_file()
@@ -407,7 +351,8 @@ def test_classification_checkpoint_initialises_segmentation_backbone(tmp_path, c
 
     # convert_cls_to_seg.py writes the backbone alone, which loads the same way
     out = tmp_path / "backbone.pth"
-    _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", str(path), str(out), "--cfg", SEG_CFG, *shape])
+    run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", str(path), str(out), "--cfg", SEG_CFG,
+                *shape])
     converted = torch.load(out, weights_only=True)
     assert sorted(converted) == sorted(backbone)
     seg2 = get_seg_net(seg_cfg)

@@ -125,6 +125,7 @@ def test_stream_traces_split_the_residual_by_resolution(repo):
             assert min(streams) - 1e-6 <= total <= max(streams) + 1e-6
 
 
+@pytest.mark.slow
 def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
     from PIL import Image
     out = tmp_path / "conv"
@@ -170,6 +171,7 @@ def test_a_model_with_a_workspace_can_be_copied(repo):
         assert torch.allclose(pickle.loads(pickle.dumps(model))(x, f_thres=6), out)
 
 
+@pytest.mark.slow
 def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(repo, tmp_path):
     import json
     from mdeq.solvers.broyden import history_rows

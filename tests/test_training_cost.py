@@ -248,13 +248,13 @@ def test_parse_budgets_errors():
 
 def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
     import json
-    from test_seg_pipeline import SEG_CFG, TINY, build_cityscapes_tree
+    from conftest import SEG_CFG, SEG_TINY, build_cityscapes_tree
     from mdeq.tasks.segmentation import parse_seg_args, test_main
     from mdeq.models import get_seg_net
     from mdeq.utils.checkpoint import save_checkpoint
     monkeypatch.chdir(repo)
     root = build_cityscapes_tree(tmp_path / "data")
-    opts = ["DATASET.ROOT", str(root), *TINY]
+    opts = ["DATASET.ROOT", str(root), *SEG_TINY]
     files = []
     for seed in (0, 1):  # two checkpoints: two curves
         torch.manual_seed(seed)

@@ -23,23 +23,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import patched_tool
+from conftest import SEG_CFG, build_cityscapes_tree, patched_tool, run_process
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
-from mdeq.config.original import IGNORED
+from mdeq.config.original import IGNORED, RENAMED
 from mdeq.programs.cli import run_tool
-from mdeq.datasets.cityscapes import CityscapesDataset, CityscapesError
+from mdeq.datasets.cityscapes import LIST_PATTERN, CityscapesDataset, CityscapesError
+from mdeq.datasets.common import split_path
 from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
-SEG_CFG = str(REPO / "experiments/cityscapes/seg_mdeq_SMALL.yaml")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-
-
-def _run(cmd: List, timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    proc.all = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -69,6 +62,7 @@ def junk(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------- config file, overrides
+@pytest.mark.slow
 def test_config_file_and_override_slips_say_what_to_do(tmp_path):
     from mdeq.programs.launch import base_parser, config_from_args, parse_args
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
@@ -86,7 +80,8 @@ def test_config_file_and_override_slips_say_what_to_do(tmp_path):
             config_from_args(args)
         assert f"in {' '.join(words)!r} {missing} has no value" in str(err.value)
         assert "OUTPUT_DIR" not in str(err.value)   # the option's own key is not the user's word
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir", tmp_path / "o"])
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir",
+                        tmp_path / "o"], expect=None)
     _one_error_line(proc, "ConfigError", "is a folder")
     assert not (tmp_path / "o").exists()
 
@@ -114,9 +109,10 @@ def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path)
     ("MODEL.B_EPS", "-1", ">= 0"),
     ("TRAIN.BATCH_SIZE_PER_GPU", "0", ">= 1"),
 ])
+@pytest.mark.slow
 def test_out_of_range_setting_is_one_line_naming_key_value_and_range(tmp_path, key, value, allowed):
-    proc = _run([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
-                 "--logDir", tmp_path / "l", key, value])
+    proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", key, value], expect=None)
     line = _one_error_line(proc, "ConfigError", f"{key} = {value}", allowed)
     assert "out of range" in line
     assert not (tmp_path / "o").exists()  # nothing written
@@ -170,15 +166,83 @@ def _default_keys(node=None, prefix: str = "") -> set:
     return out
 
 
+def _attribute_chain(node: ast.AST) -> List[str]:
+    """``cfg.MODEL.F_THRES`` -> ['cfg', 'MODEL', 'F_THRES'] ([] when the chain does not start at a name)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *parts[::-1]] if isinstance(node, ast.Name) else []
+
+
+def _key_path(parts: List[str], sections: dict) -> List[str]:
+    """The config path a chain reads: from its first upper-case part (``self.cfg.TRAIN.LR`` ->
+    TRAIN.LR), or through a name bound to a section (``m = cfg.MODEL``; ``m.F_THRES`` -> MODEL.F_THRES)."""
+    if parts and parts[0] in sections:
+        return sections[parts[0]] + parts[1:]
+    return next((parts[i:] for i, p in enumerate(parts) if p.isupper()), [])
+
+
+def read_config_keys(tree: ast.AST) -> set:
+    """The full config keys a module reads by attribute: ``cfg.TRAIN.RESUME``, or a section bound to
+    a name and then its key (``t = cfg.TRAIN`` ... ``t.WD``)."""
+    sections = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            path = _key_path(_attribute_chain(node.value), {})
+            if path:
+                sections[node.targets[0].id] = path
+    return {".".join(path) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            for path in [_key_path(_attribute_chain(node), sections)] if path}
+
+
+def test_the_key_reader_needs_the_full_path():
+    tree = ast.parse("m = cfg.MODEL\nx = m.F_THRES\ny = run.cfg.TRAIN.MULTI_SCALE\nz = stage.NUM_BRANCHES\n")
+    keys = read_config_keys(tree)
+    assert {"MODEL.F_THRES", "TRAIN.MULTI_SCALE"} <= keys
+    assert "TEST.MULTI_SCALE" not in keys and "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES" not in keys
+
+
 def test_no_default_is_dead():
-    """Every default is read outside the config package, or pinned by a one-value choice (the
-    original's architecture keys, which say what this implementation builds)."""
-    files = [p for d in ("lib", "tools") for p in (REPO / d).rglob("*.py") if "config" not in p.relative_to(REPO).parts]
-    source = "\n".join(p.read_text() for p in files)
-    dead = [k for k in sorted(_default_keys())
-            if not re.search(rf"[.\"']{k.split('.')[-1]}\b", source) and len(CHOICES.get(k, ())) != 1]
+    """Every default is read, by its full path, outside the config package (``cfg.TEST.MULTI_SCALE``
+    does not count for ``TRAIN.MULTI_SCALE``), or pinned by a one-value choice (the original's
+    architecture keys, which say what this implementation builds)."""
+    files = [p for d in ("lib", "tools", "pretrained_models") for p in (REPO / d).rglob("*.py")
+             if "config" not in p.relative_to(REPO).parts]
+    read = set().union(*(read_config_keys(ast.parse(p.read_text(), filename=str(p))) for p in files))
+    dead = [k for k in sorted(_default_keys()) if k not in read and len(CHOICES.get(k, ())) != 1]
     assert dead == []
-    assert not set(IGNORED) & _default_keys()
+    assert not set(IGNORED) & _default_keys() and not set(RENAMED) & _default_keys()
+
+
+def test_the_originals_second_names_are_applied_to_the_key_that_owns_the_fact(tmp_path, caplog):
+    """AUTO_RESUME is TRAIN.RESUME, DATASET.NUM_CLASSES is MODEL.NUM_CLASSES: applied there, named in the
+    warning; a file that gives one setting two different values under both names is an error."""
+    path = tmp_path / "original.yaml"
+    digits = Path(DIGITS).read_text().replace("  RESUME: false\n", "")
+    path.write_text(digits.replace("DATASET:\n", "AUTO_RESUME: true\nDATASET:\n  NUM_CLASSES: 10\n"))
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(path)
+    assert cfg.TRAIN.RESUME is True and cfg.MODEL.NUM_CLASSES == 10
+    assert "AUTO_RESUME" not in cfg and "NUM_CLASSES" not in cfg.DATASET
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "AUTO_RESUME (applied as TRAIN.RESUME)" in warnings[0]
+    assert "DATASET.NUM_CLASSES (applied as MODEL.NUM_CLASSES)" in warnings[0]
+    assert load_config(DIGITS, ["DATASET.NUM_CLASSES", "7"]).MODEL.NUM_CLASSES == 7
+    path.write_text(digits.replace("DATASET:\n", "DATASET:\n  NUM_CLASSES: 19\n"))
+    with pytest.raises(ConfigError, match=r"DATASET\.NUM_CLASSES = 19 and MODEL\.NUM_CLASSES = 10 name one setting"):
+        load_config(path)
+    path.write_text(Path(DIGITS).read_text() + "AUTO_RESUME: true\n")   # the file says RESUME: false
+    with pytest.raises(ConfigError, match=r"AUTO_RESUME = True and TRAIN\.RESUME = False name one setting"):
+        load_config(path)
+
+
+def test_a_split_is_named_the_same_way_for_every_dataset():
+    """DATASET.TRAIN_SET / TEST_SET name a split; the dataset says where it lies; a path stays a path."""
+    assert split_path("val", "{}") == "val" and split_path("valid", "{}") == "val"
+    assert split_path("test", LIST_PATTERN) == "list/cityscapes/test.lst"
+    assert split_path("list/cityscapes/val.lst", LIST_PATTERN) == "list/cityscapes/val.lst"
+    assert split_path("mine.lst", LIST_PATTERN) == "mine.lst"
 
 
 def test_the_originals_unused_keys_load_with_one_warning_naming_them_all(tmp_path, caplog):
@@ -225,9 +289,10 @@ def test_a_code_carrying_pickle_is_still_refused(evil_pickle):
 
 @pytest.mark.parametrize("name,needle", [("notes.txt", "not a checkpoint"), ("picture.png", "not a checkpoint"),
                                          ("a_run", "is a folder, not a checkpoint file")])
+@pytest.mark.slow
 def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, needle):
-    proc = _run([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
-                 "--logDir", tmp_path / "l", "--testModel", junk / name])
+    proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "--testModel", junk / name], expect=None)
     _one_error_line(proc, "CheckpointError", str(junk / name), needle)
 
 
@@ -238,9 +303,11 @@ def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, ne
     ("tools/plot_convergence.py", "--images", "weights.pth", "expected a (N, 3, H, W) image tensor"),
     ("tools/plot_convergence.py", "--testModel", "a_run", "is a folder"),
 ])
+@pytest.mark.slow
 def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name, needle):
     extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
-    proc = _run([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra])
+    proc = run_process([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra],
+                       expect=None)
     _one_error_line(proc, str(junk / name), needle)
 
 
@@ -270,26 +337,31 @@ def test_tool_arguments_are_checked_by_the_parser_in_one_line(tool, args, needle
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp_path):
     """--image-size 3 for the digits model (two halvings before its coarsest stream) in both solver tools."""
     for tool, extra in (("tools/benchmark.py", ["--json", tmp_path / "out" / "b.json", "--repeats", "1"]),
                         ("tools/plot_convergence.py", ["--out-dir", tmp_path / "out"])):
-        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra])
+        proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra],
+                           expect=None)
         _one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_converter_bad_input_is_one_line(junk, tmp_path):
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json", tmp_path / "o.pth"])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json",
+                        tmp_path / "o.pth"], expect=None)
     _one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth", tmp_path / "o.pth"])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth",
+                        tmp_path / "o.pth"], expect=None)
     _one_error_line(proc, "CheckpointError", "no equilibrium stage")
     assert not (tmp_path / "o.pth").exists()
     # a classification checkpoint of another width than the segmentation config: the report lists it
     from mdeq.models import get_cls_net
     save_checkpoint(get_cls_net(load_config(DIGITS)).state_dict(), tmp_path / "digits.pth")
-    proc = _run([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth", tmp_path / "o.pth",
-                 "--cfg", SEG_CFG])
+    proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth",
+                        tmp_path / "o.pth", "--cfg", SEG_CFG], expect=None)
     _one_error_line(proc, "CheckpointError", "does not fit the segmentation net of", SEG_CFG)
     assert "missing in the checkpoint" in proc.all and "shape mismatches" in proc.all
     assert not (tmp_path / "o.pth").exists()
@@ -355,11 +427,13 @@ torch.save = save
 """
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     opts = ["--modelDir", tmp_path / "o", "--logDir", tmp_path / "l", "PERCENT", "0.06", "TRAIN.BATCH_SIZE_PER_GPU",
             "16", "TRAIN.END_EPOCH", "2", "TRAIN.PRETRAIN_STEPS", "4", "MODEL.F_THRES", "4", "MODEL.B_THRES", "4",
             "TEST.BATCH_SIZE_PER_GPU", "150"]
-    proc = _run([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts])
+    proc = run_process([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts],
+                       expect=None)
     out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
     _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
@@ -369,7 +443,6 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
 # ------------------------------------------------------------------------------------ label images
 @pytest.fixture(scope="module")
 def city(tmp_path_factory) -> Path:
-    from test_seg_pipeline import build_cityscapes_tree
     return build_cityscapes_tree(tmp_path_factory.mktemp("city"))
 
 
@@ -400,24 +473,26 @@ def test_label_images_are_checked_for_dtype_and_range(city):
             ds[1]
 
 
+@pytest.mark.slow
 def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp_path):
     for tool in ("tools/seg_train.py", "tools/seg_test.py"):
-        proc = _run([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir", tmp_path / "l",
-                     "--testModel", tmp_path / "none.pth"])
+        proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir",
+                            tmp_path / "l", "--testModel", tmp_path / "none.pth"], expect=None)
         _one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
                         "tools/cls_train.py")
-    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
-                 tmp_path / "l", "DATASET.NUM_CLASSES", "1000"])
-    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; DATASET.NUM_CLASSES is 1000")
+    proc = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "DATASET.NUM_CLASSES", "1000"], expect=None)
+    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
 
 
+@pytest.mark.slow
 def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
     shape = (64, 128)
     wide = np.full(shape, 7, np.uint16)
     wide[0, 0] = 2301
     lst = _bad_label_list(city, "wide16", wide)
-    proc = _run([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o", "--logDir",
-                 tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst, "DATASET.TEST_SET", "",
-                 "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1", "TRAIN.IMAGE_SIZE", "[64, 32]",
-                 "TRAIN.BASE_SIZE", "128"])
+    proc = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o",
+                        "--logDir", tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst,
+                        "DATASET.TEST_SET", "", "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1",
+                        "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128"], expect=None)
     _one_error_line(proc, "CityscapesError", "wide16_gtFine_labelIds.png", "2301")

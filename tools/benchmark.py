@@ -20,7 +20,7 @@ import torch
 
 from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
-from mdeq.config.validation import SOLVERS
+from mdeq.solvers import solver_names
 from mdeq.programs.cli import tool_main
 from mdeq.programs.launch import int_at_least, names_from
 from mdeq.programs.launch import parse_args as parse_launch_args
@@ -34,8 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int_at_least(1), default=32)
     p.add_argument("--f-thres", type=int_at_least(1), default=None, help="forward threshold (default: MODEL.F_THRES)")
     p.add_argument("--b-thres", type=int_at_least(1), default=None, help="backward threshold (default: MODEL.B_THRES)")
-    p.add_argument("--solvers", type=names_from(SOLVERS), default="broyden,anderson,fixed_point",
-                   help=f"comma-separated solver names, of {','.join(SOLVERS)}")
+    p.add_argument("--solvers", type=names_from(solver_names()), default=",".join(solver_names()),
+                   help=f"comma-separated solver names, of {','.join(solver_names())}")
     p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
     p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from mdeq.config import load_config  # noqa: E402
 from mdeq.programs.cli import tool_main  # noqa: E402
-from mdeq.config.validation import SOLVERS  # noqa: E402
+from mdeq.solvers import solver_names  # noqa: E402
 from mdeq.programs.launch import int_at_least, names_from  # noqa: E402
 from mdeq.programs.launch import parse_args as parse_launch_args  # noqa: E402
 from mdeq.models import get_cls_net  # noqa: E402
@@ -45,8 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--image-size", type=int_at_least(0), default=0, help="default: MODEL.IMAGE_SIZE[0]")
     p.add_argument("--evals", type=int_at_least(1), default=30, help="f evaluations per solver")
-    p.add_argument("--solvers", type=names_from(SOLVERS), default="broyden,anderson,fixed_point",
-                   help=f"comma-separated solver names, of {','.join(SOLVERS)}")
+    p.add_argument("--solvers", type=names_from(solver_names()), default=",".join(solver_names()),
+                   help=f"comma-separated solver names, of {','.join(solver_names())}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--seed", type=int_at_least(0), default=0)

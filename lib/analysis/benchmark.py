@@ -343,16 +343,9 @@ def solver_history_bytes(model, batch: int, dim: int, thres: int, itemsize: int 
     """Bytes of the largest solver history buffer of a training step (forward and backward solves
     run one after the other, so one buffer is alive at a time): it grows with the threshold up to
     the solver memory m, and is the only part of an implicit step that depends on the thresholds."""
-    from ..solvers import anderson, broyden
-    from ..solvers.anderson import history_size
-    from ..solvers.broyden import history_rows
+    from ..solvers import history_rows
     memory = int(model.solver_settings["f"]["memory"])
-    rows = 0
-    for solver in (model.f_solver, model.b_solver):
-        if solver is broyden:
-            rows = max(rows, history_rows(thres, memory))
-        elif solver is anderson:
-            rows = max(rows, 2 * history_size(thres, memory))
+    rows = max(history_rows(solver, thres, memory) for solver in (model.f_solver, model.b_solver))
     return rows * batch * dim * itemsize
 
 

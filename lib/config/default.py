@@ -16,7 +16,6 @@ _C.DATA_DIR = ""
 _C.WORKERS = 4
 _C.PERCENT = 1.0
 _C.PRINT_FREQ = 20
-_C.AUTO_RESUME = False
 _C.PIN_MEMORY = True
 _C.SEED = 0  # new: base seed of every random generator (each rank adds its rank)
 _C.DETERMINISTIC = False  # new: deterministic algorithms (for exact resume tests)
@@ -34,7 +33,7 @@ _C.MODEL.PRETRAINED = ""
 _C.MODEL.NUM_LAYERS = 5
 _C.MODEL.NUM_GROUPS = 4
 _C.MODEL.DROPOUT = 0.0
-_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.NUM_CLASSES = 1000  # every task's classes (the original's segmentation files: DATASET.NUM_CLASSES)
 _C.MODEL.F_THRES = 30
 _C.MODEL.B_THRES = 40
 _C.MODEL.DOWNSAMPLE_TIMES = 2
@@ -51,7 +50,8 @@ _C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
 # new: memory layout of the equilibrium states, 'nchw' or 'channels_last'; the results do not depend on it,
 # the speed does, and which is faster depends on the model and the device (README: CPU settings that matter)
 _C.MODEL.STATE_LAYOUT = "nchw"
-_C.MODEL.STOP_MODE = "rel"  # new: 'rel' (||g||/||z||) or 'abs' (||g||) residual for stopping
+# new: the stopping residual, per sample: 'rel' ||f(z) - z|| / ||f(z)|| (mdeq.solvers.residuals) or 'abs' ||f(z) - z||
+_C.MODEL.STOP_MODE = "rel"
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
 # new: torch.compile f_theta (the module MODEL.EXTRA.FULL_STAGE builds), in place: the same parameter names
@@ -93,9 +93,11 @@ _C.LOSS.OHEMKEEP = 100000
 _C.DATASET = CN()
 _C.DATASET.ROOT = ""
 _C.DATASET.DATASET = "cifar10"
+# the training and the held-out split, by name ('train', 'val', 'test'); each dataset knows where a split
+# lies (ImageNet: the folder ROOT/<name>, Cityscapes: the list ROOT/list/cityscapes/<name>.lst); a path
+# ('list/cityscapes/val.lst', as the original's files write it) is taken as it is
 _C.DATASET.TRAIN_SET = "train"
-_C.DATASET.NUM_CLASSES = 1000
-_C.DATASET.TEST_SET = "valid"
+_C.DATASET.TEST_SET = "val"
 _C.DATASET.AUGMENT = True  # new: CIFAR random crop + flip (False: the paper's no-augmentation setting)
 # new: training images held out as a validation split (fashion_mnist; DATASET.TEST_SET 'val' evaluates on it)
 _C.DATASET.VAL_SIZE = 0
@@ -123,7 +125,7 @@ _C.TRAIN.SOFTPLUS_EPOCHS = 0  # new: epochs with softplus in f (needs MODEL.SOFT
 _C.TRAIN.IGNORE_LABEL = -1
 _C.TRAIN.BEGIN_EPOCH = 0
 _C.TRAIN.END_EPOCH = 140
-_C.TRAIN.RESUME = False
+_C.TRAIN.RESUME = False  # continue the run in OUTPUT_DIR (HRNet's AUTO_RESUME is this key)
 _C.TRAIN.CHECKPOINT = ""
 _C.TRAIN.MODEL_FILE = ""
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32

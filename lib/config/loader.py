@@ -11,7 +11,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from .default import get_default_config
-from .original import IGNORED, describe, split_ignored
+from .original import IGNORED, RENAMED, apply_renamed, describe, split_ignored
 from .validation import ConfigError, validate_config
 
 __all__ = ["ConfigError", "load_config", "merge_opts", "validate_config"]
@@ -89,7 +89,7 @@ def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> Li
     """Apply ``KEY VALUE`` pairs (e.g. ``['MODEL.DROPOUT', 0.0]``) to a mutable config.
 
     Returns the keys of the original MDEQ that this implementation ignores (:mod:`.original`),
-    which are accepted and not applied.
+    which are accepted and not applied, and those it names otherwise (applied under their new name).
     """
     opts = list(opts)
     if len(opts) % 2:
@@ -99,6 +99,9 @@ def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> Li
         if str(full_key) in IGNORED:
             ignored.append(str(full_key))
             continue
+        if str(full_key) in RENAMED:
+            ignored.append(str(full_key))
+            full_key = RENAMED[str(full_key)]
         node = cfg
         parts = str(full_key).split(".")
         walked = []
@@ -112,13 +115,13 @@ def merge_opts(cfg: CN, opts: Sequence[Any], source: str = "command line") -> Li
 
 
 def _warn_ignored(keys: List[str], source: str) -> None:
-    """One warning naming every ignored key of the original (once per process, on rank 0 only)."""
+    """One warning naming every ignored or renamed key of the original (once per process, on rank 0 only)."""
     seen = tuple(dict.fromkeys(keys))
     if not seen or (source, seen) in _WARNED or os.environ.get("RANK", "0") not in ("", "0"):
         return
     _WARNED.add((source, seen))
     logger.warning("%s: keys of the original MDEQ configuration that this implementation ignores "
-                   "(accepted, no effect): %s", source, describe(list(seen)))
+                   "(accepted, no effect) or names otherwise: %s", source, describe(list(seen)))
 
 
 def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ()) -> CN:
@@ -153,7 +156,9 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[Any] = ())
                               f"experiments/digits/cls_mdeq_digits.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
-        data, ignored = split_ignored(data)
+        ignored = apply_renamed(data, path)
+        data, dropped = split_ignored(data)
+        ignored += dropped
         _merge(cfg, data, path)
     ignored += merge_opts(cfg, opts)
     source = path or "defaults"

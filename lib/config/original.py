@@ -7,12 +7,20 @@ would do nothing. A file or override that sets them still loads, so that the ori
 files work unchanged, and :func:`split_ignored` collects them for one warning that names them all
 (with what to use instead where there is something). A key that neither the original nor this
 implementation knows stays an error.
+
+Two facts the original states twice have one key here (:data:`RENAMED`): whether to resume
+(``AUTO_RESUME``, HRNet's name, is ``TRAIN.RESUME``) and the number of classes (the original's
+segmentation files set ``DATASET.NUM_CLASSES``, its classification files ``MODEL.NUM_CLASSES``: it
+is ``MODEL.NUM_CLASSES``, the width of the model's output, checked against the dataset). The
+original's name still loads: its value is applied to the key that owns the fact, and the warning
+names it.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
 from .default import get_default_config
+from .validation import ConfigError
 
 #: full key -> what to use instead ('' where nothing corresponds)
 IGNORED: Dict[str, str] = {
@@ -63,6 +71,12 @@ IGNORED: Dict[str, str] = {
     "DEBUG.SAVE_HEATMAPS_PRED": "",
 }
 
+#: the original's second name of a fact -> the key that owns it here (the value is applied there)
+RENAMED: Dict[str, str] = {
+    "AUTO_RESUME": "TRAIN.RESUME",
+    "DATASET.NUM_CLASSES": "MODEL.NUM_CLASSES",
+}
+
 #: sections of the original that hold ignored keys only (``DEBUG``): not in the defaults at all
 IGNORED_SECTIONS = frozenset(k.split(".")[0] for k in IGNORED if "." in k) - set(get_default_config().keys())
 
@@ -88,7 +102,45 @@ def split_ignored(data: Dict[str, Any], prefix: str = "") -> Tuple[Dict[str, Any
     return kept, ignored
 
 
+def _pop(data: Dict[str, Any], key: str) -> Tuple[bool, Any]:
+    """(whether the dotted ``key`` is in the nested ``data``, its value), removing it."""
+    *sections, last = key.split(".")
+    for part in sections:
+        data = data.get(part) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or last not in data:
+        return False, None
+    return True, data.pop(last)
+
+
+def apply_renamed(data: Dict[str, Any], source: str) -> List[str]:
+    """Move the values of :data:`RENAMED`'s keys in ``data`` (a nested mapping from a yaml file, changed
+    in place) to the keys that own them; returns the original's keys found.
+
+    Raises:
+        ConfigError: a file that sets both names of one fact to different values.
+    """
+    found = []
+    for old, new in RENAMED.items():
+        present, value = _pop(data, old)
+        if not present:
+            continue
+        found.append(old)
+        *sections, last = new.split(".")
+        node = data
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: config key {part} is a section; got the value {node!r}")
+        if last in node and node[last] != value:
+            raise ConfigError(f"{source}: {old} = {value!r} and {new} = {node[last]!r} name one setting "
+                              f"({new}); give it once")
+        node[last] = value
+    return found
+
+
 def describe(keys: List[str]) -> str:
-    """The ignored ``keys``, each with what to use instead where there is something."""
-    return ", ".join(f"{k} (use {IGNORED[k]})" if IGNORED[k].startswith(("TRAIN.", "TEST.")) else
+    """The original's ``keys``: the ignored ones with what to use instead where there is something,
+    the renamed ones with the key their value went to."""
+    return ", ".join(f"{k} (applied as {RENAMED[k]})" if k in RENAMED else
+                     f"{k} (use {IGNORED[k]})" if IGNORED[k].startswith(("TRAIN.", "TEST.")) else
                      f"{k} ({IGNORED[k]})" if IGNORED[k] else k for k in keys)

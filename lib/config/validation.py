@@ -6,13 +6,16 @@ DataLoader. So :func:`validate_config` checks every numeric solver and training 
 config is loaded and raises :class:`ConfigError` naming the key, the value and what is allowed.
 
 To give a new key a range, add one line to :data:`RANGES` (or :data:`CHOICES`); list-valued keys
-are checked entry by entry.
+are checked entry by entry. The names of things that a higher layer implements (solvers, optimisers,
+learning-rate schedules) are not listed here: the layer that owns them hands its names to
+:func:`register_choices` when it is imported, and the check asks it (a registered user solver is
+then a valid ``MODEL.F_SOLVER``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from yacs.config import CfgNode as CN
 
@@ -99,7 +102,6 @@ RANGES: Dict[str, Range] = {
     "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE": AT_LEAST_1,
     "LOSS.OHEMTHRES": Range(0, 1),
     "LOSS.OHEMKEEP": AT_LEAST_0,
-    "DATASET.NUM_CLASSES": AT_LEAST_1,
     "DATASET.VAL_SIZE": AT_LEAST_0,
     "TRAIN.IMAGE_SIZE": AT_LEAST_1,
     "TRAIN.BASE_SIZE": AT_LEAST_1,
@@ -123,19 +125,15 @@ RANGES: Dict[str, Range] = {
     "MODEL.PHANTOM_STEPS": AT_LEAST_1,
     "MODEL.PHANTOM_TAU": Range(0, 1, low_open=True),
     "MODEL.JAC_LOSS_WEIGHT": AT_LEAST_0,
-    "MODEL.JAC_LOSS_FREQ": POSITIVE,   # and below 1 or whole: see validate_config
+    # MODEL.JAC_LOSS_FREQ: not a range, see check_jac_loss_freq
     "MODEL.JAC_INCREMENTAL": AT_LEAST_0,
     "MODEL.JAC_PROBES": AT_LEAST_1,
     "MODEL.SPECTRAL_RADIUS_ITERS": AT_LEAST_0,
 }
 
-SOLVERS = ("broyden", "anderson", "fixed_point")
-
 #: string keys and their allowed values. One line per key.
 CHOICES: Dict[str, Tuple[Any, ...]] = {
     "MODEL.NAME": ("mdeq",),
-    "MODEL.F_SOLVER": SOLVERS,
-    "MODEL.B_SOLVER": SOLVERS,
     "MODEL.STOP_MODE": ("abs", "rel"),
     "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
     "MODEL.GRAD": ("implicit", "phantom", "jfb"),
@@ -144,9 +142,28 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
     "MODEL.EXTRA.FULL_STAGE.NUM_MODULES": (1,),
     "MODEL.EXTRA.FULL_STAGE.BLOCK": ("BASIC",),
     "MODEL.EXTRA.FULL_STAGE.FUSE_METHOD": ("SUM",),
-    "TRAIN.OPTIMIZER": ("adam", "sgd"),
-    "TRAIN.LR_SCHEDULER": ("cosine", "step", "constant"),
 }
+
+#: keys whose allowed values a higher layer owns (``MODEL.F_SOLVER``: :mod:`mdeq.solvers`'s registry,
+#: ``TRAIN.OPTIMIZER``: :mod:`mdeq.utils.optim`), each with the function that lists them now
+REGISTERED_CHOICES: Dict[str, Callable[[], Iterable[str]]] = {}
+
+
+def register_choices(key: str, names: Callable[[], Iterable[str]]) -> None:
+    """Let ``names()`` decide the allowed values of ``key`` (a default key, e.g. ``'MODEL.F_SOLVER'``).
+
+    The owner of the names calls this when it is imported; until then the key is not checked at load
+    time, and the owner's own look-up (e.g. :func:`mdeq.solvers.get_solver` when the model is built)
+    names the key and the choices instead.
+    """
+    REGISTERED_CHOICES[key] = names
+
+
+def choices(key: str) -> Tuple[Any, ...]:
+    """The allowed values of ``key``: its :data:`CHOICES` entry or its registered names (``()``: any)."""
+    if key in REGISTERED_CHOICES:
+        return tuple(REGISTERED_CHOICES[key]())
+    return CHOICES.get(key, ())
 
 
 def _lookup(cfg: CN, full_key: str) -> Any:
@@ -158,7 +175,7 @@ def _lookup(cfg: CN, full_key: str) -> Any:
 
 
 def check_ranges(cfg: CN, source: str) -> None:
-    """Every key of :data:`RANGES` and :data:`CHOICES` holds an allowed value in ``cfg``.
+    """Every key of :data:`RANGES`, :data:`CHOICES` and :data:`REGISTERED_CHOICES` holds an allowed value in ``cfg``.
 
     Raises:
         ConfigError: ``<source>: <KEY> = <value> is out of range: must be <range>`` (or ``choose one of``).
@@ -169,10 +186,22 @@ def check_ranges(cfg: CN, source: str) -> None:
             if not allowed.contains(v):
                 where = f" (entry {v!r})" if isinstance(value, (list, tuple)) else ""
                 raise ConfigError(f"{source}: {key} = {value!r}{where} is out of range: must be {allowed.describe()}")
-    for key, choices in CHOICES.items():
-        value = _lookup(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{source}: {key} = {value!r}; choose one of {choices}")
+    for key in (*CHOICES, *REGISTERED_CHOICES):
+        value, allowed = _lookup(cfg, key), choices(key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key} = {value!r}; choose one of {allowed}")
+
+
+def check_jac_loss_freq(freq: float, source: str = "") -> None:
+    """The rule of ``MODEL.JAC_LOSS_FREQ`` (its one statement; the Jacobian regulariser asks it too):
+    a probability in (0, 1) (the fraction of steps) or a whole period >= 1 (every freq-th step).
+
+    Raises:
+        ConfigError: ``[<source>: ]MODEL.JAC_LOSS_FREQ = <freq> must be ...``.
+    """
+    if not (0.0 < freq < 1.0 or (freq >= 1.0 and float(freq).is_integer())):
+        raise ConfigError(f"{source + ': ' if source else ''}MODEL.JAC_LOSS_FREQ = {freq!r} must be a probability "
+                          f"in (0, 1) or a whole period >= 1 (apply the Jacobian loss every JAC_LOSS_FREQ-th step)")
 
 
 def validate_config(cfg: CN, source: str) -> None:
@@ -189,10 +218,7 @@ def validate_config(cfg: CN, source: str) -> None:
         if c % cfg.MODEL.NUM_GROUPS:
             raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
                               f"{cfg.MODEL.NUM_GROUPS}")
-    freq = cfg.MODEL.JAC_LOSS_FREQ
-    if freq >= 1.0 and not float(freq).is_integer():
-        raise ConfigError(f"{source}: MODEL.JAC_LOSS_FREQ = {freq!r} must be a probability in (0, 1) or a whole "
-                          f"period >= 1 (apply the Jacobian loss every JAC_LOSS_FREQ-th step)")
+    check_jac_loss_freq(cfg.MODEL.JAC_LOSS_FREQ, source)
     if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
         raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "
                           f"TRAIN.BEGIN_EPOCH = {cfg.TRAIN.BEGIN_EPOCH}")

@@ -93,7 +93,7 @@ def params_finite(model: nn.Module) -> bool:
 def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional[Dict[str, Any]]:
     """Before anything is written or read: the training state to resume from, or None for a fresh run.
 
-    Removes stale temporary files of interrupted writes. ``TRAIN.RESUME`` / ``AUTO_RESUME`` resume
+    Removes stale temporary files of interrupted writes. ``TRAIN.RESUME`` resumes
     from ``TRAIN.CHECKPOINT`` (default: the run's ``checkpoint.pth.tar``).
 
     Raises:
@@ -109,7 +109,7 @@ def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional
                 logger.warning("removing %s, the temporary file of a checkpoint write that was interrupted",
                                os.path.join(out_dir, f))
                 os.remove(os.path.join(out_dir, f))
-    if not (cfg.TRAIN.RESUME or cfg.AUTO_RESUME):
+    if not cfg.TRAIN.RESUME:
         if os.path.isfile(latest):
             raise CheckpointError(
                 f"{latest} exists (an earlier run): starting afresh would overwrite it. Continue that run "

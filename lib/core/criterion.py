@@ -1,9 +1,10 @@
 """Segmentation losses: cross-entropy with an ignore label, and online hard example mining (OHEM).
 
 Both take logits (N, C, h, w) at any resolution and labels (N, H, W); logits of another size are
-upsampled bilinearly (``align_corners=False``, as everywhere in the segmentation pipeline) to the
-label size first. A batch in which every pixel is ignored gives a zero loss (still connected to
-the graph), not NaN.
+upsampled bilinearly (``align_corners=False``, as the evaluation's rescaling in
+:mod:`mdeq.tasks.segmentation` does; only the model's head, :class:`~mdeq.models.seg_net.MDEQSegNet`,
+upsamples its lower-resolution streams with ``align_corners=True``) to the label size first. A
+batch in which every pixel is ignored gives a zero loss (still connected to the graph), not NaN.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..config.validation import check_jac_loss_freq
 from ..utils.distributed import unwrap
 
 Tensor = torch.Tensor
@@ -44,8 +45,7 @@ class JacobianRegularizer:
     def __init__(self, weight: float = 0.0, freq: float = 1.0, incremental: float = 0.0, seed: int = 0) -> None:
         if weight < 0 or incremental < 0:
             raise ValueError(f"JAC_LOSS_WEIGHT = {weight} and JAC_INCREMENTAL = {incremental} must be >= 0")
-        if not (0.0 < freq < 1.0 or (freq >= 1.0 and float(freq).is_integer())):
-            raise ValueError(f"JAC_LOSS_FREQ = {freq} must be a probability in (0, 1) or a whole period >= 1")
+        check_jac_loss_freq(freq)
         self.base_weight, self.freq, self.incremental, self.seed = float(weight), float(freq), float(incremental), seed
 
     @classmethod

@@ -17,7 +17,9 @@ from ..utils.distributed import DistInfo, ShardSampler
 
 @dataclass
 class TrainState:
-    """The loop's counters; all of them are saved in checkpoints.
+    """The loop's counters. ``global_step``, ``bad_steps``, ``skipped_steps`` and ``batch_in_epoch`` are
+    saved in checkpoints; ``stop`` and ``interrupted`` are not (they end the run that sets them, and a
+    resumed run starts with both False).
 
     Attributes:
         global_step: batches trained on so far, skipped ones included; drives the warm-up /

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.loader import ConfigError
-from .common import DatasetError, ignore_label
+from .common import DatasetError, ignore_label, split_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ LABELS: Tuple[Label, ...] = (
 )
 
 NUM_TRAIN_CLASSES = 19
+#: where a split's list lies under DATASET.ROOT (DATASET.TRAIN_SET / TEST_SET name the split)
+LIST_PATTERN = "list/cityscapes/{}.lst"
 #: names of the 19 train ids, in train-id order
 CLASS_NAMES: Tuple[str, ...] = tuple(
     next(l.name for l in LABELS if l.train_id == t) for t in range(NUM_TRAIN_CLASSES))
@@ -213,7 +215,7 @@ class CityscapesDataset(Dataset):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  labeled: Optional[bool] = None) -> None:
         if num_classes != NUM_TRAIN_CLASSES:
-            raise ConfigError(f"Cityscapes has {NUM_TRAIN_CLASSES} train classes; DATASET.NUM_CLASSES is {num_classes}")
+            raise ConfigError(f"Cityscapes has {NUM_TRAIN_CLASSES} train classes; MODEL.NUM_CLASSES is {num_classes}")
         self.root = root
         self.base = os.path.join(root, "cityscapes")
         self.list_path = list_path if os.path.isabs(list_path) else os.path.join(root, list_path)
@@ -257,13 +259,13 @@ class CityscapesDataset(Dataset):
 
     @classmethod
     def from_config(cls, cfg, split: str = "train", list_path: Optional[str] = None) -> "CityscapesDataset":
-        """``split='train'``: TRAIN_SET with augmentation; ``'val'``/``'test'``: TEST_SET (or ``list_path``)
-        at full resolution."""
+        """``split='train'``: the list of TRAIN_SET with augmentation; ``'val'``/``'test'``: that of TEST_SET
+        (or ``list_path``) at full resolution. A split name (``'val'``) is ``list/cityscapes/val.lst``."""
         train = split == "train"
         if list_path is None:
-            list_path = cfg.DATASET.TRAIN_SET if train else cfg.DATASET.TEST_SET
+            list_path = split_path(cfg.DATASET.TRAIN_SET if train else cfg.DATASET.TEST_SET, LIST_PATTERN)
         w, h = cfg.TRAIN.IMAGE_SIZE
-        return cls(cfg.DATASET.ROOT, list_path, train=train, num_classes=cfg.DATASET.NUM_CLASSES,
+        return cls(cfg.DATASET.ROOT, list_path, train=train, num_classes=cfg.MODEL.NUM_CLASSES,
                    crop_size=(h, w), base_size=cfg.TRAIN.BASE_SIZE, multi_scale=cfg.TRAIN.MULTI_SCALE,
                    scale_factor=cfg.TRAIN.SCALE_FACTOR, flip=cfg.TRAIN.FLIP, ignore_label=ignore_label(cfg),
                    downsample_rate=cfg.TRAIN.DOWNSAMPLERATE, labeled=None if split == "test" else True)

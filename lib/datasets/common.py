@@ -1,4 +1,5 @@
-"""Helpers shared by the classification datasets: subsets and folder checks."""
+"""Helpers shared by the datasets, classification and segmentation: subsets, label and folder checks,
+where a split lies (:func:`split_path`), the ignore label."""
 from __future__ import annotations
 
 import logging
@@ -61,3 +62,18 @@ def require_files(folder: str, names: Sequence[str], what: str, hint: str) -> No
 def ignore_label(cfg) -> int:
     """The label of pixels that carry no loss and no score: ``TRAIN.IGNORE_LABEL``, 255 when negative."""
     return int(cfg.TRAIN.IGNORE_LABEL) if cfg.TRAIN.IGNORE_LABEL >= 0 else 255
+
+
+def split_path(name: str, pattern: str) -> str:
+    """Where the split ``name`` (``DATASET.TRAIN_SET`` / ``TEST_SET``) lies, relative to ``DATASET.ROOT``.
+
+    Both keys name a split (``'train'``, ``'val'``, ``'test'``; ``'valid'`` is ``'val'``) for every
+    dataset, and each dataset says by ``pattern`` where its splits are stored (ImageNet ``'{}'``: a
+    class-folder tree, Cityscapes ``'list/cityscapes/{}.lst'``: a list file). A value with a ``/`` or a
+    file suffix is a path already (the original's Cityscapes files, ``'list/cityscapes/val.lst'``, or
+    a list of one's own) and is returned as it is.
+    """
+    name = str(name)
+    if "/" in name or os.path.splitext(name)[1]:
+        return name
+    return pattern.format("val" if name == "valid" else name)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.loader import ConfigError
-from .common import DatasetError
+from .common import DatasetError, split_path
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL = "apt-get install dataset-fashion-mnist (puts the files in /usr/share/datasets/fashion-mnist)"
@@ -135,8 +135,8 @@ class FashionMNIST(Dataset):
 
 
 def _held_out(cfg) -> str:
-    name = str(cfg.DATASET.TEST_SET).lower()
-    if name in ("val", "valid"):
+    name = split_path(str(cfg.DATASET.TEST_SET).lower(), "{}")   # 'valid' is 'val'
+    if name == "val":
         if int(cfg.DATASET.VAL_SIZE) <= 0:
             raise ConfigError("DATASET.TEST_SET 'val' needs DATASET.VAL_SIZE > 0 (the training images to hold out)")
         return "val"

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .common import DatasetError, require_dir
+from .common import DatasetError, require_dir, split_path
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -48,15 +48,15 @@ def _folder(path: str, transform: Callable, split: str) -> Dataset:
 
 
 def build_imagenet(cfg, with_train: bool = True) -> Tuple[Optional[Dataset], Dataset]:
-    """(train, val) ImageFolders under ``DATASET.ROOT`` (splits named by DATASET.TRAIN_SET / TEST_SET)."""
+    """(train, val) ImageFolders under ``DATASET.ROOT``: the folders of the splits DATASET.TRAIN_SET /
+    TEST_SET (see :func:`~mdeq.datasets.common.split_path`)."""
     root = cfg.DATASET.ROOT or "data/imagenet"
     size = int(cfg.MODEL.IMAGE_SIZE[0]) if cfg.MODEL.IMAGE_SIZE else 224
     train_tf, val_tf = imagenet_transforms(size)
-    val_name = cfg.DATASET.TEST_SET if cfg.DATASET.TEST_SET not in ("", "valid") else "val"
-    val = _folder(os.path.join(root, val_name), val_tf, "val")
+    val = _folder(os.path.join(root, split_path(cfg.DATASET.TEST_SET or "val", "{}")), val_tf, "val")
     if not with_train:
         return None, val
-    train = _folder(os.path.join(root, cfg.DATASET.TRAIN_SET or "train"), train_tf, "train")
+    train = _folder(os.path.join(root, split_path(cfg.DATASET.TRAIN_SET or "train", "{}")), train_tf, "train")
     if len(train.classes) != len(val.classes):
         raise FileNotFoundError(f"ImageNet under {os.path.abspath(root)}: train has {len(train.classes)} class "
                                 f"folders but val has {len(val.classes)}")

@@ -207,6 +207,10 @@ class MDEQNet(nn.Module):
     Subclasses add the :meth:`head`; ``forward`` is the same for every task.
     """
 
+    #: the original release's names of ``fullstage`` (it stores f_theta four times): ``deq.func`` is
+    #: ``fullstage``, the two copies carry nothing new (read by mdeq.utils.checkpoint.load_weights)
+    state_dict_aliases = {"fullstage_copy.": None, "deq.func_copy.": None, "deq.func.": "fullstage."}
+
     def __init__(self, cfg, bn_momentum: float = 0.1) -> None:
         super().__init__()
         stage = cfg.MODEL.EXTRA.FULL_STAGE
@@ -218,7 +222,8 @@ class MDEQNet(nn.Module):
         # only for the original's call model(x, train_step=k) (see resolve_mode): the trainer picks the mode
         self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
         self.f_thres, self.b_thres = m.F_THRES, m.B_THRES
-        self.f_solver, self.b_solver = get_solver(m.F_SOLVER), get_solver(m.B_SOLVER)
+        self.f_solver = get_solver(m.F_SOLVER, "MODEL.F_SOLVER")
+        self.b_solver = get_solver(m.B_SOLVER, "MODEL.B_SOLVER")
         self.solver_workspace = SolverWorkspace()   # the solvers' scratch memory, reused between calls
         # the settings of every solver, per direction; a solve passes its solver only what it takes
         common = dict(stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,

@@ -1,4 +1,5 @@
-"""Fixed-point solvers for equilibrium models, and their registry: ``get_solver(name)``.
+"""Fixed-point solvers for equilibrium models, and their registry (:mod:`.registry`):
+``register_solver(name, fn, history_rows=...)``, ``get_solver(name)``, ``solver_names()``.
 
 Every solver is called as ``solver(f, z0, threshold, eps=..., stop_mode=..., **options)`` on
 flattened (B, D) states and returns a :class:`~mdeq.solvers.residuals.SolverResult`. Each solver's
@@ -8,37 +9,27 @@ signature names the options it takes and nothing else, so a misspelt option is a
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Dict, Mapping
 
+from ..config.validation import register_choices
 from .anderson import anderson
+from .anderson import history_rows as anderson_history_rows
 from .broyden import broyden
+from .broyden import history_rows as broyden_history_rows
 from .fixed_point import fixed_point
+from .registry import (SolverEntry, SolverFn, get_solver, history_rows, register_solver, registry_entry,
+                       resolve_solver, solver_names)
 from .residuals import SOLVER_KEYS, IterateTracker, SolverResult, solver_memory
 from .workspace import SolverWorkspace
 
-SolverFn = Callable[..., SolverResult]
-
-SOLVERS: Dict[str, SolverFn] = {
-    "broyden": broyden,
-    "anderson": anderson,
-    "fixed_point": fixed_point,
-}
+register_solver("broyden", broyden, history_rows=broyden_history_rows)
+register_solver("anderson", anderson, history_rows=anderson_history_rows)
+register_solver("fixed_point", fixed_point)
+for _key in ("MODEL.F_SOLVER", "MODEL.B_SOLVER"):
+    register_choices(_key, solver_names)
 
 # f, z0 and threshold are the call itself, not options
 _POSITIONAL = ("f", "z0", "threshold")
-
-
-def get_solver(name: str) -> SolverFn:
-    """Look a solver up by name ('broyden', 'anderson' or 'fixed_point')."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
-
-
-def resolve_solver(solver: str | SolverFn) -> SolverFn:
-    """A solver given by name (see :func:`get_solver`) or as a callable (returned as is)."""
-    return get_solver(solver) if isinstance(solver, str) else solver
 
 
 def option_names(solver: SolverFn) -> tuple:
@@ -60,5 +51,6 @@ def solver_options(solver: SolverFn, settings: Mapping[str, Any]) -> Dict[str, A
     return {k: v for k, v in settings.items() if k in names}
 
 
-__all__ = ["anderson", "broyden", "fixed_point", "get_solver", "resolve_solver", "solver_options", "option_names",
-           "SOLVERS", "SOLVER_KEYS", "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory"]
+__all__ = ["anderson", "broyden", "fixed_point", "get_solver", "history_rows", "register_solver", "registry_entry",
+           "resolve_solver", "solver_names", "solver_options", "option_names", "SolverEntry", "SOLVER_KEYS",
+           "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory"]

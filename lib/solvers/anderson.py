@@ -28,6 +28,11 @@ def history_size(threshold: int, memory: int) -> int:
     return max(2, min(solver_memory(memory, threshold), int(threshold)))
 
 
+def history_rows(threshold: int, memory: int) -> int:
+    """(B, D) rows of the history buffers of a solve: F and G, one row each per kept iterate."""
+    return 2 * history_size(threshold, memory)
+
+
 @torch.no_grad()
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
              memory: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:

@@ -167,7 +167,7 @@ class SegmentationTask(Task):
         return model
 
     def evaluate(self, model: nn.Module, loader: DataLoader, cfg, info: DistInfo) -> Dict[str, Any]:
-        return evaluate(model, loader, cfg.DATASET.NUM_CLASSES, info.device, ignore_label(cfg),
+        return evaluate(model, loader, cfg.MODEL.NUM_CLASSES, info.device, ignore_label(cfg),
                         is_main=info.is_main, class_names=CLASS_NAMES, amp=bool(cfg.TRAIN.AMP))
 
     def describe(self, result: Dict[str, Any]) -> str:
@@ -242,7 +242,7 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
             image = dataset.load_image(by_name[name])
             _write_png(os.path.join(pic_dir, "overlay", f"{name}.png"), cv2.addWeighted(image, 0.5, color, 0.5, 0.0))
 
-    scores = evaluate(model, make_loader(dataset, cfg, info, train=False), cfg.DATASET.NUM_CLASSES, info.device,
+    scores = evaluate(model, make_loader(dataset, cfg, info, train=False), cfg.MODEL.NUM_CLASSES, info.device,
                       ignore_label(cfg), scales=scales, flip=cfg.TEST.FLIP_TEST, is_main=info.is_main,
                       class_names=CLASS_NAMES, on_prediction=write, amp=bool(cfg.TRAIN.AMP))
     if not dataset.labeled:
@@ -270,7 +270,7 @@ def _sweep(cfg, info: DistInfo, out_dir: str, budgets: str) -> Dict[str, Any]:
     scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
 
     def run(f_thres: int) -> Dict[str, float]:
-        s = evaluate(model, loader, cfg.DATASET.NUM_CLASSES, info.device, ignore_label(cfg), scales=scales,
+        s = evaluate(model, loader, cfg.MODEL.NUM_CLASSES, info.device, ignore_label(cfg), scales=scales,
                      flip=cfg.TEST.FLIP_TEST, is_main=info.is_main, class_names=CLASS_NAMES, f_thres=f_thres,
                      amp=bool(cfg.TRAIN.AMP))
         return {"miou": 100.0 * s["miou"], "f_steps": s["mean_f_steps"], "f_rel": s["mean_f_rel"]}

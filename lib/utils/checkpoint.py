@@ -4,8 +4,10 @@
   unpickling (and could run code) is refused, never executed.
 * Writes are atomic: a temporary file in the same folder, flushed and fsync'ed, then renamed over
   the target, so a crash at any moment leaves the previous checkpoint intact.
-* The original MDEQ release stores ``model.state_dict()`` with the equilibrium stage four times
-  (``fullstage``, ``deq.func``, ``fullstage_copy``, ``deq.func_copy``); we keep ``fullstage``.
+* Another implementation's names for a model's tensors (the original MDEQ release stores the
+  equilibrium stage four times) are mapped by the model's own alias table: a model that has one sets
+  ``state_dict_aliases`` (see :data:`StateDictAliases`, and ``MDEQNet.state_dict_aliases``), and
+  :func:`load_weights` / :func:`load_pretrained` apply it; this module knows no model.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pickle
 import pickletools
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,8 +28,10 @@ from .distributed import unwrap
 
 logger = logging.getLogger(__name__)
 
-# prefixes of the original's duplicated equilibrium stage that carry nothing new
-_ORIGINAL_ALIASES = ("fullstage_copy.", "deq.func_copy.", "deq.func.")
+#: a model's alias table: a key prefix of another implementation's state dict -> the model's own prefix
+#: (a renamed tensor, dropped when the state dict also holds it under the model's name), or ``None``
+#: (a copy that carries nothing new, dropped)
+StateDictAliases = Mapping[str, Optional[str]]
 
 
 class CheckpointError(RuntimeError):
@@ -204,12 +208,13 @@ def _write_error(path: str, folder: str, err: OSError) -> CheckpointWriteError:
     return out
 
 
-def extract_state_dict(obj: Any, source: str = "") -> Dict[str, torch.Tensor]:
-    """The model state dict inside a loaded checkpoint, with the original's keys mapped to ours.
+def extract_state_dict(obj: Any, source: str = "", aliases: StateDictAliases = {}) -> Dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint, with another implementation's keys mapped by
+    ``aliases`` (:data:`StateDictAliases`; the model's ``state_dict_aliases``).
 
     Accepts a bare state dict (ours or the original's ``.pkl``), or our training checkpoints
-    (a dict with a ``'model'`` or ``'state_dict'`` entry). Strips DDP's ``module.`` prefix and
-    drops the original's aliases of the equilibrium stage. ``source`` (the file) prefixes the error.
+    (a dict with a ``'model'`` or ``'state_dict'`` entry). Strips DDP's ``module.`` prefix.
+    ``source`` (the file) prefixes the error.
     """
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
@@ -221,14 +226,19 @@ def extract_state_dict(obj: Any, source: str = "") -> Dict[str, torch.Tensor]:
                               f"tensors, or a checkpoint with a 'model' or 'state_dict' entry; got "
                               f"{type(obj).__name__})")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    has_fullstage = any(k.startswith("fullstage.") for k in sd)
     out = {}
     for k, v in sd.items():
-        if k.startswith("deq.func.") and not has_fullstage:
-            out["fullstage." + k[len("deq.func."):]] = v
-        elif not k.startswith(_ORIGINAL_ALIASES):
+        prefix = next((p for p in aliases if k.startswith(p)), None)
+        if prefix is None:
             out[k] = v
+        elif aliases[prefix] is not None and aliases[prefix] + k[len(prefix):] not in sd:
+            out[aliases[prefix] + k[len(prefix):]] = v
     return out
+
+
+def model_aliases(model: nn.Module) -> StateDictAliases:
+    """The alias table ``model`` (or the model a DDP wrapper holds) declares (``{}`` without one)."""
+    return getattr(unwrap(model), "state_dict_aliases", {})
 
 
 def mismatch_report(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
@@ -254,13 +264,14 @@ def mismatch_listing(missing: List[str], unexpected: List[str], shapes: List[str
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Dict[str, List[str]]:
-    """Load our checkpoint or an original MDEQ ``.pkl`` into ``model``.
+    """Load our checkpoint or an original MDEQ ``.pkl`` into ``model`` (the original's names mapped by
+    the model's ``state_dict_aliases``).
 
     With ``strict`` any missing or unexpected key, or any shape mismatch, raises a
     :class:`CheckpointError` that lists them; otherwise the matching tensors are loaded and the
     lists are returned (``{'missing': [...], 'unexpected': [...], 'shape': [...]}``).
     """
-    sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
+    sd = extract_state_dict(load_checkpoint(path), os.fspath(path), model_aliases(model))
     target = unwrap(model)
     model_sd = target.state_dict()
     missing, unexpected, shapes = mismatch_report(model_sd, sd)
@@ -280,7 +291,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike,
     side, and raises :class:`CheckpointError` if a weight under ``required_prefixes`` (the stem and
     f_theta: :data:`mdeq.models.BACKBONE_PREFIXES`) is missing or has another shape.
     """
-    sd = extract_state_dict(load_checkpoint(path), os.fspath(path))
+    sd = extract_state_dict(load_checkpoint(path), os.fspath(path), model_aliases(model))
     target = unwrap(model)
     model_sd = target.state_dict()
     missing, unexpected, shapes = mismatch_report(model_sd, sd)

@@ -10,39 +10,51 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from typing import Callable, Iterable, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..config.loader import ConfigError
+from ..config.validation import ConfigError, register_choices
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
+def _sgd(params: Iterable, cfg) -> torch.optim.Optimizer:
+    t = cfg.TRAIN
+    if t.NESTEROV and t.MOMENTUM <= 0:
+        raise ConfigError(f"TRAIN.NESTEROV is true but TRAIN.MOMENTUM = {t.MOMENTUM}; Nesterov needs momentum > 0")
+    return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=bool(t.NESTEROV))
+
+
+def _adam(params: Iterable, cfg) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WD)
+
+
+#: ``TRAIN.OPTIMIZER`` names and their builders ``(params, cfg) -> optimizer``: the one list of
+#: optimiser names (the config checks ``TRAIN.OPTIMIZER`` against it)
+OPTIMIZERS: Dict[str, Callable[[Iterable, Any], torch.optim.Optimizer]] = {"adam": _adam, "sgd": _sgd}
+#: ``TRAIN.LR_SCHEDULER`` names (see :func:`build_scheduler`)
 SCHEDULERS = ("cosine", "step", "constant")
+register_choices("TRAIN.OPTIMIZER", lambda: tuple(OPTIMIZERS))
+register_choices("TRAIN.LR_SCHEDULER", lambda: SCHEDULERS)
 
 
 def build_optimizer(cfg, params: Union[nn.Module, Iterable]) -> torch.optim.Optimizer:
-    """``TRAIN.OPTIMIZER`` (``'adam'`` or ``'sgd'``) with ``TRAIN.LR`` and weight decay ``TRAIN.WD``.
+    """``TRAIN.OPTIMIZER`` (``'adam'`` or ``'sgd'``, see :data:`OPTIMIZERS`) with ``TRAIN.LR`` and weight
+    decay ``TRAIN.WD``.
 
     SGD uses ``TRAIN.MOMENTUM`` and ``TRAIN.NESTEROV``. ``params`` is a module (its trainable
     parameters are taken) or an iterable of parameters / parameter groups.
 
     Raises:
-        ValueError: an unknown optimiser name, or Nesterov without momentum.
+        ConfigError: an unknown optimiser name, or Nesterov without momentum.
     """
     if isinstance(params, nn.Module):
         params = [p for p in params.parameters() if p.requires_grad]
     name = str(cfg.TRAIN.OPTIMIZER).lower()
-    t = cfg.TRAIN
-    if name == "sgd":
-        if t.NESTEROV and t.MOMENTUM <= 0:
-            raise ConfigError(f"TRAIN.NESTEROV is true but TRAIN.MOMENTUM = {t.MOMENTUM}; Nesterov needs momentum > 0")
-        return torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=bool(t.NESTEROV))
-    if name == "adam":
-        return torch.optim.Adam(params, lr=t.LR, weight_decay=t.WD)
-    raise ConfigError(f"TRAIN.OPTIMIZER = {cfg.TRAIN.OPTIMIZER!r}; choose one of {OPTIMIZERS}")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"TRAIN.OPTIMIZER = {cfg.TRAIN.OPTIMIZER!r}; choose one of {tuple(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, cfg)
 
 
 def cosine_factor(total_steps: int, eta_min_ratio: float = 0.0) -> Callable[[int], float]:
