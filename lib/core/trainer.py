@@ -2,8 +2,8 @@
 
 A :class:`Task` (classification: :mod:`mdeq.tasks.classification`, segmentation:
 :mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, the
-metrics of a training batch, the held-out evaluation and the name of its best metric. Everything
-else is decided here, once:
+metrics of a training batch, the held-out evaluation and its best metric (its name, and whether it
+is maximised or minimised). Everything else is decided here, once:
 
 * **Warm-up.** While the global step is below ``TRAIN.PRETRAIN_STEPS`` the model runs its unrolled
   weight-tied stack (``mode="unrolled"``), afterwards the equilibrium solver with the implicit
@@ -59,8 +59,10 @@ class Task:
 
     #: shown in the logs
     name = "task"
-    #: the key of :meth:`evaluate`'s result to maximise (``model_best.pth.tar``)
+    #: the key of :meth:`evaluate`'s result that decides ``model_best.pth.tar``
     best_metric = "score"
+    #: ``"max"``: a higher :attr:`best_metric` is better (a score); ``"min"``: a lower one (an error)
+    best_mode = "max"
     #: drop the last incomplete training batch (batch norm on a batch of one is undefined)
     drop_last = False
 
@@ -421,7 +423,7 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     manager = CheckpointManager(out_dir, cfg, info.is_main, task.best_metric, run.model, run.optimizer,
                                 run.scheduler, run.scaler, run.loader.sampler, run.state,
                                 stateful={"health": run.health}, world_size=info.world_size,
-                                steps_per_epoch=len(run.loader))
+                                steps_per_epoch=len(run.loader), best_mode=task.best_mode)
     begin, start_batch = (cfg.TRAIN.BEGIN_EPOCH, 0) if ckpt is None else manager.restore(ckpt, cfg.SEED, info.rank)
     del ckpt
     summary = task.summary(run.model, cfg)
