@@ -24,12 +24,13 @@ from ..config import ConfigError
 from ..datasets import build_cls_datasets, build_cls_val_dataset
 from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
+from ..utils.distributed import DistInfo, process_group_closed, unwrap
 from ..utils.logger import progress_bar
 from ..core.checkpoint_manager import model_files
 from ..programs.launch import base_parser, config_from_args, setup_process
 from ..programs.launch import parse_args as parse_launch_args
 from ..core.metrics import topk_correct
+from ..core.reduce import Reducer
 from ..core.solver_stats import to_float
 from ..core.state import make_loader
 from ..programs.sweep import add_sweep_option, sweep_checkpoints
@@ -97,8 +98,7 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    # loss, top-1, top-5, images; then per EVAL_KEYS entry: its sum x images, the images that reported it
-    sums = torch.zeros(4 + 2 * len(EVAL_KEYS), dtype=torch.float64)
+    reducer = Reducer(sums=("loss", "top1", "top5", "images"), means=EVAL_KEYS)   # the solver statistics: means over the images that reported them
     bar = progress_bar(loader, enabled=is_main, desc="valid")
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -106,21 +106,14 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
             logits = net(images, **model_kwargs).float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        row = [criterion(logits, target).item(), c1, c5, n]
-        for k in EVAL_KEYS:
-            v = to_float(net.solver_stats.get(k))
-            row += [v * n, n] if v is not None else [0.0, 0]
-        sums += torch.tensor(row, dtype=torch.float64)
-        bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)
-    tot = all_reduce_sum(sums).tolist()  # one collective for every sum
-    loss, c1, c5, n = tot[:4]
-    result = {"loss": loss / n if n else float("nan"), "top1": 100.0 * c1 / n if n else 0.0,
-              "top5": 100.0 * c5 / n if n else 0.0, "num_samples": int(n)}
-    for j, k in enumerate(EVAL_KEYS):
-        s, c = tot[4 + 2 * j], tot[5 + 2 * j]
-        if c:
-            result[k] = s / c
-    return result
+        stats = {k: to_float(net.solver_stats.get(k)) for k in EVAL_KEYS}
+        reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n}, stats, weight=n)
+        bar.set_postfix({"acc": f"{100.0 * reducer.sums['top1'] / max(1.0, reducer.sums['images']):.1f}"},
+                        refresh=False)
+    tot = reducer.reduce(device)
+    return {"loss": tot.ratio("loss", "images"), "top1": tot.ratio("top1", "images", 100.0, empty=0.0),
+            "top5": tot.ratio("top5", "images", 100.0, empty=0.0), "num_samples": int(tot.sums["images"]),
+            **tot.means}
 
 
 class ClassificationTask(Task):

@@ -29,12 +29,13 @@ from ..datasets.cityscapes import (CLASS_NAMES, CityscapesDataset, colorize, req
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
+from ..utils.distributed import DistInfo, process_group_closed, unwrap
 from ..utils.logger import progress_bar
 from ..core.checkpoint_manager import model_files
 from ..core.criterion import build_criterion, resize_logits
 from ..programs.launch import base_parser, config_from_args, setup_process
 from ..programs.launch import parse_args as parse_launch_args
+from ..core.reduce import Reducer
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
 from ..core.solver_stats import to_float
 from ..core.state import make_loader
@@ -87,28 +88,26 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     net = unwrap(model)
     net.eval()
     amp_dtype = autocast_dtype(amp, device)
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    # sums of f_steps * images, f_rel * images, those images, all images
-    steps = torch.zeros(4, dtype=torch.float64, device=device)
+    # the confusion matrix and the images; the solver statistics, means over the images that reported them
+    reducer = Reducer(sums=("images",), means=("f_steps", "f_rel"))
+    reducer.add({"confusion": torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)})
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
-        conf += confusion_matrix(pred, labels, num_classes, ignore)
-        f_steps, f_rel = (to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel"))
-        if f_steps is not None:
-            steps[:3] += torch.tensor([f_steps, f_rel if f_rel is not None else math.nan, 1.0],
-                                      dtype=torch.float64, device=device) * images.shape[0]
-        steps[3] += images.shape[0]
+        stats = {k: to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel")}
+        reducer.add({"confusion": confusion_matrix(pred, labels, num_classes, ignore), "images": images.shape[0]},
+                    stats, weight=images.shape[0])
         if on_prediction is not None:
             for p, name in zip(pred.to(torch.uint8).cpu().numpy(), names):
                 on_prediction(p, name)
-    conf, steps = all_reduce_sum(conf), all_reduce_sum(steps)
+    tot = reducer.reduce(device)
+    conf = tot.sums["confusion"]
     scores = scores_from_confusion(conf, class_names)
-    scores["confusion"] = conf.cpu().tolist()
-    scores["mean_f_steps"] = float(steps[0] / steps[2]) if steps[2] > 0 else float("nan")
-    scores["mean_f_rel"] = float(steps[1] / steps[2]) if steps[2] > 0 else float("nan")
-    scores["images"] = int(steps[3])
+    scores["confusion"] = conf.tolist()
+    scores["mean_f_steps"] = tot.means.get("f_steps", float("nan"))
+    scores["mean_f_rel"] = tot.means.get("f_rel", float("nan"))
+    scores["images"] = int(tot.sums["images"])
     return scores
 
 
