@@ -1,19 +1,15 @@
 """Image classification (CIFAR-10, ImageNet, the embedded digits): the task the engine
-(:mod:`mdeq.core.trainer`) trains, its held-out evaluation, and the programs ``tools/cls_train.py``
-and ``tools/cls_valid.py``.
+(:mod:`mdeq.core.trainer`) trains and its held-out evaluation (the programs:
+:mod:`mdeq.programs.classification`).
 
 Training writes the files of :mod:`mdeq.core.checkpoint_manager` to ``OUTPUT_DIR/<dataset>/<cfg
-stem>/``; the best metric is the held-out top-1 (``model_best.pth.tar``). Evaluation writes
-``valid_results.json`` there.
+stem>/``; the best metric is the held-out top-1 (``model_best.pth.tar``).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -21,20 +17,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from ..datasets import build_cls_datasets, build_cls_val_dataset
+from ..datasets import build_cls_datasets
 from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
-from ..utils.distributed import DistInfo, process_group_closed, unwrap
+from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
-from ..core.checkpoint_manager import model_files
-from ..programs.launch import base_parser, config_from_args, setup_process
-from ..programs.launch import parse_args as parse_launch_args
 from ..core.metrics import topk_correct
 from ..core.reduce import Reducer
 from ..core.solver_stats import to_float
-from ..core.state import make_loader
-from ..programs.sweep import add_sweep_option, sweep_checkpoints
-from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
+from ..core.trainer import Task, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +68,7 @@ def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
         net.train(was_training)
 
 
-def _check_classes(ds: Dataset, cfg) -> None:
+def check_classes(ds: Dataset, cfg) -> None:
     """The dataset's classes (class folders of ImageNet, CIFAR's label names) against MODEL.NUM_CLASSES,
     when the dataset is built: a label beyond the model's outputs would stop training at its batch."""
     inner = getattr(ds, "dataset", ds)
@@ -131,7 +122,7 @@ class ClassificationTask(Task):
 
     def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
         train_set, val_set = build_cls_datasets(cfg)
-        _check_classes(val_set, cfg)
+        check_classes(val_set, cfg)
         return train_set, val_set
 
     def build_criterion(self, cfg) -> nn.Module:
@@ -169,60 +160,3 @@ class ClassificationTask(Task):
                     type(unwrap(model)).__name__, f"{n:,}", "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs",
                     size[0], size[1])
         return {"parameters": n, "f_flops": flops}
-
-
-# ---------------------------------------------------------------------------------------- programs
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "", sweep: bool = False
-               ) -> argparse.Namespace:
-    """The options of the original MDEQ scripts (:func:`mdeq.programs.launch.base_parser`) and ``--percent``;
-    with ``sweep`` (cls_valid) also ``--f-thres-sweep``."""
-    p = base_parser(description)
-    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
-    if sweep:
-        add_sweep_option(p)
-    return parse_launch_args(p, argv)
-
-
-def _setup(args: argparse.Namespace, phase: str):
-    cfg = config_from_args(args, ["PERCENT", float(args.percent)] if args.percent != 1.0 else [])
-    info, out_dir, tb_dir = setup_process(cfg, args.cfg, phase, args.local_rank)
-    logger.info("overrides: %s", " ".join(map(str, args.opts)) or "none")
-    return cfg, info, out_dir, tb_dir
-
-
-def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
-    cfg, info, out_dir, tb_dir = _setup(parse_args(argv, "Train an MDEQ image classifier"), "train")
-    with process_group_closed(together=STOPPED_TOGETHER):
-        return fit(ClassificationTask(), cfg, info, out_dir, tb_dir)
-
-
-def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
-    args = parse_args(argv, "Evaluate an MDEQ image classifier", sweep=True)
-    cfg, info, out_dir, _ = _setup(args, "valid")
-    with process_group_closed():
-        task = ClassificationTask()
-        model = task.build_model(cfg, initial_weights=False).to(info.device)
-        if args.f_thres_sweep:
-            loader = make_loader(build_cls_val_dataset(cfg), cfg, info, train=False)
-            return sweep_checkpoints(
-                cfg, out_dir, args.f_thres_sweep, lambda p: load_weights(model, p), "top1", "held-out top-1 (%)",
-                lambda t: validate(model, loader, cfg, info.device, is_main=info.is_main, f_thres=t), info.is_main)
-        [path] = model_files(cfg, out_dir)
-        load_weights(model, path)
-        logger.info("weights: %s", path)
-        summary = task.summary(model, cfg)
-        val_set = build_cls_val_dataset(cfg)
-        _check_classes(val_set, cfg)
-        t0 = time.time()
-        res = validate(model, make_loader(val_set, cfg, info, train=False), cfg, info.device, is_main=info.is_main)
-        res.update(model_file=path, time_s=time.time() - t0, **summary)
-        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, mean f steps %.2f, "
-                    "final residual rel %.3g abs %.3g", cfg.DATASET.DATASET, res["num_samples"], res["top1"],
-                    res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
-                    res.get("f_abs", float("nan")))
-        if info.is_main:
-            with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
-                json.dump(res, f, indent=2)
-        return res
