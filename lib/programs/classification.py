@@ -32,10 +32,8 @@ logger = logging.getLogger(__name__)
 class ClassificationProgram(TaskProgram):
     """``--percent``; the held-out set; top-1 in the sweep; ``valid_results.json``."""
 
-    task_class = ClassificationTask
-    train_description = "Train an MDEQ image classifier"
-    test_description = "Evaluate an MDEQ image classifier"
-    test_phase = "valid"
+    task_class, test_phase = ClassificationTask, "valid"
+    descriptions = ("Train an MDEQ image classifier", "Evaluate an MDEQ image classifier")
     sweep_metric = ("top1", "held-out top-1 (%)")
 
     def add_options(self, parser: argparse.ArgumentParser, test: bool) -> None:

@@ -32,8 +32,8 @@ class TaskProgram:
 
     #: the task the programs train and evaluate
     task_class: Type[Task] = Task
-    train_description = "Train an MDEQ"
-    test_description = "Evaluate an MDEQ"
+    #: the command lines' descriptions: (``train``, ``test``)
+    descriptions: Tuple[str, str] = ("Train an MDEQ", "Evaluate an MDEQ")
     #: the output folder's phase of ``test`` (its log file's name)
     test_phase = "test"
     #: (key of :meth:`evaluate_at`'s result, its name in the table and plot) of ``--f-thres-sweep``
@@ -70,7 +70,7 @@ class TaskProgram:
 def parse_args(program: TaskProgram, argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
     """The shared options (:func:`~mdeq.programs.launch.base_parser`), the task's own and, for
     ``test``, ``--f-thres-sweep``."""
-    parser = base_parser(program.test_description if test else program.train_description)
+    parser = base_parser(program.descriptions[int(test)])
     program.add_options(parser, test)
     if test:
         add_sweep_option(parser)

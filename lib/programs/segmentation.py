@@ -46,11 +46,8 @@ def _write_png(path: str, array: np.ndarray) -> None:
 class SegmentationProgram(TaskProgram):
     """Cityscapes required; ``--no-pictures``; strict loading; mIoU (%) in the sweep."""
 
-    task_class = SegmentationTask
-    train_description = "Train an MDEQ on Cityscapes"
-    test_description = "Evaluate a Cityscapes MDEQ"
-    test_phase = "test"
-    sweep_metric = ("miou", "mIoU (%)")
+    task_class, sweep_metric = SegmentationTask, ("miou", "mIoU (%)")   # test_phase: "test"
+    descriptions = ("Train an MDEQ on Cityscapes", "Evaluate a Cityscapes MDEQ")
 
     def add_options(self, parser: argparse.ArgumentParser, test: bool) -> None:
         if test:
