@@ -36,18 +36,19 @@ def _modules():
 
 
 def _imported_packages(path: Path, tree: ast.AST):
-    """The mdeq packages a module imports (relative or absolute imports)."""
-    package = path.relative_to(LIB).parts[0] if len(path.relative_to(LIB).parts) > 1 else None
+    """The mdeq packages a module imports (relative or absolute imports, from any depth of folders)."""
+    folders = list(path.relative_to(LIB).parts[:-1])   # the package the module is in, below mdeq
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module and node.module.startswith("mdeq."):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if node.module and node.module.startswith("mdeq."):
                 yield node.module.split(".")[1]
-            elif node.level >= 2 and node.module:
-                yield node.module.split(".")[0]
-            elif node.level == 1 and package is None and node.module:  # lib/__init__.py
-                yield node.module.split(".")[0]
-            elif node.level == 1 and package:
-                yield package
+            continue
+        up = node.level - 1
+        target = folders[:len(folders) - up] + (node.module.split(".") if node.module else [])
+        if target:
+            yield target[0]
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
