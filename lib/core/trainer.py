@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
-from .checkpoint_manager import CheckpointManager, resume_checkpoint
+from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .reduce import Reducer
 from .regularization import JacobianRegularizer
@@ -406,6 +406,7 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     """Train ``task`` from scratch or from the checkpoint to resume, evaluate, write the run's files
     (:mod:`mdeq.core.checkpoint_manager`); returns the final results (as in ``results.json``)."""
     start_time = time.time()
+    check_best_mode(task.best_mode)   # a task's mistake, named before any data is read
     ckpt = resume_checkpoint(out_dir, cfg, info.is_main, info.device)  # a bad file fails before the data is read
     if info.is_main:
         logger.info("config:\n%s", cfg.dump())
