@@ -7,9 +7,11 @@ Subpackages:
     mdeq.models    the multiscale equilibrium core and the classification / segmentation nets
     mdeq.datasets  CIFAR-10, ImageNet, the embedded digits set, Cityscapes
     mdeq.analysis  solver benchmark, convergence traces, forward-budget sweeps, sample images
-    mdeq.core      the training engine (trainer.py): loop, checkpoints, policies; losses, metrics
+    mdeq.core      the training engine (trainer.py): loop, checkpoints, policies; losses, metrics,
+                   the evaluation reducer
     mdeq.tasks     what classification and segmentation supply to the engine
-    mdeq.programs  what the tools run: command line, process setup, exit statuses
+    mdeq.programs  what the tools run: one runner (train / test) for every task, command line,
+                   process setup, exit statuses
     mdeq.utils     base layer: checkpoint files, logging, distributed helpers, optimisers
 """
 

@@ -14,8 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mdeq.core import classification, segmentation
+from mdeq.programs import classification, segmentation
 from mdeq.programs.cli import tool_main
+from mdeq.tasks.classification import ClassificationTask
+from mdeq.tasks.segmentation import SegmentationTask
 
 
 class NaNOnce(nn.Module):
@@ -43,8 +45,8 @@ def _patch(task_cls) -> None:
 if __name__ == "__main__":
     which, argv = sys.argv[1], sys.argv[2:]
     if which == "cls":
-        _patch(classification.ClassificationTask)
+        _patch(ClassificationTask)
         tool_main(lambda a=None: classification.train(argv))
     else:
-        _patch(segmentation.SegmentationTask)
-        tool_main(lambda a=None: segmentation.train_main(segmentation.parse_seg_args("seg", argv=argv)))
+        _patch(SegmentationTask)
+        tool_main(lambda a=None: segmentation.train(argv))

@@ -19,8 +19,8 @@ ALLOWED = {
     "datasets": {"config", "utils"},
     "analysis": {"config", "utils", "solvers", "modules", "models", "datasets"},
     "core": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis"},
-    "tasks": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core", "programs"},
-    "programs": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core"},
+    "tasks": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core"},
+    "programs": {"config", "utils", "solvers", "modules", "models", "datasets", "analysis", "core", "tasks"},
 }
 
 
@@ -36,18 +36,19 @@ def _modules():
 
 
 def _imported_packages(path: Path, tree: ast.AST):
-    """The mdeq packages a module imports (relative or absolute imports)."""
-    package = path.relative_to(LIB).parts[0] if len(path.relative_to(LIB).parts) > 1 else None
+    """The mdeq packages a module imports (relative or absolute imports, from any depth of folders)."""
+    folders = list(path.relative_to(LIB).parts[:-1])   # the package the module is in, below mdeq
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module and node.module.startswith("mdeq."):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if node.module and node.module.startswith("mdeq."):
                 yield node.module.split(".")[1]
-            elif node.level >= 2 and node.module:
-                yield node.module.split(".")[0]
-            elif node.level == 1 and package is None and node.module:  # lib/__init__.py
-                yield node.module.split(".")[0]
-            elif node.level == 1 and package:
-                yield package
+            continue
+        up = node.level - 1
+        target = folders[:len(folders) - up] + (node.module.split(".") if node.module else [])
+        if target:
+            yield target[0]
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -70,15 +71,24 @@ def test_no_function_in_lib_is_longer_than_80_lines():
     assert not long, long
 
 
-def test_one_training_loop_for_every_task():
+def _imported_names(path: Path, module: str) -> set:
+    tree = ast.parse(path.read_text())
+    return {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == module for a in n.names}
+
+
+def test_one_training_loop_and_one_program_runner_for_every_task():
+    """One train_one_epoch (the engine's); every task a Task of the engine; one runner that calls fit,
+    whose train / test every task's program module and tool use, under the same names."""
     defs = [f"{path.relative_to(LIB)}" for path, tree in _modules() for node in ast.walk(tree)
             if isinstance(node, ast.FunctionDef) and node.name == "train_one_epoch"]
     assert defs == ["core/trainer.py"], defs
+    fits = [f"{path.relative_to(LIB)}" for path, tree in _modules() for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fit"]
+    assert fits == ["programs/runner.py"], fits
     tools = Path(LIB.parent, "tools")
-    for tool, task in (("cls_train.py", "classification"), ("seg_train.py", "segmentation")):
-        assert f"mdeq.tasks.{task}" in (tools / tool).read_text()
-    for task in ("classification", "segmentation"):
-        tree = ast.parse((LIB / "tasks" / f"{task}.py").read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "core.trainer"
-                    for a in n.names}
-        assert {"Task", "fit"} <= imported, (task, imported)
+    for task, train_tool, test_tool in (("classification", "cls_train.py", "cls_valid.py"),
+                                        ("segmentation", "seg_train.py", "seg_test.py")):
+        assert "Task" in _imported_names(LIB / "tasks" / f"{task}.py", "core.trainer")
+        assert {"run_train", "run_test"} <= _imported_names(LIB / "programs" / f"{task}.py", "runner")
+        assert f"from mdeq.programs.{task} import train\n" in (tools / train_tool).read_text()
+        assert f"from mdeq.programs.{task} import test\n" in (tools / test_tool).read_text()

@@ -128,11 +128,12 @@ def test_health_check_names_fallbacks_residual_and_loss_rise():
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _manager(tmp_path, model, cfg, best_metric="top1", steps_per_epoch=0) -> CheckpointManager:
+def _manager(tmp_path, model, cfg, best_metric="top1", steps_per_epoch=0, best_mode="max") -> CheckpointManager:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ResumableSampler(list(range(10)), seed=cfg.SEED)
     return CheckpointManager(str(tmp_path), cfg, True, best_metric, model, opt, None, None, sampler, TrainState(),
-                             stateful={"health": HealthMonitor()}, steps_per_epoch=steps_per_epoch)
+                             stateful={"health": HealthMonitor()}, steps_per_epoch=steps_per_epoch,
+                             best_mode=best_mode)
 
 
 def test_model_best_is_never_replaced_by_a_worse_model(tmp_path):
@@ -171,6 +172,34 @@ def test_a_resume_never_lowers_the_best_below_model_best(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         m3.restore(ckpt, cfg.SEED, 0)
     assert m3.best == 50.0 and f"cannot read the score of {tmp_path / BEST}" in caplog.text
+
+
+def test_a_minimised_metric_keeps_the_lowest_in_model_best_and_across_a_resume(tmp_path, caplog):
+    """best_mode "min" (an error): a lower score is the new best, a higher one or NaN is not; a
+    resume from a checkpoint whose best (0.5) predates model_best (0.2) keeps 0.2; an unknown mode
+    is refused by name."""
+    cfg = load_config(DIGITS_CFG)
+    m = _manager(tmp_path, nn.Linear(2, 2), cfg, best_metric="error", best_mode="min")
+    assert m.best == math.inf
+    assert m.update_best(0.5, 0) and not m.update_best(0.7, 1) and not m.update_best(float("nan"), 2)
+    assert m.save_latest(3, 0, epoch_end=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ckpt["best"] == 0.5 and ckpt["best_mode"] == "min"
+    assert m.update_best(0.2, 3)
+    saved = load_checkpoint(tmp_path / BEST)
+    assert saved["error"] == 0.2 and saved["best_mode"] == "min" and saved["epoch"] == 4
+    best_file = (tmp_path / BEST).read_bytes()
+    m2 = _manager(tmp_path, nn.Linear(2, 2), cfg, best_metric="error", best_mode="min")
+    m2.restore({**ckpt, "_path": "an epoch copy"}, cfg.SEED, 0)
+    assert m2.best == 0.2 and not m2.update_best(0.3, 4)
+    assert (tmp_path / BEST).read_bytes() == best_file
+    # a checkpoint kept under the other mode: its best is no score to beat
+    m3 = _manager(tmp_path / "other", nn.Linear(2, 2), cfg, best_metric="error", best_mode="max")
+    with caplog.at_level("WARNING"):
+        m3.restore({**ckpt, "_path": "a min run"}, cfg.SEED, 0)
+    assert m3.best == -math.inf and "best_mode 'min', this run's task has 'max'" in caplog.text
+    with pytest.raises(ValueError, match="best_mode 'lowest'"):
+        _manager(tmp_path, nn.Linear(2, 2), cfg, best_mode="lowest")
 
 
 def test_a_resume_with_another_epoch_length_warns_in_one_line_and_restarts_a_cut_epoch(tmp_path, caplog):
@@ -232,6 +261,35 @@ def test_the_best_is_saved_before_each_epoch_checkpoint_and_never_from_an_unheal
     assert bests == [(0, 20.0), (2, 30.0)]   # the unhealthy epoch 1 was not even offered
     assert results["best_top1"] == 30.0 and load_checkpoint(tmp_path / BEST)["epoch"] == 3
     assert [load_checkpoint(tmp_path / f"checkpoint_ep{e:04d}.pth.tar")["best"] for e in (1, 2, 3)] == [20.0, 20.0, 30.0]
+
+
+class _ScriptedErrors(_ScriptedScores):
+    """Planted held-out errors, minimised."""
+
+    best_metric, best_mode = "error", "min"
+
+    def evaluate(self, model, loader, cfg, info):
+        result = super().evaluate(model, loader, cfg, info)
+        return {**result, "error": result["top1"]}
+
+
+def test_fit_keeps_the_lowest_error_in_model_best_across_epochs_and_a_resume(tmp_path):
+    """Errors 30, 10, 20: model_best holds epoch 1's 10 and results.json reports it; resumed from the
+    copy of epoch 0 (whose best, 30, predates model_best) with errors 20, 15, model_best stays."""
+    from mdeq.core.trainer import fit
+    opts = ["PERCENT", 0.03, "TRAIN.BATCH_SIZE_PER_GPU", 16, "TRAIN.END_EPOCH", 3, "TRAIN.PRETRAIN_STEPS", 0,
+            "MODEL.F_THRES", 8, "MODEL.B_THRES", 3, "TRAIN.KEEP_CHECKPOINTS", 3, "TEST.BATCH_SIZE_PER_GPU", 300]
+    results = fit(_ScriptedErrors([30.0, 10.0, 20.0], ()), load_config(DIGITS_CFG, opts), DistInfo(), str(tmp_path),
+                  str(tmp_path / "tb"))
+    best = load_checkpoint(tmp_path / BEST)
+    assert results["best_error"] == 10.0 and best["error"] == 10.0 and best["epoch"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint_ep0001.pth.tar")["best"] == 30.0
+    best_file = (tmp_path / BEST).read_bytes()
+    cfg = load_config(DIGITS_CFG, opts + ["TRAIN.RESUME", True,
+                                          "TRAIN.CHECKPOINT", str(tmp_path / "checkpoint_ep0001.pth.tar")])
+    results = fit(_ScriptedErrors([20.0, 15.0], ()), cfg, DistInfo(), str(tmp_path), str(tmp_path / "tb"))
+    assert results["best_error"] == 10.0 and results["error"] == 15.0
+    assert (tmp_path / BEST).read_bytes() == best_file
 
 
 def test_checkpoints_of_the_previous_format_still_resume(tmp_path):

@@ -249,7 +249,7 @@ def test_parse_budgets_errors():
 def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
     import json
     from conftest import SEG_CFG, SEG_TINY, build_cityscapes_tree
-    from mdeq.tasks.segmentation import parse_seg_args, test_main
+    from mdeq.programs import segmentation as seg_programs
     from mdeq.models import get_seg_net
     from mdeq.utils.checkpoint import save_checkpoint
     monkeypatch.chdir(repo)
@@ -262,9 +262,8 @@ def test_seg_test_sweep_writes_table_plot_and_rows(repo, tmp_path, monkeypatch):
         files.append(str(tmp_path / f"m{seed}.pth"))
         save_checkpoint(net.state_dict(), files[-1])
     out = tmp_path / "out"
-    rows = test_main(parse_seg_args("t", test=True, argv=[
-        "--cfg", SEG_CFG, "--modelDir", str(out), "--logDir", str(tmp_path / "log"),
-        "--testModel", ",".join(files), "--f-thres-sweep", "1,3", *opts]))
+    rows = seg_programs.test(["--cfg", SEG_CFG, "--modelDir", str(out), "--logDir", str(tmp_path / "log"),
+                              "--testModel", ",".join(files), "--f-thres-sweep", "1,3", *opts])
     assert list(rows) == files
     for r in rows.values():
         assert [x["budget"] for x in r] == [1, 3] and 0.0 <= r[0]["metric"] <= 100.0

@@ -7,7 +7,7 @@ Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped b
 saving a checkpoint (resume with ``TRAIN.RESUME True``); see :mod:`mdeq.programs.cli`.
 """
 from mdeq.programs.cli import tool_main
-from mdeq.tasks.classification import train
+from mdeq.programs.classification import train
 
 
 def main() -> None:

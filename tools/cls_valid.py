@@ -6,11 +6,11 @@ Checkpoints are read with ``weights_only=True``: a file that would run code when
 refused (exit status 2, one-line message), never executed.
 """
 from mdeq.programs.cli import tool_main
-from mdeq.tasks.classification import valid
+from mdeq.programs.classification import test
 
 
 def main() -> None:
-    tool_main(valid)
+    tool_main(test)
 
 
 if __name__ == "__main__":

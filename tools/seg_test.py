@@ -15,15 +15,11 @@ Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped b
 from __future__ import annotations
 
 from mdeq.programs.cli import tool_main
-from mdeq.tasks.segmentation import parse_seg_args, test_main
-
-
-def _run(argv=None) -> None:
-    test_main(parse_seg_args("Evaluate a Cityscapes MDEQ", test=True, argv=argv))
+from mdeq.programs.segmentation import test
 
 
 def main() -> None:
-    tool_main(_run)
+    tool_main(test)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,11 @@ Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped b
 from __future__ import annotations
 
 from mdeq.programs.cli import tool_main
-from mdeq.tasks.segmentation import parse_seg_args, train_main
-
-
-def _run(argv=None) -> None:
-    train_main(parse_seg_args("Train an MDEQ on Cityscapes", argv=argv))
+from mdeq.programs.segmentation import train
 
 
 def main() -> None:
-    tool_main(_run)
+    tool_main(train)
 
 
 if __name__ == "__main__":

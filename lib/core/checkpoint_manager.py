@@ -6,8 +6,9 @@
 ``checkpoint_ep{N:04d}.pth.tar``  the last ``TRAIN.KEEP_CHECKPOINTS`` epoch copies (when > 1)
 ``checkpoint_healthy.pth.tar`` the latest state from before an epoch the health check found
                                unhealthy (kept until a healthy epoch comes back)
-``model_best.pth.tar``         ``{"model", "epoch", "best_metric", <metric>, "config"}``: the weights
-                               of the best held-out score; never replaced by a worse one
+``model_best.pth.tar``         ``{"model", "epoch", "best_metric", "best_mode", <metric>, "config"}``:
+                               the weights of the best held-out score (the highest, or with
+                               ``best_mode`` ``"min"`` the lowest); never replaced by a worse one
 ``final_state.pth``            the final weights as a bare state dict (as the original MDEQ / HRNet)
 ``results.json``               the final held-out metrics, counters, wall time
 ``history.jsonl``              one line per finished epoch: its training means (loss, metrics,
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -56,6 +58,31 @@ RESULTS = "results.json"
 HISTORY = "history.jsonl"
 FORMAT_VERSION = 3
 _OLD_BEST_KEYS = ("best_acc", "best_miou")  # format 2 named the best metric per task
+#: whether a task's best metric is maximised (a score) or minimised (an error, a loss)
+BEST_MODES = ("max", "min")
+
+
+def check_best_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`BEST_MODES`.
+
+    Raises:
+        ValueError: it is not (the message names it).
+    """
+    if mode not in BEST_MODES:
+        raise ValueError(f"best_mode {mode!r}: choose 'max' (a score to maximise) or 'min' (an error to minimise)")
+    return mode
+
+
+def worst_score(mode: str) -> float:
+    """The starting best of a run: every finite score beats it."""
+    return float("-inf") if check_best_mode(mode) == "max" else float("inf")
+
+
+def is_better(value: float, best: float, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` under ``mode`` (NaN never does)."""
+    if value != value:
+        return False
+    return value > best if mode == "max" else value < best
 
 
 def _saved_batch_size(config_text: Any) -> Optional[int]:
@@ -148,21 +175,26 @@ class CheckpointManager:
         out_dir: the run's output folder.
         cfg: the run's config (TRAIN.KEEP_CHECKPOINTS; saved in every file).
         is_main: whether this process writes files.
-        best_metric: the name of the held-out score to maximise (``'top1'``, ``'miou'``).
+        best_metric: the name of the held-out score that decides ``model_best`` (``'top1'``, ``'miou'``).
         model, optimizer, scheduler, scaler, sampler, state: the objects whose state is saved; the
             model may be DDP-wrapped, scheduler / scaler may be None.
         stateful: further objects with ``state_dict()`` / ``load_state_dict()`` (the health check).
         world_size: processes in this run.
         steps_per_epoch: optimiser steps in one of this run's epochs (0: unknown); saved, and compared
             with the checkpoint's on resume.
+        best_mode: ``"max"`` (default) or ``"min"``: whether a higher or a lower ``best_metric`` is better.
+
+    Raises:
+        ValueError: ``best_mode`` is neither.
     """
 
     def __init__(self, out_dir: str, cfg, is_main: bool, best_metric: str, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, sampler: ResumableSampler,
                  state: TrainState, stateful: Optional[Mapping[str, Any]] = None, world_size: int = 1,
-                 steps_per_epoch: int = 0) -> None:
+                 steps_per_epoch: int = 0, best_mode: str = "max") -> None:
         self.out_dir, self.cfg, self.is_main = out_dir, cfg, is_main
-        self.best_metric, self.best = best_metric, float("-inf")
+        self.best_metric, self.best_mode = best_metric, check_best_mode(best_mode)
+        self.best = worst_score(best_mode)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.sampler, self.state, self.stateful = sampler, state, dict(stateful or {})
         self.world_size, self.steps_per_epoch = int(world_size), int(steps_per_epoch)
@@ -181,7 +213,7 @@ class CheckpointManager:
             "format_version": FORMAT_VERSION, "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch),
             "global_step": int(st.global_step), "bad_steps": int(st.bad_steps), "skipped_steps": int(st.skipped_steps),
-            "best_metric": self.best_metric, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
+            "best_metric": self.best_metric, "best_mode": self.best_mode, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
             "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch, "lr": current_lr(self.optimizer),
             "sampler": self.sampler.state(),
         }
@@ -268,15 +300,17 @@ class CheckpointManager:
             os.remove(self.path(f))
 
     def update_best(self, value: float, epoch: int) -> bool:
-        """Record a held-out score; a better one (NaN never is) is saved as ``model_best.pth.tar``."""
-        if not (value == value and value > self.best):
+        """Record a held-out score; a better one (higher, or lower with ``best_mode`` ``"min"``; NaN
+        never is) is saved as ``model_best.pth.tar``."""
+        if not is_better(value, self.best, self.best_mode):
             return False
         self.best = float(value)
         if self.is_main:
             save_checkpoint({"model": unwrap(self.model).state_dict(), "epoch": int(epoch) + 1,
-                             "best_metric": self.best_metric, self.best_metric: self.best,
-                             "config": self.cfg.dump()}, self.path(BEST))
-            logger.info("new best %s %.4f (epoch %d) -> %s", self.best_metric, value, epoch, self.path(BEST))
+                             "best_metric": self.best_metric, "best_mode": self.best_mode,
+                             self.best_metric: self.best, "config": self.cfg.dump()}, self.path(BEST))
+            logger.info("new best %s %.4f (epoch %d, %s is better) -> %s", self.best_metric, value, epoch,
+                        "higher" if self.best_mode == "max" else "lower", self.path(BEST))
         return True
 
     def save_final(self, results: Dict[str, Any]) -> None:
@@ -314,14 +348,12 @@ class CheckpointManager:
             logger.warning("the checkpoint's SEED is %s, this run's %s: the data order differs from the "
                            "interrupted run's", saved_seed, seed)
         self._restore_rng(ckpt.get("rng"), rank)
-        best = ckpt.get("best", next((ckpt[k] for k in _OLD_BEST_KEYS if k in ckpt), float("-inf")))
-        # an epoch copy may predate the run's model_best: the best never goes back to a lower score
-        self.best = max(float(best), self._saved_best())
+        self.best = self._resumed_best(ckpt, src)
         self._trim_history(epoch)
         self.last_saved = f"epoch {epoch}, batch {batch}, global step {st.global_step}"
-        logger.info("resumed from %s: epoch %d, global step %d, batch %d of the epoch, lr %.6g, best %s %.4g",
+        logger.info("resumed from %s: epoch %d, global step %d, batch %d of the epoch, lr %.6g, best %s %s",
                     src, epoch, st.global_step, batch, current_lr(self.optimizer), self.best_metric,
-                    self.best)
+                    f"{self.best:.4g}" if math.isfinite(self.best) else "none yet")
         return epoch, batch
 
     def _check_epoch_length(self, ckpt: Dict[str, Any], epoch: int, batch: int) -> int:
@@ -349,17 +381,37 @@ class CheckpointManager:
                        "not comparable across the change", ", ".join(changed), where, schedule)
         return 0
 
+    def _resumed_best(self, ckpt: Dict[str, Any], src: str) -> float:
+        """The better of the checkpoint's best and the score in the run's ``model_best.pth.tar``: an
+        epoch copy may predate model_best, and the best never goes back to a worse score. A best
+        kept under the other ``best_mode`` is dropped (with a warning): it is no score to beat."""
+        worst = worst_score(self.best_mode)
+        best = ckpt.get("best", next((ckpt[k] for k in _OLD_BEST_KEYS if k in ckpt), worst))
+        saved_mode = ckpt.get("best_mode", "max")   # files before best_mode maximised
+        if saved_mode != self.best_mode:
+            logger.warning("%s kept its best %s with best_mode %r, this run's task has %r: the best starts afresh",
+                           src, ckpt.get("best_metric", self.best_metric), saved_mode, self.best_mode)
+            best = worst
+        saved = self._saved_best()
+        return saved if is_better(saved, float(best), self.best_mode) else float(best)
+
     def _saved_best(self) -> float:
-        """The score recorded in the run's ``model_best.pth.tar`` (-inf when there is none or it is unreadable)."""
-        path = self.path(BEST)
+        """The score recorded in the run's ``model_best.pth.tar`` (the worst score of ``best_mode`` when
+        there is none, it is unreadable or it was kept under the other mode)."""
+        path, worst = self.path(BEST), worst_score(self.best_mode)
         if not os.path.isfile(path):
-            return float("-inf")
+            return worst
         try:
             entry = load_checkpoint(path)
-            return float(entry.get(entry.get("best_metric", self.best_metric), float("-inf")))
+            score = float(entry.get(entry.get("best_metric", self.best_metric), worst))
         except (CheckpointError, AttributeError, TypeError, ValueError) as e:
             logger.warning("cannot read the score of %s (%s): a better held-out score will replace it", path, e)
-            return float("-inf")
+            return worst
+        if entry.get("best_mode", "max") != self.best_mode:
+            logger.warning("%s holds a best kept with best_mode %r, this run's task has %r: a better held-out "
+                           "score will replace it", path, entry.get("best_mode", "max"), self.best_mode)
+            return worst
+        return score
 
     def _restore_optimizer(self, ckpt: Dict[str, Any], src: str) -> None:
         saved_keys = set((ckpt["optimizer"].get("param_groups") or [{}])[0]) - {"initial_lr"}

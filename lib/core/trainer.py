@@ -2,8 +2,8 @@
 
 A :class:`Task` (classification: :mod:`mdeq.tasks.classification`, segmentation:
 :mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, the
-metrics of a training batch, the held-out evaluation and the name of its best metric. Everything
-else is decided here, once:
+metrics of a training batch, the held-out evaluation and its best metric (its name, and whether it
+is maximised or minimised). Everything else is decided here, once:
 
 * **Warm-up.** While the global step is below ``TRAIN.PRETRAIN_STEPS`` the model runs its unrolled
   weight-tied stack (``mode="unrolled"``), afterwards the equilibrium solver with the implicit
@@ -36,11 +36,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from ..utils.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, unwrap
+from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
-from .checkpoint_manager import CheckpointManager, resume_checkpoint
+from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
 from .health import ADVICE, HealthMonitor
+from .reduce import Reducer
 from .regularization import JacobianRegularizer
 from .signals import GracefulStop, TrainingInterrupted
 from .solver_stats import LOGGED_KEYS, format_solver_stats, solver_scalars, solver_stats
@@ -59,8 +60,10 @@ class Task:
 
     #: shown in the logs
     name = "task"
-    #: the key of :meth:`evaluate`'s result to maximise (``model_best.pth.tar``)
+    #: the key of :meth:`evaluate`'s result that decides ``model_best.pth.tar``
     best_metric = "score"
+    #: ``"max"``: a higher :attr:`best_metric` is better (a score); ``"min"``: a lower one (an error)
+    best_mode = "max"
     #: drop the last incomplete training batch (batch norm on a batch of one is undefined)
     drop_last = False
 
@@ -193,37 +196,26 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
 
 # ------------------------------------------------------------------------------------------ one epoch
 class EpochMeter:
-    """Sums of a training epoch, reduced over the processes at the end."""
+    """Sums of a training epoch, reduced over the processes at the end: the loss over the steps not
+    skipped, the task's metrics per sample, the solver statistics per step that reported them."""
+
+    _METRIC = "metric:"   # the task's metric names, kept apart from the meter's own sums
 
     def __init__(self) -> None:
-        self.loss = self.good = self.samples = 0.0
-        self.metrics: Dict[str, float] = {}
-        self.solver: Dict[str, Tuple[float, int]] = {}
+        self.reducer = Reducer(sums=("loss", "good", "samples"), means=LOGGED_KEYS)
 
     def update(self, r: StepResult) -> None:
-        if not r.skipped:
-            self.loss, self.good = self.loss + r.loss, self.good + 1
-        self.samples += r.samples
-        for k, v in r.metrics.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
-        for k, v in solver_scalars(r.stats).items():
-            s, c = self.solver.get(k, (0.0, 0))
-            self.solver[k] = (s + v, c + 1)
+        good = not r.skipped
+        sums = {"loss": r.loss if good else 0.0, "good": float(good), "samples": r.samples}
+        sums.update({self._METRIC + k: v for k, v in r.metrics.items()})
+        self.reducer.add(sums, solver_scalars(r.stats))
 
     def reduce(self, device: torch.device) -> Dict[str, float]:
-        keys = sorted(self.metrics)
-        skeys = list(LOGGED_KEYS)
-        vec = [self.loss, self.good, self.samples] + [self.metrics[k] for k in keys]
-        vec += [x for k in skeys for x in self.solver.get(k, (0.0, 0))]
-        tot = all_reduce_sum(torch.tensor(vec, dtype=torch.float64, device=device)).tolist()
-        out = {"loss": tot[0] / tot[1] if tot[1] else float("nan"), "steps": int(tot[1])}
-        out.update({k: tot[3 + j] / tot[2] if tot[2] else float("nan") for j, k in enumerate(keys)})
-        base = 3 + len(keys)
-        for j, k in enumerate(skeys):
-            s, c = tot[base + 2 * j], tot[base + 2 * j + 1]
-            if c:
-                out[k] = s / c
-        return out
+        tot = self.reducer.reduce(device)
+        out = {"loss": tot.ratio("loss", "good"), "steps": int(tot.sums["good"])}
+        out.update({k[len(self._METRIC):]: tot.ratio(k, "samples") for k in sorted(tot.sums)
+                    if k.startswith(self._METRIC)})
+        return {**out, **tot.means}
 
 
 def _report_step(run: Run, epoch: int, i: int, total: int, step: int, r: StepResult, bar: Any) -> None:
@@ -414,6 +406,7 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     """Train ``task`` from scratch or from the checkpoint to resume, evaluate, write the run's files
     (:mod:`mdeq.core.checkpoint_manager`); returns the final results (as in ``results.json``)."""
     start_time = time.time()
+    check_best_mode(task.best_mode)   # a task's mistake, named before any data is read
     ckpt = resume_checkpoint(out_dir, cfg, info.is_main, info.device)  # a bad file fails before the data is read
     if info.is_main:
         logger.info("config:\n%s", cfg.dump())
@@ -421,7 +414,7 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     manager = CheckpointManager(out_dir, cfg, info.is_main, task.best_metric, run.model, run.optimizer,
                                 run.scheduler, run.scaler, run.loader.sampler, run.state,
                                 stateful={"health": run.health}, world_size=info.world_size,
-                                steps_per_epoch=len(run.loader))
+                                steps_per_epoch=len(run.loader), best_mode=task.best_mode)
     begin, start_batch = (cfg.TRAIN.BEGIN_EPOCH, 0) if ckpt is None else manager.restore(ckpt, cfg.SEED, info.rank)
     del ckpt
     summary = task.summary(run.model, cfg)

@@ -1,19 +1,15 @@
 """Image classification (CIFAR-10, ImageNet, the embedded digits): the task the engine
-(:mod:`mdeq.core.trainer`) trains, its held-out evaluation, and the programs ``tools/cls_train.py``
-and ``tools/cls_valid.py``.
+(:mod:`mdeq.core.trainer`) trains and its held-out evaluation (the programs:
+:mod:`mdeq.programs.classification`).
 
 Training writes the files of :mod:`mdeq.core.checkpoint_manager` to ``OUTPUT_DIR/<dataset>/<cfg
-stem>/``; the best metric is the held-out top-1 (``model_best.pth.tar``). Evaluation writes
-``valid_results.json`` there.
+stem>/``; the best metric is the held-out top-1 (``model_best.pth.tar``).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -21,19 +17,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from ..datasets import build_cls_datasets, build_cls_val_dataset
+from ..datasets import build_cls_datasets
 from ..models import count_parameters, get_cls_net
 from ..utils.checkpoint import load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
+from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
-from ..core.checkpoint_manager import model_files
-from ..programs.launch import base_parser, config_from_args, setup_process
-from ..programs.launch import parse_args as parse_launch_args
 from ..core.metrics import topk_correct
+from ..core.reduce import Reducer
 from ..core.solver_stats import to_float
-from ..core.state import make_loader
-from ..programs.sweep import add_sweep_option, sweep_checkpoints
-from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
+from ..core.trainer import Task, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +68,7 @@ def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
         net.train(was_training)
 
 
-def _check_classes(ds: Dataset, cfg) -> None:
+def check_classes(ds: Dataset, cfg) -> None:
     """The dataset's classes (class folders of ImageNet, CIFAR's label names) against MODEL.NUM_CLASSES,
     when the dataset is built: a label beyond the model's outputs would stop training at its batch."""
     inner = getattr(ds, "dataset", ds)
@@ -97,8 +89,7 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    # loss, top-1, top-5, images; then per EVAL_KEYS entry: its sum x images, the images that reported it
-    sums = torch.zeros(4 + 2 * len(EVAL_KEYS), dtype=torch.float64)
+    reducer = Reducer(sums=("loss", "top1", "top5", "images"), means=EVAL_KEYS)   # the solver statistics: means over the images that reported them
     bar = progress_bar(loader, enabled=is_main, desc="valid")
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -106,21 +97,14 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
             logits = net(images, **model_kwargs).float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        row = [criterion(logits, target).item(), c1, c5, n]
-        for k in EVAL_KEYS:
-            v = to_float(net.solver_stats.get(k))
-            row += [v * n, n] if v is not None else [0.0, 0]
-        sums += torch.tensor(row, dtype=torch.float64)
-        bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)
-    tot = all_reduce_sum(sums).tolist()  # one collective for every sum
-    loss, c1, c5, n = tot[:4]
-    result = {"loss": loss / n if n else float("nan"), "top1": 100.0 * c1 / n if n else 0.0,
-              "top5": 100.0 * c5 / n if n else 0.0, "num_samples": int(n)}
-    for j, k in enumerate(EVAL_KEYS):
-        s, c = tot[4 + 2 * j], tot[5 + 2 * j]
-        if c:
-            result[k] = s / c
-    return result
+        stats = {k: to_float(net.solver_stats.get(k)) for k in EVAL_KEYS}
+        reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n}, stats, weight=n)
+        bar.set_postfix({"acc": f"{100.0 * reducer.sums['top1'] / max(1.0, reducer.sums['images']):.1f}"},
+                        refresh=False)
+    tot = reducer.reduce(device)
+    return {"loss": tot.ratio("loss", "images"), "top1": tot.ratio("top1", "images", 100.0, empty=0.0),
+            "top5": tot.ratio("top5", "images", 100.0, empty=0.0), "num_samples": int(tot.sums["images"]),
+            **tot.means}
 
 
 class ClassificationTask(Task):
@@ -138,7 +122,7 @@ class ClassificationTask(Task):
 
     def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
         train_set, val_set = build_cls_datasets(cfg)
-        _check_classes(val_set, cfg)
+        check_classes(val_set, cfg)
         return train_set, val_set
 
     def build_criterion(self, cfg) -> nn.Module:
@@ -176,60 +160,3 @@ class ClassificationTask(Task):
                     type(unwrap(model)).__name__, f"{n:,}", "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs",
                     size[0], size[1])
         return {"parameters": n, "f_flops": flops}
-
-
-# ---------------------------------------------------------------------------------------- programs
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "", sweep: bool = False
-               ) -> argparse.Namespace:
-    """The options of the original MDEQ scripts (:func:`mdeq.programs.launch.base_parser`) and ``--percent``;
-    with ``sweep`` (cls_valid) also ``--f-thres-sweep``."""
-    p = base_parser(description)
-    p.add_argument("--percent", type=float, default=1.0, help="fraction of the training set (PERCENT)")
-    if sweep:
-        add_sweep_option(p)
-    return parse_launch_args(p, argv)
-
-
-def _setup(args: argparse.Namespace, phase: str):
-    cfg = config_from_args(args, ["PERCENT", float(args.percent)] if args.percent != 1.0 else [])
-    info, out_dir, tb_dir = setup_process(cfg, args.cfg, phase, args.local_rank)
-    logger.info("overrides: %s", " ".join(map(str, args.opts)) or "none")
-    return cfg, info, out_dir, tb_dir
-
-
-def train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``tools/cls_train.py``: train, checkpoint every epoch, evaluate; returns the final metrics."""
-    cfg, info, out_dir, tb_dir = _setup(parse_args(argv, "Train an MDEQ image classifier"), "train")
-    with process_group_closed(together=STOPPED_TOGETHER):
-        return fit(ClassificationTask(), cfg, info, out_dir, tb_dir)
-
-
-def valid(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``tools/cls_valid.py``: evaluate a checkpoint on the held-out set; returns the metrics."""
-    args = parse_args(argv, "Evaluate an MDEQ image classifier", sweep=True)
-    cfg, info, out_dir, _ = _setup(args, "valid")
-    with process_group_closed():
-        task = ClassificationTask()
-        model = task.build_model(cfg, initial_weights=False).to(info.device)
-        if args.f_thres_sweep:
-            loader = make_loader(build_cls_val_dataset(cfg), cfg, info, train=False)
-            return sweep_checkpoints(
-                cfg, out_dir, args.f_thres_sweep, lambda p: load_weights(model, p), "top1", "held-out top-1 (%)",
-                lambda t: validate(model, loader, cfg, info.device, is_main=info.is_main, f_thres=t), info.is_main)
-        [path] = model_files(cfg, out_dir)
-        load_weights(model, path)
-        logger.info("weights: %s", path)
-        summary = task.summary(model, cfg)
-        val_set = build_cls_val_dataset(cfg)
-        _check_classes(val_set, cfg)
-        t0 = time.time()
-        res = validate(model, make_loader(val_set, cfg, info, train=False), cfg, info.device, is_main=info.is_main)
-        res.update(model_file=path, time_s=time.time() - t0, **summary)
-        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, mean f steps %.2f, "
-                    "final residual rel %.3g abs %.3g", cfg.DATASET.DATASET, res["num_samples"], res["top1"],
-                    res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
-                    res.get("f_abs", float("nan")))
-        if info.is_main:
-            with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
-                json.dump(res, f, indent=2)
-        return res

@@ -1,5 +1,5 @@
-"""Semantic segmentation (Cityscapes): the task the engine (:mod:`mdeq.core.trainer`) trains, its
-full-resolution evaluation, and the programs ``tools/seg_train.py`` and ``tools/seg_test.py``.
+"""Semantic segmentation (Cityscapes): the task the engine (:mod:`mdeq.core.trainer`) trains and its
+full-resolution evaluation (the programs: :mod:`mdeq.programs.segmentation`).
 
 * :func:`evaluate` — confusion matrix summed over the ranks, per-class IoU, mIoU, pixel accuracy
   (conventions of the official Cityscapes evaluation, see :mod:`mdeq.core.seg_metrics`) and the
@@ -10,36 +10,27 @@ full-resolution evaluation, and the programs ``tools/seg_train.py`` and ``tools/
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..datasets.cityscapes import (CLASS_NAMES, CityscapesDataset, colorize, require_cityscapes,
-                                  train_ids_to_label_ids)
+from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
 from ..utils.checkpoint import load_pretrained, load_weights
-from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
+from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
-from ..core.checkpoint_manager import model_files
 from ..core.criterion import build_criterion, resize_logits
-from ..programs.launch import base_parser, config_from_args, setup_process
-from ..programs.launch import parse_args as parse_launch_args
+from ..core.reduce import Reducer
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
 from ..core.solver_stats import to_float
-from ..core.state import make_loader
-from ..programs.sweep import add_sweep_option, sweep_checkpoints
-from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
+from ..core.trainer import Task, autocast_dtype
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -87,28 +78,26 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     net = unwrap(model)
     net.eval()
     amp_dtype = autocast_dtype(amp, device)
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    # sums of f_steps * images, f_rel * images, those images, all images
-    steps = torch.zeros(4, dtype=torch.float64, device=device)
+    # the confusion matrix and the images; the solver statistics, means over the images that reported them
+    reducer = Reducer(sums=("images",), means=("f_steps", "f_rel"))
+    reducer.add({"confusion": torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)})
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
-        conf += confusion_matrix(pred, labels, num_classes, ignore)
-        f_steps, f_rel = (to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel"))
-        if f_steps is not None:
-            steps[:3] += torch.tensor([f_steps, f_rel if f_rel is not None else math.nan, 1.0],
-                                      dtype=torch.float64, device=device) * images.shape[0]
-        steps[3] += images.shape[0]
+        stats = {k: to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel")}
+        reducer.add({"confusion": confusion_matrix(pred, labels, num_classes, ignore), "images": images.shape[0]},
+                    stats, weight=images.shape[0])
         if on_prediction is not None:
             for p, name in zip(pred.to(torch.uint8).cpu().numpy(), names):
                 on_prediction(p, name)
-    conf, steps = all_reduce_sum(conf), all_reduce_sum(steps)
+    tot = reducer.reduce(device)
+    conf = tot.sums["confusion"]
     scores = scores_from_confusion(conf, class_names)
-    scores["confusion"] = conf.cpu().tolist()
-    scores["mean_f_steps"] = float(steps[0] / steps[2]) if steps[2] > 0 else float("nan")
-    scores["mean_f_rel"] = float(steps[1] / steps[2]) if steps[2] > 0 else float("nan")
-    scores["images"] = int(steps[3])
+    scores["confusion"] = conf.tolist()
+    scores["mean_f_steps"] = tot.means.get("f_steps", float("nan"))
+    scores["mean_f_rel"] = tot.means.get("f_rel", float("nan"))
+    scores["images"] = int(tot.sums["images"])
     return scores
 
 
@@ -175,105 +164,3 @@ class SegmentationTask(Task):
 
     def scalars(self, result: Dict[str, Any]) -> Dict[str, float]:
         return {k: float(result[k]) for k in ("miou", "pixel_acc", "mean_class_acc", "mean_f_steps") if k in result}
-
-
-# ---------------------------------------------------------------------------------------------- programs
-def parse_seg_args(description: str, test: bool = False, argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The shared options (:func:`mdeq.programs.launch.base_parser`); seg_test adds ``--no-pictures``."""
-    p = base_parser(description)
-    if test:
-        p.add_argument("--no-pictures", dest="pictures", action="store_false",
-                       help="do not write prediction pictures of a labelled list")
-        add_sweep_option(p)
-    args = parse_launch_args(p, argv)
-    if not test:
-        args.pictures, args.f_thres_sweep = False, ""
-    return args
-
-
-def train_main(args: argparse.Namespace) -> Dict[str, Any]:
-    """``tools/seg_train.py``."""
-    cfg = config_from_args(args)
-    require_cityscapes(cfg)
-    info, out_dir, tb_dir = setup_process(cfg, args.cfg, "train", args.local_rank)
-    with process_group_closed(together=STOPPED_TOGETHER):
-        return fit(SegmentationTask(), cfg, info, out_dir, tb_dir)
-
-
-def _write_png(path: str, array: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(path, array):
-        raise OSError(f"could not write {path}")
-
-
-def test_main(args: argparse.Namespace) -> Dict[str, Any]:
-    """``tools/seg_test.py``."""
-    cfg = config_from_args(args)
-    require_cityscapes(cfg)
-    info, out_dir, _ = setup_process(cfg, args.cfg, "test", args.local_rank)
-    with process_group_closed():
-        if args.f_thres_sweep:
-            return _sweep(cfg, info, out_dir, args.f_thres_sweep)
-        return _test(cfg, info, out_dir, pictures=args.pictures)
-
-
-def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str, Any]:
-    [model_file] = model_files(cfg, out_dir)
-    model = SegmentationTask().build_model(cfg, initial_weights=False)
-    load_weights(model, model_file, strict=True)
-    model.to(info.device)
-    logger.info("evaluating %s", model_file)
-    dataset = CityscapesDataset.from_config(cfg, "test")
-    list_name = os.path.splitext(os.path.basename(cfg.DATASET.TEST_SET))[0]
-    pic_dir = os.path.join(out_dir, f"{list_name}_results")
-    by_name = {f["name"]: i for i, f in enumerate(dataset.files)}
-    scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
-
-    def write(pred: np.ndarray, name: str) -> None:
-        # label ids: the benchmark's format and name (same base name as the input image)
-        _write_png(os.path.join(pic_dir, "label_ids", f"{name}.png"), train_ids_to_label_ids(pred))
-        if dataset.labeled and not pictures:
-            return
-        color = colorize(pred)
-        _write_png(os.path.join(pic_dir, "color", f"{name}.png"), color)
-        if dataset.labeled:
-            image = dataset.load_image(by_name[name])
-            _write_png(os.path.join(pic_dir, "overlay", f"{name}.png"), cv2.addWeighted(image, 0.5, color, 0.5, 0.0))
-
-    scores = evaluate(model, make_loader(dataset, cfg, info, train=False), cfg.MODEL.NUM_CLASSES, info.device,
-                      ignore_label(cfg), scales=scales, flip=cfg.TEST.FLIP_TEST, is_main=info.is_main,
-                      class_names=CLASS_NAMES, on_prediction=write, amp=bool(cfg.TRAIN.AMP))
-    if not dataset.labeled:
-        logger.info("%d predictions (label ids, benchmark format) written to %s; mean solver steps %.2f",
-                    scores["images"], os.path.join(pic_dir, "label_ids"), scores["mean_f_steps"])
-        return {"images": scores["images"], "mean_f_steps": scores["mean_f_steps"], "output": pic_dir}
-    logger.info("%s (%d images, scales %s, flip %s):\n%s", cfg.DATASET.TEST_SET, scores["images"], scales,
-                cfg.TEST.FLIP_TEST, format_scores(scores))
-    if info.is_main:
-        report = {k: scores[k] for k in ("miou", "pixel_acc", "mean_class_acc", "mean_f_steps", "iou_per_class",
-                                         "images", "pixels", "confusion")}
-        report.update(model_file=model_file, list=cfg.DATASET.TEST_SET, scales=scales, flip=cfg.TEST.FLIP_TEST)
-        json_path = os.path.join(out_dir, f"{list_name}_results.json")
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=True)
-        logger.info("results written to %s, pictures to %s", json_path, pic_dir)
-    return scores
-
-
-def _sweep(cfg, info: DistInfo, out_dir: str, budgets: str) -> Dict[str, Any]:
-    """``seg_test.py --f-thres-sweep``: mIoU (%), mean relative residual and forward steps of each
-    checkpoint at each forward budget (no pictures)."""
-    model = SegmentationTask().build_model(cfg, initial_weights=False).to(info.device)
-    loader = make_loader(CityscapesDataset.from_config(cfg, "test"), cfg, info, train=False)
-    scales = list(cfg.TEST.SCALE_LIST) if cfg.TEST.MULTI_SCALE else [1.0]
-
-    def run(f_thres: int) -> Dict[str, float]:
-        s = evaluate(model, loader, cfg.MODEL.NUM_CLASSES, info.device, ignore_label(cfg), scales=scales,
-                     flip=cfg.TEST.FLIP_TEST, is_main=info.is_main, class_names=CLASS_NAMES, f_thres=f_thres,
-                     amp=bool(cfg.TRAIN.AMP))
-        return {"miou": 100.0 * s["miou"], "f_steps": s["mean_f_steps"], "f_rel": s["mean_f_rel"]}
-
-    return sweep_checkpoints(cfg, out_dir, budgets, lambda p: load_weights(model, p, strict=True), "miou",
-                             "mIoU (%)", run, info.is_main)
