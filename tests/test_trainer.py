@@ -21,6 +21,7 @@ from mdeq.core.state import ResumableSampler, TrainState
 from mdeq.core.step_guard import TrainingDiverged
 from mdeq.core.trainer import Run, amp_setup, train_one_epoch
 from mdeq.models import get_cls_net
+from mdeq.modules import EquilibriumInfo
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdeq.utils.distributed import DistInfo
 
@@ -76,10 +77,10 @@ class TinySeg(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 19, 1)
-        self.solver_stats = {"mode": "unrolled", "f_steps": 3}
 
-    def forward(self, x, **_):
-        return self.conv(x)
+    def forward(self, x, return_info=False, **_):
+        out = self.conv(x)
+        return (out, EquilibriumInfo(mode="unrolled", f_steps=3)) if return_info else out
 
 
 def test_segmentation_bad_steps_follow_the_same_policy():
@@ -100,15 +101,15 @@ def test_segmentation_bad_steps_follow_the_same_policy():
 
 
 # ------------------------------------------------------------------------------------------ health
-def _eq(f_rel: float, fallback: bool) -> dict:
-    return {"mode": "equilibrium", "f_rel": f_rel, "b_fallback": fallback}
+def _eq(f_rel: float, fallback: bool) -> EquilibriumInfo:
+    return EquilibriumInfo(mode="equilibrium", f_rel=f_rel, b_fallback=fallback)
 
 
 def test_health_check_names_fallbacks_residual_and_loss_rise():
     h = HealthMonitor()
     for _ in range(10):
         h.observe(_eq(0.01, False))
-        h.observe({"mode": "unrolled", "f_steps": 6})   # warm-up steps are not judged
+        h.observe(EquilibriumInfo(mode="unrolled", f_steps=6))   # warm-up steps are not judged
     assert h.end_epoch(0.5, torch.device("cpu")) == ([], "backward fallbacks 0% of 10 equilibrium steps, final "
                                                        "forward relative residual 0.01")
     for i in range(10):
@@ -275,12 +276,12 @@ class _RecordsAutocast(nn.Module):
     def __init__(self, classes: int, pooled: bool) -> None:
         super().__init__()
         self.conv, self.pooled, self.autocast = nn.Conv2d(3, classes, 1), pooled, []
-        self.solver_stats = {"f_steps": 4, "f_rel": 0.01}
 
-    def forward(self, x):
+    def forward(self, x, return_info=False):
         self.autocast.append(torch.is_autocast_enabled(x.device.type))
         out = self.conv(x)
-        return out.mean(dim=(2, 3)) if self.pooled else out
+        out = out.mean(dim=(2, 3)) if self.pooled else out
+        return (out, EquilibriumInfo(mode="equilibrium", f_steps=4, f_rel=0.01)) if return_info else out
 
 
 @pytest.mark.parametrize("amp", [False, True])

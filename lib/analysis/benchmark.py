@@ -219,16 +219,18 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     model.train()
     f_timer, b_timer = (TimedSolver(s, device) for s in model.call_solvers(solver))
     call = _step_call(f_thres, b_thres, unrolled_depth, solver=(f_timer, b_timer))
+    infos = []
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, **call), y)
-        loss.backward()
+        logits, info = model(x, return_info=True, **call)
+        F.cross_entropy(logits, y).backward()
+        infos[:] = [info]
 
     step()
     f_timer.reset(), b_timer.reset()
     t = median_time(step, repeats, device, warmup=0)
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = infos[0].stats()
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
     out = {"time": t, "stats": stats, "solver_own": own}
@@ -326,10 +328,11 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     with torch.no_grad():
         model(x, mode="equilibrium", f_thres=2)
     before = _peak_start(device)
-    F.cross_entropy(model(x, **call), y).backward()
+    logits, info = model(x, return_info=True, **call)
+    F.cross_entropy(logits, y).backward()
     total = _peak_total(device)
     peak = total - before
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = info.stats()
     history = 0.0
     if not unrolled_depth:
         with torch.no_grad():
@@ -398,12 +401,16 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
     b_timer = TimedSolver(model.b_solver, device)
     call = _step_call(f_thres, b_thres, 0, solver=(model.f_solver, b_timer), eps=0.0, jac_loss=jac)
 
+    infos = []
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, **call), y)
-        if model.jac_loss is not None:
-            loss = loss + model.jac_loss
+        logits, info = model(x, return_info=True, **call)
+        loss = F.cross_entropy(logits, y)
+        if info.jac_loss is not None:
+            loss = loss + info.jac_loss
         loss.backward()
+        infos[:] = [info]
 
     with torch.no_grad():
         model(x, f_thres=2)
@@ -414,7 +421,7 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
     peak = _peak_total(device) - before
     counts = {"f_nograd": calls[False], "f_graph": calls[True], "vjp": b_timer.calls}
     t = median_time(step, repeats, device, warmup=0)
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = infos[0].stats()
     return {"mode": mode, "time": t, "step_peak_mib": peak / 2 ** 20, "stats": stats, **counts}
 
 

@@ -30,7 +30,6 @@ from ..core.checkpoint_manager import model_files
 from ..programs.launch import base_parser, config_from_args, setup_process
 from ..programs.launch import parse_args as parse_launch_args
 from ..core.metrics import topk_correct
-from ..core.solver_stats import to_float
 from ..core.state import make_loader
 from ..programs.sweep import add_sweep_option, sweep_checkpoints
 from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
@@ -103,12 +102,13 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(images, **model_kwargs).float()
+            logits, info = net(images, return_info=True, **model_kwargs)
+            logits = logits.float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
         row = [criterion(logits, target).item(), c1, c5, n]
         for k in EVAL_KEYS:
-            v = to_float(net.solver_stats.get(k))
+            v = info.get(k)
             row += [v * n, n] if v is not None else [0.0, 0]
         sums += torch.tensor(row, dtype=torch.float64)
         bar.set_postfix({"acc": f"{100.0 * float(sums[1]) / max(1.0, float(sums[3])):.1f}"}, refresh=False)

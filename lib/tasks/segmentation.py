@@ -28,6 +28,7 @@ from ..datasets.cityscapes import (CLASS_NAMES, CityscapesDataset, colorize, req
                                   train_ids_to_label_ids)
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
+from ..modules import EquilibriumInfo
 from ..utils.checkpoint import load_pretrained, load_weights
 from ..utils.distributed import DistInfo, all_reduce_sum, process_group_closed, unwrap
 from ..utils.logger import progress_bar
@@ -36,7 +37,6 @@ from ..core.criterion import build_criterion, resize_logits
 from ..programs.launch import base_parser, config_from_args, setup_process
 from ..programs.launch import parse_args as parse_launch_args
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
-from ..core.solver_stats import to_float
 from ..core.state import make_loader
 from ..programs.sweep import add_sweep_option, sweep_checkpoints
 from ..core.trainer import STOPPED_TOGETHER, Task, autocast_dtype, fit
@@ -48,11 +48,10 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Sequence[float] = (1.0,),
-            flip: bool = False, **model_kwargs: Any) -> Tensor:
-    """Class probabilities (N, C, H, W) at ``size`` (H, W), averaged over the ``scales`` (the image
-    resized bilinearly) and, with ``flip``, the horizontally flipped image. The solver statistics
-    of the last forward stay in ``model.solver_stats``; ``model_kwargs`` go to every model call
-    (``f_thres=...``)."""
+            flip: bool = False, **model_kwargs: Any) -> Tuple[Tensor, EquilibriumInfo]:
+    """(class probabilities (N, C, H, W) at ``size`` (H, W), averaged over the ``scales`` (the image
+    resized bilinearly) and, with ``flip``, the horizontally flipped image; the equilibrium info
+    of the last forward). ``model_kwargs`` go to every model call (``f_thres=...``)."""
     probs = None
     h, w = images.shape[-2:]
     views = 0
@@ -60,13 +59,13 @@ def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Seque
         x = images if s == 1.0 else F.interpolate(images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
                                                     mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
-            logits = model(x.flip(-1) if flipped else x, **model_kwargs)
+            logits, info = model(x.flip(-1) if flipped else x, return_info=True, **model_kwargs)
             if flipped:
                 logits = logits.flip(-1)
             p = F.softmax(resize_logits(logits.float(), size), dim=1)
             probs = p if probs is None else probs + p
             views += 1
-    return probs / views
+    return probs / views, info
 
 
 @torch.no_grad()
@@ -93,9 +92,10 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
+            probs, info = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs)
+            pred = probs.argmax(dim=1)
         conf += confusion_matrix(pred, labels, num_classes, ignore)
-        f_steps, f_rel = (to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel"))
+        f_steps, f_rel = info.f_steps, info.f_rel
         if f_steps is not None:
             steps[:3] += torch.tensor([f_steps, f_rel if f_rel is not None else math.nan, 1.0],
                                       dtype=torch.float64, device=device) * images.shape[0]
