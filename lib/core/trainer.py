@@ -1,8 +1,10 @@
 """The one training engine of mdeq: :func:`train_one_epoch` and :func:`fit`, used by every task.
 
 A :class:`Task` (classification: :mod:`mdeq.tasks.classification`, segmentation:
-:mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, the
-metrics of a training batch, the held-out evaluation and the name of its best metric. Everything
+:mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, its
+forward and loss of a training batch (:meth:`Task.forward_loss`, by default the model and the
+criterion), the metrics of a training batch, the held-out evaluation and the name of its best
+metric. Everything
 else is decided here, once:
 
 * **Warm-up.** Each step passes the global step to the model (``train_step``); its equilibrium
