@@ -63,7 +63,7 @@ def _dense_implicit_gradient(model, x, f_thres):
     """
     problem = model.equilibrium_problem(model.injection(x))
     with torch.no_grad():
-        z_star = model.f_solver(problem.f, problem.z0, f_thres, **model.f_solver_kwargs).z
+        z_star = model.f_solver(problem.f, problem.z0, f_thres, **model.solver_kwargs("f")).z
     z_leaf = z_star.clone().requires_grad_()
     fz = problem.f(z_leaf)
     z_out = fz.detach().requires_grad_()
@@ -135,7 +135,7 @@ def test_the_call_chooses_mode_depth_solver_and_tolerance_and_leaves_the_model_a
         assert torch.allclose(model.head(model.equilibrium_problem(model.injection(x)).unflatten(plain.fz)), fixed)
         assert model(x, return_info=True)[1].mode == "equilibrium"     # the default, whatever PRETRAIN_STEPS
     # nothing of the calls stuck to the model
-    assert model.f_solver is broyden and model.num_layers == 3 and model.f_solver_kwargs["eps"] == 1e-5
+    assert model.f_solver is broyden and model.deq.depth == 3 and model.solver_kwargs("f")["eps"] == 1e-5
     for bad, match in ((dict(mode="warmup"), "mode must be one of"), (dict(mode="unrolled", train_step=0), "not both"),
                        (dict(solver="newton"), "unknown solver 'newton'"), (dict(solver=("broyden",)), "a pair")):
         with pytest.raises(ValueError, match=match):

@@ -10,8 +10,8 @@ else is decided here, once:
 * **Warm-up.** Each step passes the global step to the model (``train_step``); its equilibrium
   layer (:class:`~mdeq.modules.EquilibriumLayer`) runs the unrolled weight-tied stack while it is
   below ``TRAIN.PRETRAIN_STEPS``, afterwards the equilibrium solver with its backward, and says
-  which in the step's :class:`~mdeq.modules.EquilibriumInfo`. With ``MODEL.SOFTPLUS_WARMUP`` f uses softplus during the first
-  ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
+  which in the step's :class:`~mdeq.modules.EquilibriumInfo`. With ``MODEL.SOFTPLUS_WARMUP`` f
+  uses softplus during the first ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
 * **Bad steps.** A step whose loss or gradient is not finite, or whose forward solver hit its
   divergence guard, on any rank, is skipped by every rank (:class:`~mdeq.core.step_guard.StepGuard`):
   no rank runs backward for a bad forward, no rank updates for a bad gradient, so the replicas stay

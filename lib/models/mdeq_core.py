@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
                        weights_fixed)
-from ..solvers import SolverFn, SolverWorkspace
+from ..solvers import SolverFn
 
 Tensor = torch.Tensor
 
@@ -189,6 +189,11 @@ class EquilibriumProblem:
         return torch.cat([s.flatten(1) for s in states], dim=1)
 
 
+def _layer_setting(name: str, doc: str) -> property:
+    """A read-only model attribute that is the equilibrium layer's (``model.deq``) ``name``."""
+    return property(lambda self: getattr(self.deq, name), doc=doc)
+
+
 def _bn_momentum(cfg, default: float) -> float:
     return cfg.MODEL.BN_MOMENTUM if cfg.MODEL.BN_MOMENTUM >= 0 else default
 
@@ -260,48 +265,15 @@ class MDEQNet(nn.Module):
                 nn.init.zeros_(mod.bias)
 
     # the equilibrium layer's settings, where the model stands for it (benchmark, analysis, tests)
-    @property
-    def f_solver(self) -> SolverFn:
-        return self.deq.f_solver
-
-    @property
-    def b_solver(self) -> SolverFn:
-        return self.deq.b_solver
-
-    @property
-    def f_thres(self) -> int:
-        return self.deq.f_thres
-
-    @property
-    def b_thres(self) -> int:
-        return self.deq.b_thres
-
-    @property
-    def num_layers(self) -> int:
-        """The unrolled (warm-up) depth, MODEL.NUM_LAYERS."""
-        return self.deq.depth
-
-    @property
-    def solver_settings(self) -> Dict[str, Dict]:
-        return self.deq.solver_settings
-
-    @property
-    def solver_workspace(self) -> SolverWorkspace:
-        return self.deq.workspace
+    f_solver = _layer_setting("f_solver", "the forward solver (MODEL.F_SOLVER)")
+    b_solver = _layer_setting("b_solver", "the backward solver (MODEL.B_SOLVER)")
+    f_thres = _layer_setting("f_thres", "the forward budget (MODEL.F_THRES)")
+    b_thres = _layer_setting("b_thres", "the backward budget (MODEL.B_THRES)")
+    solver_settings = _layer_setting("solver_settings", "every solver's settings, per direction ('f', 'b')")
 
     def solver_kwargs(self, direction: str, solver: Optional[SolverFn] = None, **overrides: Any) -> Dict:
         """See :meth:`mdeq.modules.EquilibriumLayer.solver_kwargs`."""
         return self.deq.solver_kwargs(direction, solver, **overrides)
-
-    @property
-    def f_solver_kwargs(self) -> Dict:
-        """The configured forward solver's options (see :meth:`solver_kwargs`)."""
-        return self.deq.solver_kwargs("f")
-
-    @property
-    def b_solver_kwargs(self) -> Dict:
-        """The configured backward solver's options (see :meth:`solver_kwargs`)."""
-        return self.deq.solver_kwargs("b")
 
     def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
         """See :meth:`mdeq.modules.EquilibriumLayer.call_solvers`."""

@@ -53,45 +53,43 @@ class EquilibriumInfo:
         mode: ``'equilibrium'`` or ``'unrolled'``.
         f_steps: evaluations of f by the forward solver (the depth when unrolled).
         f_abs, f_rel: the forward solver's final absolute / relative residual (batch).
-        f_converged, f_diverged: every sample reached its tolerance / some hit the divergence guard.
+        f_diverged: some sample hit the forward solver's divergence guard.
         f_trace: the forward solver's relative residual after each evaluation.
+        jac_loss: the Hutchinson estimate of ||J_f||_F^2 / numel, a scalar tensor with graph, or None.
+        spectral_radius: the power-method estimate of rho(J_f(z*)) (evaluation only), or None.
         b_steps: the backward's steps: adjoint-solver steps (implicit), or the applications of f
             it differentiates through (phantom / JFB, set at once). Implicit: None until autograd
             runs the backward, which fills ``b_*`` into this object.
-        b_abs, b_rel, b_converged, b_diverged, b_trace: the adjoint solve's, as the forward ones.
+        b_abs, b_rel, b_trace: the adjoint solve's residuals, as the forward ones.
         b_fallback: the adjoint solve did not improve on dl/dz, whose one-step gradient was used.
-        jac_loss: the Hutchinson estimate of ||J_f||_F^2 / numel, a scalar tensor with graph, or None.
-        spectral_radius: the power-method estimate of rho(J_f(z*)) (evaluation only), or None.
     """
 
     mode: str
     f_steps: Optional[int] = None
     f_abs: Optional[float] = None
     f_rel: Optional[float] = None
-    f_converged: Optional[bool] = None
     f_diverged: Optional[bool] = None
     f_trace: Optional[List[float]] = None
+    jac_loss: Optional[Tensor] = None
+    spectral_radius: Optional[float] = None
+    # filled by the backward (implicit), or by the forward (phantom / JFB: b_steps)
     b_steps: Optional[int] = None
     b_abs: Optional[float] = None
     b_rel: Optional[float] = None
-    b_converged: Optional[bool] = None
-    b_diverged: Optional[bool] = None
     b_fallback: Optional[bool] = None
     b_trace: Optional[List[float]] = None
-    jac_loss: Optional[Tensor] = None
-    spectral_radius: Optional[float] = None
 
     LOGGED_KEYS: ClassVar[Tuple[str, ...]] = LOGGED_KEYS
 
     @classmethod
     def from_forward(cls, result: SolverResult) -> "EquilibriumInfo":
         """The info of an equilibrium call whose forward solve gave ``result``."""
-        return cls(mode="equilibrium", f_trace=result.trace, **result.stats("f"))
+        forward = {k: v for k, v in result.stats("f").items() if k in cls._names()}   # f_steps, f_abs ...
+        return cls(mode="equilibrium", f_trace=result.trace, **forward)
 
     def record_backward(self, result: SolverResult, fallback: bool) -> None:
         """Fill in the adjoint solve's ``result``; ``fallback``: its start dl/dz was used instead."""
-        for key, value in result.stats("b").items():
-            setattr(self, key, value)
+        self.b_steps, self.b_abs, self.b_rel = result.steps, result.abs_residual, result.rel_residual
         self.b_fallback, self.b_trace = bool(fallback), result.trace
 
     def get(self, key: str) -> Optional[float]:
