@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mdeq.core import classification, segmentation
+from mdeq.tasks import classification, segmentation
 from mdeq.programs.cli import tool_main
 
 
