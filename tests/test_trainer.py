@@ -18,8 +18,9 @@ from mdeq.tasks.classification import ClassificationTask
 from mdeq.core.health import HealthMonitor
 from mdeq.tasks.segmentation import SegmentationTask
 from mdeq.core.state import ResumableSampler, TrainState
-from mdeq.core.step_guard import TrainingDiverged
-from mdeq.core.trainer import Run, amp_setup, train_one_epoch
+from mdeq.core.regularization import JacobianRegularizer
+from mdeq.core.step_guard import StepGuard, TrainingDiverged
+from mdeq.core.trainer import Run, amp_setup, train_one_epoch, train_step
 from mdeq.models import get_cls_net
 from mdeq.modules import EquilibriumInfo
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +72,25 @@ def test_classification_bad_steps_are_skipped_and_counted_then_stop():
     assert run.state.bad_steps == 0 and run.state.global_step == 4 and math.isfinite(res["loss"])
     assert res["b_steps"] > 0 and res["steps"] == 2 and 0 <= res["top1"] <= 100
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "weight" in k)
+
+
+def test_the_step_takes_the_mode_and_the_jacobian_term_from_the_call_and_keeps_no_graph():
+    """The engine passes the global step; the model's layer decides the warm-up (PRETRAIN_STEPS 1: the
+    first step unrolled, the second at the equilibrium); the Jacobian term enters the loss, and the
+    step's result keeps its value but not the graph of f."""
+    cfg = load_config(DIGITS_CFG, ["TRAIN.PRETRAIN_STEPS", 1, "MODEL.F_THRES", 4, "MODEL.B_THRES", 4,
+                                   "MODEL.JAC_LOSS_WEIGHT", 0.5])
+    model = get_cls_net(cfg)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    run = _run(ClassificationTask(), cfg, model, [(x, y)], nn.CrossEntropyLoss())
+    run.regularizer = JacobianRegularizer.from_cfg(cfg)
+    guard = StepGuard(run.state, 3)
+    first, second = (train_step(run, x, y, 0, guard) for _ in range(2))
+    assert (first.equilibrium.mode, second.equilibrium.mode, run.last_mode) == ("unrolled", "equilibrium", "equilibrium")
+    for r in (first, second):
+        assert not r.skipped and r.equilibrium.scalars()["jac_loss"] > 0
+        assert not r.equilibrium.jac_loss.requires_grad
+    assert second.equilibrium.b_steps > 0 and second.equilibrium.b_fallback is not None   # filled by the backward
 
 
 class TinySeg(nn.Module):

@@ -195,6 +195,8 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
         run.scheduler.step()
     run.state.global_step += 1
     run.health.observe(info)
+    if info.jac_loss is not None:  # the result outlives the step: keep the number, not the graph of f
+        info.jac_loss = info.jac_loss.detach()
     metrics = run.task.batch_metrics(output.detach().float(), target)
     return StepResult(float("nan") if reason else task_loss.item(), reason is not None, info, grad_norm, lr,
                       metrics, int(target.shape[0]))
