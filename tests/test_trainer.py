@@ -86,7 +86,8 @@ def test_the_step_takes_the_mode_and_the_jacobian_term_from_the_call_and_keeps_n
     run.regularizer = JacobianRegularizer.from_cfg(cfg)
     guard = StepGuard(run.state, 3)
     first, second = (train_step(run, x, y, 0, guard) for _ in range(2))
-    assert (first.equilibrium.mode, second.equilibrium.mode, run.last_mode) == ("unrolled", "equilibrium", "equilibrium")
+    modes = (first.equilibrium.mode, second.equilibrium.mode, run.last_mode)
+    assert modes == ("unrolled", "equilibrium", "equilibrium")
     for r in (first, second):
         assert not r.skipped and r.equilibrium.scalars()["jac_loss"] > 0
         assert not r.equilibrium.jac_loss.requires_grad
