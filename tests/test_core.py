@@ -63,7 +63,7 @@ def _dense_implicit_gradient(model, x, f_thres):
     """
     problem = model.equilibrium_problem(model.injection(x))
     with torch.no_grad():
-        z_star = model.f_solver(problem.f, problem.z0, f_thres, **model.f_solver_kwargs).z
+        z_star = model.f_solver(problem.f, problem.z0, f_thres, **model.solver_kwargs("f")).z
     z_leaf = z_star.clone().requires_grad_()
     fz = problem.f(z_leaf)
     z_out = fz.detach().requires_grad_()
@@ -89,9 +89,10 @@ def test_implicit_gradient_equals_the_exact_ift_gradient(repo, key, device):
     model.train()
     _warm_up(model, x, 60)
     model.zero_grad()
-    _loss(model, model(x[:2], mode="equilibrium", f_thres=60, b_thres=60)).backward()
+    logits, info = model(x[:2], mode="equilibrium", f_thres=60, b_thres=60, return_info=True)
+    _loss(model, logits).backward()
     ours = _grads(model)
-    assert model.solver_stats["f_rel"] < 1e-4 and not model.solver_stats["b_fallback"]
+    assert info.f_rel < 1e-4 and not info.b_fallback
     exact = _dense_implicit_gradient(model, x[:2], 60)
     cos = F.cosine_similarity(ours, exact, dim=0).item()
     rel = ((ours - exact).norm() / exact.norm()).item()
@@ -101,8 +102,9 @@ def test_implicit_gradient_equals_the_exact_ift_gradient(repo, key, device):
 def test_failed_backward_solve_falls_back_to_a_descent_direction(repo):
     model, x = _build(repo, "cifar_small_paper")
     model.train()
-    _loss(model, model(x, train_step=-1, f_thres=30, b_thres=1)).backward()
-    assert model.solver_stats["b_fallback"] is True
+    logits, info = model(x, train_step=-1, f_thres=30, b_thres=1, return_info=True)
+    _loss(model, logits).backward()
+    assert info.b_fallback is True
     grads = _grads(model)
     assert torch.isfinite(grads).all()
     # unlike the original (exact zeros), f's weights and the stem still get a gradient
@@ -114,30 +116,26 @@ def test_unrolled_warmup_runs_num_layers_and_switches_at_pretrain_steps(repo):
     model, x = _build(repo, "cifar_small_paper", ["TRAIN.PRETRAIN_STEPS", "5", "MODEL.NUM_LAYERS", "3"])
     model.eval()
     with torch.no_grad():
-        model(x, train_step=4)
-        assert model.solver_stats == {"mode": "unrolled", "f_steps": 3}
-        model(x, train_step=5)
-        assert model.solver_stats["mode"] == "equilibrium"
+        assert model(x, train_step=4, return_info=True)[1].stats() == {"mode": "unrolled", "f_steps": 3}
+        assert model(x, train_step=5, return_info=True)[1].mode == "equilibrium"
 
 
 def test_the_call_chooses_mode_depth_solver_and_tolerance_and_leaves_the_model_as_it_was(repo):
     model, x = _build(repo, "cifar_small_paper", ["TRAIN.PRETRAIN_STEPS", "5", "MODEL.NUM_LAYERS", "3"])
     model.eval()
     with torch.no_grad():
-        unrolled = model(x, mode="unrolled")
-        assert model.solver_stats == {"mode": "unrolled", "f_steps": 3}
+        unrolled, info = model(x, mode="unrolled", return_info=True)
+        assert info.stats() == {"mode": "unrolled", "f_steps": 3}
         assert torch.equal(model(x, 0), unrolled)                      # the original's positional train_step
-        model(x, mode="unrolled", depth=7)
-        assert model.solver_stats == {"mode": "unrolled", "f_steps": 7}
-        model(x, mode="equilibrium", f_thres=6, solver="fixed_point", eps=0.0)
-        assert model.solver_stats["f_steps"] == 6 and len(model.solver_stats["f_trace"]) == 6
+        assert model(x, mode="unrolled", depth=7, return_info=True)[1].stats() == {"mode": "unrolled", "f_steps": 7}
+        info = model(x, mode="equilibrium", f_thres=6, solver="fixed_point", eps=0.0, return_info=True)[1]
+        assert info.f_steps == 6 and len(info.f_trace) == 6
         fixed = model(x, f_thres=6, solver=(fixed_point, "broyden"), eps=0.0)
         plain = fixed_point(*_problem(model, x), 6, eps=0.0)
         assert torch.allclose(model.head(model.equilibrium_problem(model.injection(x)).unflatten(plain.fz)), fixed)
-        model(x)
-        assert model.solver_stats["mode"] == "equilibrium"             # the default, whatever PRETRAIN_STEPS
+        assert model(x, return_info=True)[1].mode == "equilibrium"     # the default, whatever PRETRAIN_STEPS
     # nothing of the calls stuck to the model
-    assert model.f_solver is broyden and model.num_layers == 3 and model.f_solver_kwargs["eps"] == 1e-5
+    assert model.f_solver is broyden and model.deq.depth == 3 and model.solver_kwargs("f")["eps"] == 1e-5
     for bad, match in ((dict(mode="warmup"), "mode must be one of"), (dict(mode="unrolled", train_step=0), "not both"),
                        (dict(solver="newton"), "unknown solver 'newton'"), (dict(solver=("broyden",)), "a pair")):
         with pytest.raises(ValueError, match=match):
@@ -302,15 +300,20 @@ MEMORY_SCRIPT = textwrap.dedent("""
                        "TRAIN.PRETRAIN_STEPS", 10 if unrolled else 0])
     model = get_cls_net(cfg).train()
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
-    step = lambda: F.cross_entropy(model(x, train_step=0 if unrolled else -1, f_thres=thres, b_thres=thres), y).backward()
+    infos = []
+
+    def step():
+        logits, info = model(x, train_step=0 if unrolled else -1, f_thres=thres, b_thres=thres, return_info=True)
+        F.cross_entropy(logits, y).backward()
+        infos[:] = [info]
+
     step()                                   # warm up allocator and kernels
     base = peak_rss_kb()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     step()
     peak = peak_rss_kb()
-    print(json.dumps({"peak_kb": peak, "base_kb": base, "stats": {k: v for k, v in model.solver_stats.items()
-                                                               if not k.endswith("trace")}}))
+    print(json.dumps({"peak_kb": peak, "base_kb": base, "stats": infos[0].stats()}))
 """)
 
 

@@ -106,10 +106,11 @@ def test_solvers_selectable_by_config_forward_and_backward(repo):
                        "MODEL.ANDERSON_BETA", 0.9, "MODEL.DROPOUT", 0.0])
     model = get_cls_net(cfg).train()
     assert model.f_solver is anderson and model.b_solver is anderson
-    assert model.f_solver_kwargs["memory"] == 4 and model.f_solver_kwargs["beta"] == 0.9
+    assert model.solver_kwargs("f")["memory"] == 4 and model.solver_kwargs("f")["beta"] == 0.9
     x = torch.randn(2, 3, 8, 8)
-    torch.nn.functional.cross_entropy(model(x, f_thres=5, b_thres=5), torch.tensor([0, 1])).backward()
-    assert model.solver_stats["f_steps"] <= 5 and model.solver_stats["b_steps"] <= 5
+    logits, info = model(x, f_thres=5, b_thres=5, return_info=True)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    assert info.f_steps <= 5 and info.b_steps <= 5
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -146,7 +147,7 @@ def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
 def test_a_reused_workspace_gives_the_same_solutions_and_never_hands_back_the_start(tiny_problem):
     from mdeq.solvers import SolverWorkspace
     model, problem = tiny_problem
-    kw = {k: v for k, v in model.f_solver_kwargs.items() if k not in ("workspace", "eps")}
+    kw = {k: v for k, v in model.solver_kwargs("f").items() if k not in ("workspace", "eps")}
     ws = SolverWorkspace()
     with torch.no_grad():
         fresh = {t: broyden(problem.f, problem.z0, t, eps=0.0, **kw) for t in (12, 6)}

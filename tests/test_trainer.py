@@ -18,9 +18,11 @@ from mdeq.tasks.classification import ClassificationTask
 from mdeq.core.health import HealthMonitor
 from mdeq.tasks.segmentation import SegmentationTask
 from mdeq.core.state import ResumableSampler, TrainState
-from mdeq.core.step_guard import TrainingDiverged
-from mdeq.core.trainer import Run, amp_setup, train_one_epoch
+from mdeq.core.regularization import JacobianRegularizer
+from mdeq.core.step_guard import StepGuard, TrainingDiverged
+from mdeq.core.trainer import Run, amp_setup, train_one_epoch, train_step
 from mdeq.models import get_cls_net
+from mdeq.modules import EquilibriumInfo
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdeq.utils.distributed import DistInfo
 
@@ -72,14 +74,34 @@ def test_classification_bad_steps_are_skipped_and_counted_then_stop():
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "weight" in k)
 
 
+def test_the_step_takes_the_mode_and_the_jacobian_term_from_the_call_and_keeps_no_graph():
+    """The engine passes the global step; the model's layer decides the warm-up (PRETRAIN_STEPS 1: the
+    first step unrolled, the second at the equilibrium); the Jacobian term enters the loss, and the
+    step's result keeps its value but not the graph of f."""
+    cfg = load_config(DIGITS_CFG, ["TRAIN.PRETRAIN_STEPS", 1, "MODEL.F_THRES", 4, "MODEL.B_THRES", 4,
+                                   "MODEL.JAC_LOSS_WEIGHT", 0.5])
+    model = get_cls_net(cfg)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    run = _run(ClassificationTask(), cfg, model, [(x, y)], nn.CrossEntropyLoss())
+    run.regularizer = JacobianRegularizer.from_cfg(cfg)
+    guard = StepGuard(run.state, 3)
+    first, second = (train_step(run, x, y, 0, guard) for _ in range(2))
+    modes = (first.equilibrium.mode, second.equilibrium.mode, run.last_mode)
+    assert modes == ("unrolled", "equilibrium", "equilibrium")
+    for r in (first, second):
+        assert not r.skipped and r.equilibrium.scalars()["jac_loss"] > 0
+        assert not r.equilibrium.jac_loss.requires_grad
+    assert second.equilibrium.b_steps > 0 and second.equilibrium.b_fallback is not None   # filled by the backward
+
+
 class TinySeg(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 19, 1)
-        self.solver_stats = {"mode": "unrolled", "f_steps": 3}
 
-    def forward(self, x, **_):
-        return self.conv(x)
+    def forward(self, x, return_info=False, **_):
+        out = self.conv(x)
+        return (out, EquilibriumInfo(mode="unrolled", f_steps=3)) if return_info else out
 
 
 def test_segmentation_bad_steps_follow_the_same_policy():
@@ -100,15 +122,15 @@ def test_segmentation_bad_steps_follow_the_same_policy():
 
 
 # ------------------------------------------------------------------------------------------ health
-def _eq(f_rel: float, fallback: bool) -> dict:
-    return {"mode": "equilibrium", "f_rel": f_rel, "b_fallback": fallback}
+def _eq(f_rel: float, fallback: bool) -> EquilibriumInfo:
+    return EquilibriumInfo(mode="equilibrium", f_rel=f_rel, b_fallback=fallback)
 
 
 def test_health_check_names_fallbacks_residual_and_loss_rise():
     h = HealthMonitor()
     for _ in range(10):
         h.observe(_eq(0.01, False))
-        h.observe({"mode": "unrolled", "f_steps": 6})   # warm-up steps are not judged
+        h.observe(EquilibriumInfo(mode="unrolled", f_steps=6))   # warm-up steps are not judged
     assert h.end_epoch(0.5, torch.device("cpu")) == ([], "backward fallbacks 0% of 10 equilibrium steps, final "
                                                        "forward relative residual 0.01")
     for i in range(10):
@@ -333,12 +355,12 @@ class _RecordsAutocast(nn.Module):
     def __init__(self, classes: int, pooled: bool) -> None:
         super().__init__()
         self.conv, self.pooled, self.autocast = nn.Conv2d(3, classes, 1), pooled, []
-        self.solver_stats = {"f_steps": 4, "f_rel": 0.01}
 
-    def forward(self, x):
+    def forward(self, x, return_info=False):
         self.autocast.append(torch.is_autocast_enabled(x.device.type))
         out = self.conv(x)
-        return out.mean(dim=(2, 3)) if self.pooled else out
+        out = out.mean(dim=(2, 3)) if self.pooled else out
+        return (out, EquilibriumInfo(mode="equilibrium", f_steps=4, f_rel=0.01)) if return_info else out
 
 
 @pytest.mark.parametrize("amp", [False, True])

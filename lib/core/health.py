@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..modules import EquilibriumInfo
 from ..utils.distributed import all_reduce_sum
-from .solver_stats import to_float
 
 ADVICE = ("lower TRAIN.LR (or resume from the last healthy checkpoint with a lower one), set TRAIN.CLIP, "
           "raise MODEL.F_THRES / MODEL.B_THRES, or add Jacobian regularisation (MODEL.JAC_LOSS_WEIGHT)")
@@ -49,17 +49,15 @@ class HealthMonitor:
         self._backwards = 0
 
     # ------------------------------------------------------------------ per step
-    def observe(self, stats: Mapping[str, Any]) -> None:
+    def observe(self, info: EquilibriumInfo) -> None:
         """Record one training step's solver statistics (equilibrium steps only)."""
-        if stats.get("mode") != "equilibrium":
+        if info.mode != "equilibrium":
             return
-        rel = to_float(stats.get("f_rel"))
-        if rel is not None:
-            self._residuals.append(rel)
-        fb = to_float(stats.get("b_fallback"))
-        if fb is not None:
+        if info.f_rel is not None:
+            self._residuals.append(float(info.f_rel))
+        if info.b_fallback is not None:
             self._backwards += 1
-            self._fallbacks += int(fb > 0)
+            self._fallbacks += int(bool(info.b_fallback))
 
     # ------------------------------------------------------------------ per epoch
     def end_epoch(self, mean_loss: float, device: torch.device) -> Tuple[List[str], str]:

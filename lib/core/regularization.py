@@ -1,20 +1,21 @@
 """Jacobian regularisation in the training loop (Bai, Koltun & Kolter, ICML 2021).
 
-The model computes the Hutchinson estimate of ||J_f(z*)||_F^2 when it is called with
-``jac_loss=True`` (see :meth:`mdeq.models.mdeq_core.MDEQNet.equilibrium_states`); this module
-decides on which steps to ask for it and with which weight it enters the loss::
+The equilibrium layer computes the Hutchinson estimate of ||J_f(z*)||_F^2 when it is called with
+``jac_loss=True`` and returns it in its info (see :class:`mdeq.modules.EquilibriumLayer`); this
+module decides on which steps to ask for it and with which weight it enters the loss::
 
     reg = JacobianRegularizer.from_cfg(cfg)
-    logits = model(images, mode=mode, jac_loss=reg.active(step))
-    loss = reg.add(criterion(logits, target), model, epoch)
+    logits, info = model(images, train_step=step, jac_loss=reg.active(step), return_info=True)
+    loss = reg.add(criterion(logits, target), info, epoch)
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn as nn
 
 from ..config.validation import check_jac_loss_freq
-from ..utils.distributed import unwrap
+from ..modules import EquilibriumInfo
 
 Tensor = torch.Tensor
 
@@ -69,12 +70,9 @@ class JacobianRegularizer:
         """The weight in epoch ``epoch`` (0-based): JAC_LOSS_WEIGHT + JAC_INCREMENTAL * epoch."""
         return self.base_weight + self.incremental * max(0, int(epoch))
 
-    def add(self, loss: Tensor, net: nn.Module, epoch: int) -> Tensor:
-        """``loss + weight(epoch) * net.jac_loss`` when the model computed the term, else ``loss``.
-
-        ``net`` may be wrapped (DDP); the term is read from the wrapped module.
-        """
-        term = getattr(unwrap(net), "jac_loss", None)
+    def add(self, loss: Tensor, info: Optional[EquilibriumInfo], epoch: int) -> Tensor:
+        """``loss + weight(epoch) * info.jac_loss`` when the call computed the term, else ``loss``."""
+        term = info.jac_loss if info is not None else None
         if term is None or not self.enabled:
             return loss
         return loss + self.weight(epoch) * term.to(loss.dtype)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from ..modules import EquilibriumInfo
 from ..utils.distributed import all_reduce_sum, is_initialized
-from .solver_stats import format_solver_stats, solver_diverged, to_float
 from .state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ class StepGuard:
         self.max_bad_steps = max(1, int(max_bad_steps))
 
     @staticmethod
-    def forward_problem(loss: torch.Tensor, stats: Dict[str, Any]) -> Optional[str]:
-        """``'loss'`` (not finite) or ``'solver'`` (f_diverged) on any rank, else None (a collective)."""
+    def forward_problem(loss: torch.Tensor, info: EquilibriumInfo) -> Optional[str]:
+        """``'loss'`` (not finite) or ``'solver'`` (``info.f_diverged``) on any rank, else None (a collective)."""
         bad_loss = not bool(torch.isfinite(loss.detach()).all().item())
-        bad_solver = solver_diverged(stats)
+        bad_solver = info.diverged
         if is_initialized():
             flags = all_reduce_sum(torch.tensor([float(bad_loss), float(bad_solver)], dtype=torch.float64,
                                                 device=loss.device))
@@ -67,21 +67,22 @@ class StepGuard:
         self.state.bad_steps = 0
 
     def bad(self, reason: str, epoch: int, step: int, loss: Any, grad_norm: Optional[float],
-            stats: Dict[str, Any], phase: str) -> None:
-        """Count and log a skipped step; raise :class:`TrainingDiverged` at the limit."""
+            info: EquilibriumInfo) -> None:
+        """Count and log a skipped step (``info``: its equilibrium's statistics); raise
+        :class:`TrainingDiverged` at the limit."""
         self.state.bad_steps += 1
         self.state.skipped_steps += 1
         what = self.WHAT.get(reason, reason)
-        loss_v = to_float(loss)
+        loss_v = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else loss
         logger.warning("epoch %d step %d: %s (loss %s, grad norm %s), update skipped (%d in a row, limit "
                        "TRAIN.MAX_BAD_STEPS=%d); solver: %s", epoch, step, what,
                        "n/a" if loss_v is None else f"{loss_v:.4g}",
                        "n/a" if grad_norm is None else f"{grad_norm:.4g}", self.state.bad_steps,
-                       self.max_bad_steps, format_solver_stats(stats))
+                       self.max_bad_steps, info.describe())
         if self.state.bad_steps >= self.max_bad_steps:
             raise TrainingDiverged(
                 f"training diverged: {self.state.bad_steps} consecutive steps with a {what} (epoch {epoch}, "
-                f"global step {step}, phase {phase}; last solver stats: {format_solver_stats(stats)}). "
+                f"global step {step}, phase {info.mode}; last solver stats: {info.describe()}). "
                 f"{DIVERGENCE_ADVICE}")
 
 

@@ -1,14 +1,16 @@
 """The one training engine of mdeq: :func:`train_one_epoch` and :func:`fit`, used by every task.
 
 A :class:`Task` (classification: :mod:`mdeq.tasks.classification`, segmentation:
-:mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, the
-metrics of a training batch, the held-out evaluation and its best metric (its name, and whether it
-is maximised or minimised). Everything else is decided here, once:
+:mod:`mdeq.tasks.segmentation`) supplies only what differs: its datasets, model, criterion, its
+forward and loss of a training batch (:meth:`Task.forward_loss`, by default the model and the
+criterion), the metrics of a training batch, the held-out evaluation and its best metric (its name,
+and whether it is maximised or minimised). Everything else is decided here, once:
 
-* **Warm-up.** While the global step is below ``TRAIN.PRETRAIN_STEPS`` the model runs its unrolled
-  weight-tied stack (``mode="unrolled"``), afterwards the equilibrium solver with the implicit
-  backward. With ``MODEL.SOFTPLUS_WARMUP`` f uses softplus during the first
-  ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
+* **Warm-up.** Each step passes the global step to the model (``train_step``); its equilibrium
+  layer (:class:`~mdeq.modules.EquilibriumLayer`) runs the unrolled weight-tied stack while it is
+  below ``TRAIN.PRETRAIN_STEPS``, afterwards the equilibrium solver with its backward, and says
+  which in the step's :class:`~mdeq.modules.EquilibriumInfo`. With ``MODEL.SOFTPLUS_WARMUP`` f
+  uses softplus during the first ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
 * **Bad steps.** A step whose loss or gradient is not finite, or whose forward solver hit its
   divergence guard, on any rank, is skipped by every rank (:class:`~mdeq.core.step_guard.StepGuard`):
   no rank runs backward for a bad forward, no rank updates for a bad gradient, so the replicas stay
@@ -36,6 +38,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from ..modules import LOGGED_KEYS, EquilibriumInfo
 from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
@@ -44,7 +47,6 @@ from .health import ADVICE, HealthMonitor
 from .reduce import Reducer
 from .regularization import JacobianRegularizer
 from .signals import GracefulStop, TrainingInterrupted
-from .solver_stats import LOGGED_KEYS, format_solver_stats, solver_scalars, solver_stats
 from .state import TrainState, make_loader, start_epoch
 from .step_guard import StepGuard, TrainingDiverged, grad_norm_of
 
@@ -86,6 +88,16 @@ class Task:
     def unpack(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         """(images, targets) of a loader batch."""
         return batch[0], batch[1]
+
+    def forward_loss(self, model: nn.Module, criterion: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+                     train_step: int, jac_loss: bool) -> Tuple[torch.Tensor, torch.Tensor, EquilibriumInfo]:
+        """(output, task loss, the equilibrium's info) of a training batch, run under the step's autocast.
+
+        ``train_step`` (the global step) lets the model's equilibrium layer choose the warm-up or the
+        equilibrium; ``jac_loss`` asks it for the Jacobian term (``info.jac_loss``).
+        """
+        output, info = model(images, train_step=train_step, jac_loss=jac_loss, return_info=True)
+        return output, criterion(output.float(), target), info
 
     def batch_metrics(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
         """Sums over the batch of per-sample training metrics (the epoch reports sum / samples)."""
@@ -131,13 +143,11 @@ class Run:
     regularizer: JacobianRegularizer = field(default_factory=JacobianRegularizer)
     writer: Any = None
     amp_dtype: Optional[torch.dtype] = None  # autocast's dtype; None: float32
+    last_mode: Optional[str] = None           # the mode ('unrolled' / 'equilibrium') of the last step
 
     @property
     def net(self) -> nn.Module:
         return unwrap(self.model)
-
-    def mode(self, step: int) -> str:
-        return "unrolled" if step < self.cfg.TRAIN.PRETRAIN_STEPS else "equilibrium"
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -145,7 +155,7 @@ class Run:
 class StepResult:
     loss: float                  # nan when skipped
     skipped: bool
-    stats: Dict[str, Any]
+    equilibrium: EquilibriumInfo  # with the backward's statistics once it ran
     grad_norm: Optional[float]
     lr: float                    # the rate this step used
     metrics: Dict[str, float]
@@ -155,14 +165,13 @@ class StepResult:
 def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int, guard: StepGuard) -> StepResult:
     """Forward, guard, backward, update for one batch; advances the global step and the schedule."""
     step, device = run.state.global_step, images.device
-    mode = run.mode(step)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        output = run.model(images, mode=mode, jac_loss=run.regularizer.active(step))
-        task_loss = run.criterion(output.float(), target)
-    loss = run.regularizer.add(task_loss, run.model, epoch)   # + the Jacobian term, when asked for
-    stats = solver_stats(run.model)
-    reason = guard.forward_problem(loss, stats)
+        output, task_loss, info = run.task.forward_loss(run.model, run.criterion, images, target, train_step=step,
+                                                        jac_loss=run.regularizer.active(step))
+    run.last_mode = info.mode
+    loss = run.regularizer.add(task_loss, info, epoch)   # + the Jacobian term, when asked for
+    reason = guard.forward_problem(loss, info)
     grad_norm = None
     if reason is None:
         if run.scaler is not None:
@@ -173,7 +182,6 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
         grad_norm = grad_norm_of(run.model, run.cfg.TRAIN.CLIP)
         if run.scaler is None:  # the scaler skips non-finite steps itself (and lowers its scale)
             reason = guard.gradient_problem(grad_norm)
-        stats = solver_stats(run.model)  # now with the backward's statistics
     lr = current_lr(run.optimizer)
     if reason is None:
         if run.scaler is not None:
@@ -184,13 +192,15 @@ def train_step(run: Run, images: torch.Tensor, target: torch.Tensor, epoch: int,
         guard.good()
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        guard.bad(reason, epoch, step, loss, grad_norm, stats, mode)
+        guard.bad(reason, epoch, step, loss, grad_norm, info)
     if run.scheduler is not None:
         run.scheduler.step()
     run.state.global_step += 1
-    run.health.observe(stats)
+    run.health.observe(info)
+    if info.jac_loss is not None:  # the result outlives the step: keep the number, not the graph of f
+        info.jac_loss = info.jac_loss.detach()
     metrics = run.task.batch_metrics(output.detach().float(), target)
-    return StepResult(float("nan") if reason else task_loss.item(), reason is not None, stats, grad_norm, lr,
+    return StepResult(float("nan") if reason else task_loss.item(), reason is not None, info, grad_norm, lr,
                       metrics, int(target.shape[0]))
 
 
@@ -208,7 +218,7 @@ class EpochMeter:
         good = not r.skipped
         sums = {"loss": r.loss if good else 0.0, "good": float(good), "samples": r.samples}
         sums.update({self._METRIC + k: v for k, v in r.metrics.items()})
-        self.reducer.add(sums, solver_scalars(r.stats))
+        self.reducer.add(sums, r.equilibrium.scalars())
 
     def reduce(self, device: torch.device) -> Dict[str, float]:
         tot = self.reducer.reduce(device)
@@ -221,19 +231,19 @@ class EpochMeter:
 def _report_step(run: Run, epoch: int, i: int, total: int, step: int, r: StepResult, bar: Any) -> None:
     if not run.info.is_main:
         return
-    scalars = solver_scalars(r.stats)
+    scalars = r.equilibrium.scalars()
     bar.set_postfix({"loss": f"{r.loss:.4f}", "f": f"{scalars.get('f_steps', 0):.0f}", "lr": f"{r.lr:.2e}",
                      **({"jac": f"{scalars['jac_loss']:.3g}"} if "jac_loss" in scalars else {})}, refresh=False)
     if step % max(1, run.cfg.PRINT_FREQ) and i != total - 1:
         return
     extra = " ".join(f"{k} {v / max(1, r.samples):.4g}" for k, v in r.metrics.items())
     logger.info("epoch %d [%d/%d] step %d loss %.6f %slr %.4g %s", epoch, i, total, step, r.loss,
-                f"{extra} " if extra else "", r.lr, format_solver_stats(r.stats))
+                f"{extra} " if extra else "", r.lr, r.equilibrium.describe())
     w = run.writer
     if w is not None:
         w.add_scalar("train/loss", r.loss, step)
         w.add_scalar("train/lr", r.lr, step)
-        w.add_scalar("train/equilibrium", float(r.stats.get("mode") == "equilibrium"), step)
+        w.add_scalar("train/equilibrium", float(r.equilibrium.mode == "equilibrium"), step)
         if r.grad_norm is not None:
             w.add_scalar("train/grad_norm", r.grad_norm, step)
         for k, v in r.metrics.items():
@@ -382,7 +392,7 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
     train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + LOGGED_KEYS)
     solver = " ".join(f"{k} {tr[k]:.3g}" for k in LOGGED_KEYS if k in tr)
     logger.info("epoch %d (%s%s, %.0fs): train loss %.4f %s| %s | %s, lr %.3g, skipped steps %d", epoch,
-                run.mode(run.state.global_step - 1), ", softplus" if run.cfg.MODEL.SOFTPLUS_WARMUP and
+                run.last_mode or "no steps", ", softplus" if run.cfg.MODEL.SOFTPLUS_WARMUP and
                 epoch < run.cfg.TRAIN.SOFTPLUS_EPOCHS else "", time.time() - t0, tr["loss"],
                 f"{train_metrics} " if train_metrics else "", run.task.describe(val) if val else "no held-out set",
                 solver or "no solver statistics", tr["lr"], run.state.skipped_steps)

@@ -13,7 +13,6 @@ Module and parameter names follow the original implementation so that its state 
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -22,18 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import (VariationalDropout2d, attach_implicit_backward, attach_phantom_backward, conv2d,
-                       hutchinson_jac_loss, spectral_radius, weights_fixed)
-from ..solvers import SolverFn, SolverWorkspace, get_solver, option_names, resolve_solver, solver_options
+from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
+                       weights_fixed)
+from ..solvers import SolverFn
 
-logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
-
-#: what ``model(x, mode=...)`` computes: the equilibrium by the solvers (implicit backward), or the
-#: warm-up's ``depth`` weight-tied applications of f from z = 0 (ordinary backprop)
-MODES = ("equilibrium", "unrolled")
-#: a solver by name ('broyden', 'anderson', 'fixed_point') or as a callable; a pair is (forward, backward)
-SolverChoice = Union[str, SolverFn, Tuple[Union[str, SolverFn], Union[str, SolverFn]]]
 
 
 class Activation(nn.Module):
@@ -197,6 +189,11 @@ class EquilibriumProblem:
         return torch.cat([s.flatten(1) for s in states], dim=1)
 
 
+def _layer_setting(name: str, doc: str) -> property:
+    """A read-only model attribute that is the equilibrium layer's (``model.deq``) ``name``."""
+    return property(lambda self: getattr(self.deq, name), doc=doc)
+
+
 def _bn_momentum(cfg, default: float) -> float:
     return cfg.MODEL.BN_MOMENTUM if cfg.MODEL.BN_MOMENTUM >= 0 else default
 
@@ -217,22 +214,9 @@ class MDEQNet(nn.Module):
         m = cfg.MODEL
         self.num_branches = stage.NUM_BRANCHES
         self.num_channels = list(stage.NUM_CHANNELS)
-        self.num_layers = m.NUM_LAYERS
         self.downsample_times = m.DOWNSAMPLE_TIMES
-        # only for the original's call model(x, train_step=k) (see resolve_mode): the trainer picks the mode
-        self.pretrain_steps = cfg.TRAIN.PRETRAIN_STEPS
-        self.f_thres, self.b_thres = m.F_THRES, m.B_THRES
-        self.f_solver = get_solver(m.F_SOLVER, "MODEL.F_SOLVER")
-        self.b_solver = get_solver(m.B_SOLVER, "MODEL.B_SOLVER")
-        self.solver_workspace = SolverWorkspace()   # the solvers' scratch memory, reused between calls
-        # the settings of every solver, per direction; a solve passes its solver only what it takes
-        common = dict(stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
-                      workspace=self.solver_workspace)
-        self.solver_settings: Dict[str, Dict] = {"f": dict(common, eps=m.F_EPS), "b": dict(common, eps=m.B_EPS)}
-        self.solver_stats: Dict = {}
-        self.grad_mode, self.phantom_steps, self.phantom_tau = m.GRAD, m.PHANTOM_STEPS, m.PHANTOM_TAU
-        self.jac_probes, self.spectral_radius_iters = m.JAC_PROBES, m.SPECTRAL_RADIUS_ITERS
-        self.jac_loss: Optional[Tensor] = None  # the last forward's JR term (with graph), see equilibrium_states
+        # the solve, its backward and the warm-up rule (TRAIN.PRETRAIN_STEPS); no parameters
+        self.deq = EquilibriumLayer.from_config(cfg)
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
@@ -284,52 +268,20 @@ class MDEQNet(nn.Module):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
 
-    def solver_kwargs(self, direction: str, solver: Optional[SolverFn] = None, **overrides) -> Dict:
-        """The options of the forward (``direction='f'``) or backward (``'b'``) solve for ``solver``
-        (default: the configured one): the model's settings that this solver takes, then
-        ``overrides`` (e.g. ``eps=0.0``). An override the solver does not take is a ValueError."""
-        if direction not in self.solver_settings:
-            raise ValueError(f"solver direction must be 'f' or 'b', got {direction!r}")
-        solver = (self.f_solver if direction == "f" else self.b_solver) if solver is None else solver
-        names = option_names(solver)
-        unknown = sorted(k for k in overrides if k not in names)
-        if unknown:
-            raise ValueError(f"solver option(s) {unknown} not taken by {getattr(solver, '__name__', solver)!r} "
-                             f"(it takes {list(names)})")
-        return {**solver_options(solver, self.solver_settings[direction]), **overrides}
+    # the equilibrium layer's settings, where the model stands for it (benchmark, analysis, tests)
+    f_solver = _layer_setting("f_solver", "the forward solver (MODEL.F_SOLVER)")
+    b_solver = _layer_setting("b_solver", "the backward solver (MODEL.B_SOLVER)")
+    f_thres = _layer_setting("f_thres", "the forward budget (MODEL.F_THRES)")
+    b_thres = _layer_setting("b_thres", "the backward budget (MODEL.B_THRES)")
+    solver_settings = _layer_setting("solver_settings", "every solver's settings, per direction ('f', 'b')")
 
-    @property
-    def f_solver_kwargs(self) -> Dict:
-        """The configured forward solver's options (see :meth:`solver_kwargs`)."""
-        return self.solver_kwargs("f")
-
-    @property
-    def b_solver_kwargs(self) -> Dict:
-        """The configured backward solver's options (see :meth:`solver_kwargs`)."""
-        return self.solver_kwargs("b")
-
-    def resolve_mode(self, mode: Optional[str] = None, train_step: Optional[int] = None) -> str:
-        """``mode`` ('equilibrium' or 'unrolled'), or the original's rule for ``train_step``:
-        unrolled for ``0 <= train_step < TRAIN.PRETRAIN_STEPS``, else equilibrium (the default)."""
-        if mode is not None:
-            if mode not in MODES:
-                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            if train_step is not None:
-                raise ValueError(f"give mode ({mode!r}) or train_step ({train_step}), not both")
-            return mode
-        if train_step is not None and 0 <= train_step < self.pretrain_steps:
-            return "unrolled"
-        return "equilibrium"
+    def solver_kwargs(self, direction: str, solver: Optional[SolverFn] = None, **overrides: Any) -> Dict:
+        """See :meth:`mdeq.modules.EquilibriumLayer.solver_kwargs`."""
+        return self.deq.solver_kwargs(direction, solver, **overrides)
 
     def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
-        """(forward, backward) solvers of one call: the configured ones, or the override ``solver``."""
-        if solver is None:
-            return self.f_solver, self.b_solver
-        if isinstance(solver, tuple):
-            if len(solver) != 2:
-                raise ValueError(f"solver: a pair (forward, backward) expected, got {len(solver)} entries")
-            return resolve_solver(solver[0]), resolve_solver(solver[1])
-        return resolve_solver(solver), resolve_solver(solver)
+        """See :meth:`mdeq.modules.EquilibriumLayer.call_solvers`."""
+        return self.deq.call_solvers(solver)
 
     # ------------------------------------------------------------------ forward
     def injection(self, x: Tensor) -> Tensor:
@@ -369,102 +321,37 @@ class MDEQNet(nn.Module):
         problem.f = f
         return problem
 
-    def equilibrium_states(self, x: Tensor, mode: Optional[str] = None, f_thres: Optional[int] = None,
-                           b_thres: Optional[int] = None, *, train_step: Optional[int] = None,
-                           solver: Optional[SolverChoice] = None, depth: Optional[int] = None,
-                           eps: Optional[float] = None, jac_loss: bool = False) -> List[Tensor]:
-        """Images (N, 3, H, W) -> the list of per-resolution states (N, C_i, H_i, W_i) at the output
-        of the MDEQ stage.
+    def equilibrium_states(self, x: Tensor, **call: Any) -> Tuple[List[Tensor], EquilibriumInfo]:
+        """Images (N, 3, H, W) -> (the per-resolution states (N, C_i, H_i, W_i) at the output of the
+        MDEQ stage, the call's :class:`~mdeq.modules.EquilibriumInfo`).
 
-        Args:
-            x: (N, 3, H, W) images.
-            mode: ``'equilibrium'`` (default): the forward solver's equilibrium, with the implicit
-                backward when autograd is on. ``'unrolled'``: ``depth`` weight-tied applications of f
-                from z = 0 (the warm-up), differentiated by ordinary backprop.
-            f_thres, b_thres: forward / backward solver budgets for this call (default
-                ``MODEL.F_THRES`` / ``B_THRES``); equilibrium mode only.
-            train_step: the original's API instead of ``mode`` (see :meth:`resolve_mode`).
-            solver: this call's solver, forward and backward, by name or as a callable, or a pair
-                (forward, backward); default ``MODEL.F_SOLVER`` / ``B_SOLVER``. Each gets the model's
-                settings that its signature names (a wrapper with ``__wrapped__`` those of the solver
-                it wraps).
-            depth: the unrolled depth for this call (default ``MODEL.NUM_LAYERS``); unrolled mode only.
-            eps: the stopping tolerance of both solves for this call (``0``: run the full budgets).
-            jac_loss: with autograd on, take the normalised Hutchinson estimate of ||J_f||_F^2 at the one
-                differentiable application of f that the backward already builds (the last one when
-                unrolled, the one at z* otherwise) and leave it in ``self.jac_loss`` (a scalar with
-                graph; None when not computed) and, as a float, in ``solver_stats['jac_loss']``.
+        ``call``: the keywords of :meth:`mdeq.modules.EquilibriumLayer.forward` (``mode``,
+        ``train_step``, ``f_thres``, ``b_thres``, ``solver``, ``depth``, ``eps``, ``jac_loss``), each
+        for this call only. ``mode='unrolled'`` is the warm-up, ``depth`` (default
+        ``MODEL.NUM_LAYERS``) weight-tied applications of f from z = 0; ``train_step`` picks it for
+        ``0 <= train_step < TRAIN.PRETRAIN_STEPS``; the default is the equilibrium, with
+        ``MODEL.GRAD``'s backward under autograd.
         """
-        mode = self.resolve_mode(mode, train_step)
-        self.jac_loss = None
         with weights_fixed(self.fullstage):  # one w per call, see weights_fixed
             problem = self.equilibrium_problem(self.injection(x))
-            want_jac = bool(jac_loss) and torch.is_grad_enabled()
-            if mode == "unrolled":
-                z = self._unrolled(problem, self.num_layers if depth is None else int(depth), want_jac)
-            else:
-                z = self._solved(problem, self.f_thres if f_thres is None else f_thres,
-                                 self.b_thres if b_thres is None else b_thres, solver, eps, want_jac)
-        if self.jac_loss is not None:
-            self.solver_stats["jac_loss"] = float(self.jac_loss.detach())
-        return problem.unflatten(z)
-
-    def _unrolled(self, problem: EquilibriumProblem, depth: int, want_jac: bool) -> Tensor:
-        """(B, D) after ``depth`` weight-tied applications of f from z0, with autograd (the warm-up)."""
-        z = problem.z0
-        for k in range(depth):
-            last = k == depth - 1
-            z_in = z.requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
-            z = problem.f(z_in)
-            if want_jac and last:
-                self._record_jac_loss(z_in, z)
-        self.solver_stats = {"mode": "unrolled", "f_steps": depth}
-        return z
-
-    def _solved(self, problem: EquilibriumProblem, f_thres: int, b_thres: int, solver: Optional[SolverChoice],
-                eps: Optional[float], want_jac: bool) -> Tensor:
-        """(B, D) the forward solver's equilibrium; with autograd on, connected to the graph by the
-        configured backward (:meth:`_differentiable_output`)."""
-        f_solver, b_solver = self.call_solvers(solver)
-        tol = {} if eps is None else {"eps": eps}
-        with torch.no_grad(), torch.autocast(problem.z0.device.type, enabled=False):
-            result = f_solver(problem.f, problem.z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
-        stats = {"mode": "equilibrium", **result.stats("f"), "f_trace": result.trace}
-        self.solver_stats = stats
-        if result.diverged:
-            logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
-                           result.rel_residual, result.steps)
-        if torch.is_grad_enabled():
-            return self._differentiable_output(problem, result.z, b_solver, b_thres, stats, want_jac, tol)
-        if self.spectral_radius_iters > 0 and not self.training:
-            stats["spectral_radius"] = float(spectral_radius(problem.f, result.z, self.spectral_radius_iters).mean())
-        return result.fz
-
-    def _record_jac_loss(self, z_in: Tensor, z_out: Tensor) -> None:
-        self.jac_loss = hutchinson_jac_loss(z_in, z_out, self.jac_probes)
-
-    def _differentiable_output(self, problem: EquilibriumProblem, z_star: Tensor, b_solver: SolverFn,
-                               b_thres: int, stats: Dict, want_jac: bool, tol: Dict[str, float]) -> Tensor:
-        """(B, D) output with autograd for the equilibrium ``z_star``: f(z*) with the implicit backward,
-        or the phantom / JFB iterate (MODEL.GRAD); the JR term is taken at the application of f at z*."""
-        record = self._record_jac_loss if want_jac else None
-        if self.grad_mode == "implicit":
-            return attach_implicit_backward(problem.f, z_star, b_solver, b_thres, stats=stats,
-                                            on_application=record, **self.solver_kwargs("b", b_solver, **tol))
-        steps, tau = (1, 1.0) if self.grad_mode == "jfb" else (self.phantom_steps, self.phantom_tau)
-        stats["b_steps"] = steps  # f applications the backward differentiates through
-        return attach_phantom_backward(problem.f, z_star, steps, tau, on_application=record)
+            z, info = self.deq(problem.f, problem.z0, **call)
+        return problem.unflatten(z), info
 
     def head(self, states: List[Tensor]) -> Tensor:
         """Per-resolution states -> the task's output (classification / segmentation logits)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, train_step: Optional[int] = None, **call: Any) -> Tensor:
-        """Images (N, 3, H, W) -> :meth:`head` of the equilibrium states.
+    def forward(self, x: Tensor, train_step: Optional[int] = None, return_info: bool = False, **call: Any
+                ) -> Union[Tensor, Tuple[Tensor, EquilibriumInfo]]:
+        """Images (N, 3, H, W) -> :meth:`head` of the equilibrium states; with ``return_info``,
+        ``(output, info)``, the :class:`~mdeq.modules.EquilibriumInfo` of this call (its backward
+        statistics are filled in when the backward runs).
 
         ``call``: the keywords of :meth:`equilibrium_states` (``mode``, ``f_thres``, ``b_thres``,
         ``solver``, ``depth``, ``eps``, ``jac_loss``), e.g. ``model(x, mode="unrolled")`` or
         ``model(x, f_thres=30, solver="anderson")``. ``train_step`` is the original's API: in
         ``[0, TRAIN.PRETRAIN_STEPS)`` unrolled, otherwise (and by default) the equilibrium.
         """
-        return self.head(self.equilibrium_states(x, train_step=train_step, **call))
+        states, info = self.equilibrium_states(x, train_step=train_step, **call)
+        out = self.head(states)
+        return (out, info) if return_info else out

@@ -23,7 +23,7 @@ al., AAAI 2022). Their memory grows with ``k``, not with the forward solver's st
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -32,9 +32,29 @@ from ..solvers.residuals import SolverResult
 logger = logging.getLogger(__name__)
 
 
+def _adjoint_solve(z: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor, solver: Callable[..., SolverResult],
+                   threshold: int, solver_kwargs: Dict) -> Tuple[torch.Tensor, SolverResult, bool]:
+    """(w, the solve's result, whether it fell back to ``grad``) for ``w = J_f^T w + grad``; ``z``
+    (B, D) is f(z_leaf) with its graph, ``grad`` (B, D) the incoming dl/dz."""
+    def adjoint_map(w: torch.Tensor) -> torch.Tensor:
+        (jtw,) = torch.autograd.grad(z, z_leaf, w, retain_graph=True)
+        return jtw + grad
+
+    with torch.autocast(grad.device.type, enabled=False):
+        w0 = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
+        result = solver(adjoint_map, w0, threshold, **solver_kwargs)
+    w = result.z
+    fallback = (not result.improved) or (not torch.isfinite(w).all().item())
+    if fallback:
+        logger.debug("implicit backward: the adjoint solve did not improve on dl/dz "
+                     "(rel residual %.3g after %d steps); using the one-step gradient",
+                     result.rel_residual, result.steps)
+    return (grad if fallback else w), result, fallback
+
+
 def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor,
                              solver: Callable[..., SolverResult], threshold: int,
-                             stats: Optional[Dict] = None,
+                             on_backward: Optional[Callable[[SolverResult, bool], None]] = None,
                              on_application: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
                              **solver_kwargs) -> torch.Tensor:
     """Return ``f(z_star)`` with autograd, its gradient routed through the adjoint solve.
@@ -45,8 +65,8 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
         z_star: (B, D) the equilibrium found by the forward solver (detached).
         solver: a fixed-point solver (see :mod:`mdeq.solvers`).
         threshold: the largest number of backward solver steps (B_THRES).
-        stats: a dict that receives ``b_steps``, ``b_abs``, ``b_rel``, ``b_fallback``... when
-            the backward pass runs.
+        on_backward: called as ``on_backward(result, fallback)`` when the backward pass has run the
+            adjoint solve (e.g. :meth:`mdeq.modules.equilibrium.EquilibriumInfo.record_backward`).
         on_application: called as ``on_application(z_in, f(z_in))`` with the one differentiable
             application of f, before the adjoint hook is attached (so that VJPs taken there, e.g.
             the Jacobian regulariser's, do not trigger the adjoint solve); only when autograd is on.
@@ -66,29 +86,13 @@ def attach_implicit_backward(f: Callable[[torch.Tensor], torch.Tensor], z_star: 
     def adjoint_hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
         if busy[0]:
             return None
-
-        def adjoint_map(w: torch.Tensor) -> torch.Tensor:
-            (jtw,) = torch.autograd.grad(z, z_leaf, w, retain_graph=True)
-            return jtw + grad
-
         busy[0] = True
         try:
-            with torch.autocast(grad.device.type, enabled=False):
-                w0 = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
-                result = solver(adjoint_map, w0, threshold, **solver_kwargs)
+            w, result, fallback = _adjoint_solve(z, z_leaf, grad, solver, threshold, solver_kwargs)
         finally:
             busy[0] = False
-        w = result.z
-        fallback = (not result.improved) or (not torch.isfinite(w).all().item())
-        if fallback:
-            w = grad
-            logger.debug("implicit backward: the adjoint solve did not improve on dl/dz "
-                         "(rel residual %.3g after %d steps); using the one-step gradient",
-                         result.rel_residual, result.steps)
-        if stats is not None:
-            stats.update(result.stats("b"))
-            stats["b_fallback"] = bool(fallback)
-            stats["b_trace"] = result.trace
+        if on_backward is not None:
+            on_backward(result, fallback)
         return w.to(grad.dtype)
 
     # The hook goes on an alias of z, not on z: a hook on z would be kept by z's own graph node while

@@ -21,8 +21,9 @@ _TINY = 1e-12
 
 #: The solver statistics that a training or evaluation loop averages and logs, in the order it
 #: shows them: the forward solve (``f_*``), the adjoint solve (``b_*``, only after a backward pass)
-#: and whether the adjoint solve fell back to the one-step gradient. ``model.solver_stats`` holds
-#: these keys and more (traces, ``mode``, convergence flags); see :meth:`SolverResult.stats`.
+#: and whether the adjoint solve fell back to the one-step gradient. A call's
+#: :class:`mdeq.modules.EquilibriumInfo` holds these entries and more (traces, ``mode``,
+#: convergence flags); see :meth:`SolverResult.stats`.
 SOLVER_KEYS = ("f_steps", "f_abs", "f_rel", "b_steps", "b_abs", "b_rel", "b_fallback")
 
 

@@ -24,7 +24,6 @@ from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
 from ..core.metrics import topk_correct
 from ..core.reduce import Reducer
-from ..core.solver_stats import to_float
 from ..core.trainer import Task, autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -94,10 +93,11 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(images, **model_kwargs).float()
+            logits, info = net(images, return_info=True, **model_kwargs)
+            logits = logits.float()
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        stats = {k: to_float(net.solver_stats.get(k)) for k in EVAL_KEYS}
+        stats = {k: info.get(k) for k in EVAL_KEYS}
         reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n}, stats, weight=n)
         bar.set_postfix({"acc": f"{100.0 * reducer.sums['top1'] / max(1.0, reducer.sums['images']):.1f}"},
                         refresh=False)

@@ -23,13 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset
 from ..datasets.common import ignore_label
 from ..models import BACKBONE_PREFIXES, count_parameters, get_seg_net
+from ..modules import EquilibriumInfo
 from ..utils.checkpoint import load_pretrained, load_weights
 from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
 from ..core.criterion import build_criterion, resize_logits
 from ..core.reduce import Reducer
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
-from ..core.solver_stats import to_float
+from ..core.reduce import Reducer
 from ..core.trainer import Task, autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,10 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Sequence[float] = (1.0,),
-            flip: bool = False, **model_kwargs: Any) -> Tensor:
-    """Class probabilities (N, C, H, W) at ``size`` (H, W), averaged over the ``scales`` (the image
-    resized bilinearly) and, with ``flip``, the horizontally flipped image. The solver statistics
-    of the last forward stay in ``model.solver_stats``; ``model_kwargs`` go to every model call
-    (``f_thres=...``)."""
+            flip: bool = False, **model_kwargs: Any) -> Tuple[Tensor, EquilibriumInfo]:
+    """(class probabilities (N, C, H, W) at ``size`` (H, W), averaged over the ``scales`` (the image
+    resized bilinearly) and, with ``flip``, the horizontally flipped image; the equilibrium info
+    of the last forward). ``model_kwargs`` go to every model call (``f_thres=...``)."""
     probs = None
     h, w = images.shape[-2:]
     views = 0
@@ -51,13 +51,13 @@ def predict(model: nn.Module, images: Tensor, size: Sequence[int], scales: Seque
         x = images if s == 1.0 else F.interpolate(images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))),
                                                     mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
-            logits = model(x.flip(-1) if flipped else x, **model_kwargs)
+            logits, info = model(x.flip(-1) if flipped else x, return_info=True, **model_kwargs)
             if flipped:
                 logits = logits.flip(-1)
             p = F.softmax(resize_logits(logits.float(), size), dim=1)
             probs = p if probs is None else probs + p
             views += 1
-    return probs / views
+    return probs / views, info
 
 
 @torch.no_grad()
@@ -84,8 +84,9 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     for images, labels, names in progress_bar(loader, enabled=is_main, desc="eval"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs).argmax(dim=1)
-        stats = {k: to_float(net.solver_stats.get(k)) for k in ("f_steps", "f_rel")}
+            probs, info = predict(net, images, labels.shape[-2:], scales, flip, **model_kwargs)
+            pred = probs.argmax(dim=1)
+        stats = {k: info.get(k) for k in ("f_steps", "f_rel")}
         reducer.add({"confusion": confusion_matrix(pred, labels, num_classes, ignore), "images": images.shape[0]},
                     stats, weight=images.shape[0])
         if on_prediction is not None:

@@ -47,12 +47,16 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
     b_timer = TimedSolver(model.b_solver, device)
     call = _step_call(f_thres, b_thres, 0, solver=(model.f_solver, b_timer), eps=0.0, jac_loss=jac)
 
+    infos = []
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, **call), y)
-        if model.jac_loss is not None:
-            loss = loss + model.jac_loss
+        logits, info = model(x, return_info=True, **call)
+        loss = F.cross_entropy(logits, y)
+        if info.jac_loss is not None:
+            loss = loss + info.jac_loss
         loss.backward()
+        infos[:] = [info]
 
     with torch.no_grad():
         model(x, f_thres=2)
@@ -63,7 +67,7 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
     peak = _peak_total(device) - before
     counts = {"f_nograd": calls[False], "f_graph": calls[True], "vjp": b_timer.calls}
     t = median_time(step, repeats, device, warmup=0)
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = infos[0].stats()
     return {"mode": mode, "time": t, "step_peak_mib": peak / 2 ** 20, "stats": stats, **counts}
 
 

@@ -116,16 +116,18 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     model.train()
     f_timer, b_timer = (TimedSolver(s, device) for s in model.call_solvers(solver))
     call = _step_call(f_thres, b_thres, unrolled_depth, solver=(f_timer, b_timer))
+    infos = []
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, **call), y)
-        loss.backward()
+        logits, info = model(x, return_info=True, **call)
+        F.cross_entropy(logits, y).backward()
+        infos[:] = [info]
 
     step()
     f_timer.reset(), b_timer.reset()
     t = median_time(step, repeats, device, warmup=0)
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = infos[0].stats()
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
     out = {"time": t, "stats": stats, "solver_own": own}

@@ -80,10 +80,11 @@ def peak_memory_worker(spec: BenchSpec, f_thres: int, b_thres: int, unrolled_dep
     with torch.no_grad():
         model(x, mode="equilibrium", f_thres=2)
     before = _peak_start(device)
-    F.cross_entropy(model(x, **call), y).backward()
+    logits, info = model(x, return_info=True, **call)
+    F.cross_entropy(logits, y).backward()
     total = _peak_total(device)
     peak = total - before
-    stats = {k: v for k, v in model.solver_stats.items() if not k.endswith("trace")}
+    stats = info.stats()
     history = 0.0
     if not unrolled_depth:
         with torch.no_grad():

@@ -1,0 +1,307 @@
+"""The equilibrium layer: z* = f(z*) for any map f on flattened (B, D) states, with its backward.
+
+:class:`EquilibriumLayer` solves the fixed point with a forward solver (no autograd) and connects
+the result to the graph by the configured backward: the implicit one (an adjoint solve in an
+autograd hook, :func:`~mdeq.modules.implicit.attach_implicit_backward`), phantom gradients or the
+Jacobian-free one-step gradient (:func:`~mdeq.modules.implicit.attach_phantom_backward`). Or, as a
+warm-up, it applies f ``depth`` times from z0 and lets autograd differentiate the stack.
+
+Each call returns ``(z, info)``: :class:`EquilibriumInfo` says what that call did. Its backward
+fields are filled when autograd runs the backward, in that same object, so a training loop reads
+the forward statistics after the forward and the backward ones after ``loss.backward()``::
+
+    layer = EquilibriumLayer("anderson", f_thres=30, b_thres=30)
+    z, info = layer(lambda z: torch.tanh(z @ W.T + x @ U.T), torch.zeros(B, D))
+    loss(z).backward()
+    info.scalars()   # {'f_steps': ..., 'f_rel': ..., 'b_steps': ..., 'b_fallback': 0.0, ...}
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..solvers import (SOLVER_KEYS, SolverFn, SolverResult, SolverWorkspace, get_solver, option_names,
+                       resolve_solver, solver_options)
+from .implicit import attach_implicit_backward, attach_phantom_backward
+from .jacobian import hutchinson_jac_loss, spectral_radius
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+FixedPointMap = Callable[[Tensor], Tensor]
+
+#: what a call computes: the equilibrium by the solvers (with the configured backward), or the
+#: warm-up's ``depth`` weight-tied applications of f from z0 (ordinary backprop)
+MODES = ("equilibrium", "unrolled")
+#: the backward of the equilibrium: the adjoint solve, phantom gradients, the one-step gradient
+GRAD_MODES = ("implicit", "phantom", "jfb")
+#: the numeric statistics worth logging, in the order they are shown: the solvers' and the
+#: Jacobian regularisation term
+LOGGED_KEYS = SOLVER_KEYS + ("jac_loss",)
+#: a solver by name ('broyden', 'anderson', 'fixed_point') or as a callable; a pair is (forward, backward)
+SolverChoice = Union[str, SolverFn, Tuple[Union[str, SolverFn], Union[str, SolverFn]]]
+
+
+@dataclass(eq=False)
+class EquilibriumInfo:
+    """What one call of :class:`EquilibriumLayer` did.
+
+    Attributes:
+        mode: ``'equilibrium'`` or ``'unrolled'``.
+        f_steps: evaluations of f by the forward solver (the depth when unrolled).
+        f_abs, f_rel: the forward solver's final absolute / relative residual (batch).
+        f_diverged: some sample hit the forward solver's divergence guard.
+        f_trace: the forward solver's relative residual after each evaluation.
+        jac_loss: the Hutchinson estimate of ||J_f||_F^2 / numel, a scalar tensor with graph, or None.
+        spectral_radius: the power-method estimate of rho(J_f(z*)) (evaluation only), or None.
+        b_steps: the backward's steps: adjoint-solver steps (implicit), or the applications of f
+            it differentiates through (phantom / JFB, set at once). Implicit: None until autograd
+            runs the backward, which fills ``b_*`` into this object.
+        b_abs, b_rel, b_trace: the adjoint solve's residuals, as the forward ones.
+        b_fallback: the adjoint solve did not improve on dl/dz, whose one-step gradient was used.
+    """
+
+    mode: str
+    f_steps: Optional[int] = None
+    f_abs: Optional[float] = None
+    f_rel: Optional[float] = None
+    f_diverged: Optional[bool] = None
+    f_trace: Optional[List[float]] = None
+    jac_loss: Optional[Tensor] = None
+    spectral_radius: Optional[float] = None
+    # filled by the backward (implicit), or by the forward (phantom / JFB: b_steps)
+    b_steps: Optional[int] = None
+    b_abs: Optional[float] = None
+    b_rel: Optional[float] = None
+    b_fallback: Optional[bool] = None
+    b_trace: Optional[List[float]] = None
+
+    LOGGED_KEYS: ClassVar[Tuple[str, ...]] = LOGGED_KEYS
+
+    @classmethod
+    def from_forward(cls, result: SolverResult) -> "EquilibriumInfo":
+        """The info of an equilibrium call whose forward solve gave ``result``."""
+        forward = {k: v for k, v in result.stats("f").items() if k in cls._names()}   # f_steps, f_abs ...
+        return cls(mode="equilibrium", f_trace=result.trace, **forward)
+
+    def record_backward(self, result: SolverResult, fallback: bool) -> None:
+        """Fill in the adjoint solve's ``result``; ``fallback``: its start dl/dz was used instead."""
+        self.b_steps, self.b_abs, self.b_rel = result.steps, result.abs_residual, result.rel_residual
+        self.b_fallback, self.b_trace = bool(fallback), result.trace
+
+    def get(self, key: str) -> Optional[float]:
+        """Entry ``key`` as a float (``jac_loss`` detached, a bool as 0 / 1); None when not set or
+        not a number (a trace, the mode). An unknown key is a KeyError."""
+        if key not in self._names():
+            raise KeyError(f"EquilibriumInfo has no entry {key!r}; entries: {sorted(self._names())}")
+        value = getattr(self, key)
+        if isinstance(value, Tensor):
+            return float(value.detach().float().mean()) if value.numel() else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def scalars(self) -> Dict[str, float]:
+        """``{key: float}`` of the :data:`LOGGED_KEYS` that are set, in that order."""
+        return {k: v for k, v in ((k, self.get(k)) for k in LOGGED_KEYS) if v is not None}
+
+    def stats(self) -> Dict[str, Any]:
+        """The entries that are set, traces left out, ``jac_loss`` as a float (for reports and JSON)."""
+        out: Dict[str, Any] = {}
+        for name in self._names():
+            value = self.get(name) if name == "jac_loss" else getattr(self, name)
+            if value is not None and not name.endswith("trace"):
+                out[name] = value
+        return out
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the forward solver hit its divergence guard for some sample."""
+        return bool(self.f_diverged)
+
+    def describe(self) -> str:
+        """``mode=... f_steps=... f_rel=... b_rel=... b_fallback=...`` for the logs."""
+        parts = [f"mode={self.mode}"] + [f"{k}={v:.4g}" for k, v in self.scalars().items()]
+        if self.f_diverged is not None:
+            parts.append(f"f_diverged={self.diverged}")
+        return " ".join(parts)
+
+    @classmethod
+    def _names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+class EquilibriumLayer(nn.Module):
+    """z* = f(z*) on (B, D) states, forward and backward; no parameters (f carries them).
+
+    Args:
+        f_solver, b_solver: the forward / backward solver, by name ('broyden', 'anderson',
+            'fixed_point') or as a callable (see :mod:`mdeq.solvers`); ``b_solver`` defaults to ``f_solver``.
+        f_thres, b_thres: the forward / backward budgets (evaluations of f / VJPs).
+        f_eps, b_eps: the stopping tolerances; stop_mode: ``'rel'`` or ``'abs'`` residual.
+        memory, beta, lam: the limited-memory solvers' m, Anderson's mixing and regularisation.
+        workspace: the solvers' reusable scratch memory (a fresh :class:`SolverWorkspace` by default).
+        grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
+        depth: the unrolled (warm-up) depth.
+        warmup_steps: training steps ``0 <= train_step < warmup_steps`` are unrolled.
+        jac_probes: Gaussian probes of the Hutchinson estimate (``jac_loss=True``).
+        spectral_radius_iters: power iterations for ``info.spectral_radius`` in evaluation (0: off).
+    """
+
+    def __init__(self, f_solver: Union[str, SolverFn] = "broyden", b_solver: Union[str, SolverFn, None] = None,
+                 f_thres: int = 30, b_thres: int = 40, *, f_eps: float = 1e-5, b_eps: float = 1e-5,
+                 stop_mode: str = "rel", memory: int = 18, beta: float = 1.0, lam: float = 1e-4,
+                 workspace: Optional[SolverWorkspace] = None, grad: str = "implicit", phantom_steps: int = 5,
+                 phantom_tau: float = 0.5, depth: int = 5, warmup_steps: int = 0, jac_probes: int = 1,
+                 spectral_radius_iters: int = 0) -> None:
+        super().__init__()
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        self.f_solver = resolve_solver(f_solver)
+        self.b_solver = resolve_solver(f_solver if b_solver is None else b_solver)
+        self.f_thres, self.b_thres = int(f_thres), int(b_thres)
+        self.workspace = SolverWorkspace() if workspace is None else workspace
+        # the settings of every solver, per direction; a solve passes its solver only what it takes
+        common = dict(stop_mode=stop_mode, memory=memory, beta=beta, lam=lam, workspace=self.workspace)
+        self.solver_settings: Dict[str, Dict[str, Any]] = {"f": dict(common, eps=f_eps), "b": dict(common, eps=b_eps)}
+        self.grad, self.phantom_steps, self.phantom_tau = grad, int(phantom_steps), float(phantom_tau)
+        self.depth, self.warmup_steps = int(depth), int(warmup_steps)
+        self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
+
+    @classmethod
+    def from_config(cls, cfg) -> "EquilibriumLayer":
+        """The layer of ``cfg.MODEL`` (solvers, budgets, GRAD, NUM_LAYERS ...) and ``cfg.TRAIN.PRETRAIN_STEPS``."""
+        m = cfg.MODEL
+        # resolved here so that an unknown name is a ConfigError naming its key
+        return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"), m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS,
+                   stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
+                   grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
+                   warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
+                   spectral_radius_iters=m.SPECTRAL_RADIUS_ITERS)
+
+    def extra_repr(self) -> str:
+        name = lambda s: getattr(s, "__name__", repr(s))  # noqa: E731
+        return (f"f_solver={name(self.f_solver)}, b_solver={name(self.b_solver)}, f_thres={self.f_thres}, "
+                f"b_thres={self.b_thres}, grad={self.grad}, depth={self.depth}, warmup_steps={self.warmup_steps}")
+
+    # ------------------------------------------------------------------ a call's choices
+    def resolve_mode(self, mode: Optional[str] = None, train_step: Optional[int] = None) -> str:
+        """``mode`` ('equilibrium' or 'unrolled'), or the warm-up rule for ``train_step``: unrolled for
+        ``0 <= train_step < warmup_steps``, else equilibrium (the default)."""
+        if mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            if train_step is not None:
+                raise ValueError(f"give mode ({mode!r}) or train_step ({train_step}), not both")
+            return mode
+        if train_step is not None and 0 <= train_step < self.warmup_steps:
+            return "unrolled"
+        return "equilibrium"
+
+    def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
+        """(forward, backward) solvers of one call: the configured ones, or the override ``solver``."""
+        if solver is None:
+            return self.f_solver, self.b_solver
+        if isinstance(solver, tuple):
+            if len(solver) != 2:
+                raise ValueError(f"solver: a pair (forward, backward) expected, got {len(solver)} entries")
+            return resolve_solver(solver[0]), resolve_solver(solver[1])
+        return resolve_solver(solver), resolve_solver(solver)
+
+    def solver_kwargs(self, direction: str, solver: Optional[SolverFn] = None, **overrides: Any) -> Dict[str, Any]:
+        """The options of the forward (``direction='f'``) or backward (``'b'``) solve for ``solver``
+        (default: the configured one): the layer's settings that this solver takes, then
+        ``overrides`` (e.g. ``eps=0.0``). An override the solver does not take is a ValueError."""
+        if direction not in self.solver_settings:
+            raise ValueError(f"solver direction must be 'f' or 'b', got {direction!r}")
+        solver = (self.f_solver if direction == "f" else self.b_solver) if solver is None else solver
+        names = option_names(solver)
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ValueError(f"solver option(s) {unknown} not taken by {getattr(solver, '__name__', solver)!r} "
+                             f"(it takes {list(names)})")
+        return {**solver_options(solver, self.solver_settings[direction]), **overrides}
+
+    # ------------------------------------------------------------------ the call
+    def forward(self, f: FixedPointMap, z0: Tensor, *, mode: Optional[str] = None, train_step: Optional[int] = None,
+                f_thres: Optional[int] = None, b_thres: Optional[int] = None, solver: Optional[SolverChoice] = None,
+                depth: Optional[int] = None, eps: Optional[float] = None, jac_loss: bool = False
+                ) -> Tuple[Tensor, EquilibriumInfo]:
+        """Solve z = f(z) from ``z0``; every keyword holds for this call only.
+
+        Args:
+            f: (B, D) -> (B, D), block-diagonal over the batch; the same function (weights, dropout
+                masks) for the whole call, as the backward applies it again.
+            z0: (B, D) the start (the solvers work in its dtype, at least float32 is advised).
+            mode: ``'equilibrium'`` (default): the forward solver's equilibrium, with the configured
+                backward when autograd is on; ``'unrolled'``: ``depth`` applications of f from z0.
+            train_step: instead of ``mode``, the warm-up rule (see :meth:`resolve_mode`).
+            f_thres, b_thres: the budgets (default: the layer's); equilibrium mode only.
+            solver: this call's solver, forward and backward, by name or callable, or a pair.
+            depth: the unrolled depth (default: the layer's); unrolled mode only.
+            eps: the stopping tolerance of both solves (``0``: run the full budgets).
+            jac_loss: with autograd on, ``info.jac_loss`` = the Hutchinson estimate of ||J_f||_F^2
+                at the one differentiable application of f the backward builds anyway (the last
+                one when unrolled, the one at z* otherwise).
+
+        Returns:
+            ``(z, info)``: (B, D) ``f(z*)`` (or the last unrolled iterate) and the call's :class:`EquilibriumInfo`.
+        """
+        mode = self.resolve_mode(mode, train_step)
+        want_jac = bool(jac_loss) and torch.is_grad_enabled()
+        if mode == "unrolled":
+            return self._unrolled(f, z0, self.depth if depth is None else int(depth), want_jac)
+        return self._solved(f, z0, self.f_thres if f_thres is None else int(f_thres),
+                            self.b_thres if b_thres is None else int(b_thres), solver, eps, want_jac)
+
+    def _jac_recorder(self, info: EquilibriumInfo) -> Callable[[Tensor, Tensor], None]:
+        def record(z_in: Tensor, z_out: Tensor) -> None:
+            info.jac_loss = hutchinson_jac_loss(z_in, z_out, self.jac_probes)
+        return record
+
+    def _unrolled(self, f: FixedPointMap, z0: Tensor, depth: int, want_jac: bool) -> Tuple[Tensor, EquilibriumInfo]:
+        """(B, D) after ``depth`` applications of f from z0, with autograd (the warm-up)."""
+        if depth < 1:
+            raise ValueError(f"unrolled depth = {depth} must be >= 1")
+        info = EquilibriumInfo(mode="unrolled", f_steps=depth)
+        z = z0
+        for k in range(depth):
+            last = k == depth - 1
+            # the regulariser's VJP needs the last input in the graph; a fresh leaf leaves z0 as it was
+            z_in = z.detach().requires_grad_(True) if (want_jac and last and not z.requires_grad) else z
+            z = f(z_in)
+            if want_jac and last:
+                self._jac_recorder(info)(z_in, z)
+        return z, info
+
+    def _solved(self, f: FixedPointMap, z0: Tensor, f_thres: int, b_thres: int, solver: Optional[SolverChoice],
+                eps: Optional[float], want_jac: bool) -> Tuple[Tensor, EquilibriumInfo]:
+        """(B, D) the forward solver's equilibrium; with autograd on, connected to the graph by the
+        configured backward (:meth:`_differentiable_output`)."""
+        f_solver, b_solver = self.call_solvers(solver)
+        tol = {} if eps is None else {"eps": eps}
+        # the solvers' own linear algebra runs without autocast; f keeps whatever it chooses
+        with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
+            result = f_solver(f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
+        info = EquilibriumInfo.from_forward(result)
+        if result.diverged:
+            logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",
+                           result.rel_residual, result.steps)
+        if torch.is_grad_enabled():
+            return self._differentiable_output(f, result.z, b_solver, b_thres, info, want_jac, tol), info
+        if self.spectral_radius_iters > 0 and not self.training:
+            info.spectral_radius = float(spectral_radius(f, result.z, self.spectral_radius_iters).mean())
+        return result.fz, info
+
+    def _differentiable_output(self, f: FixedPointMap, z_star: Tensor, b_solver: SolverFn, b_thres: int,
+                               info: EquilibriumInfo, want_jac: bool, tol: Dict[str, float]) -> Tensor:
+        """(B, D) output with autograd for the equilibrium ``z_star``: f(z*) with the implicit backward,
+        or the phantom / JFB iterate; the Jacobian term is taken at the application of f at z*."""
+        record = self._jac_recorder(info) if want_jac else None
+        if self.grad == "implicit":
+            return attach_implicit_backward(f, z_star, b_solver, b_thres, on_backward=info.record_backward,
+                                            on_application=record, **self.solver_kwargs("b", b_solver, **tol))
+        steps, tau = (1, 1.0) if self.grad == "jfb" else (self.phantom_steps, self.phantom_tau)
+        info.b_steps = steps  # the applications of f the backward differentiates through
+        return attach_phantom_backward(f, z_star, steps, tau, on_application=record)
