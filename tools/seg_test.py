@@ -9,11 +9,9 @@ predictions (``color/``), overlays on the input (``overlay/``) and label-id imag
 (``label_ids/``). An unlabelled list (test) gives the label-id images the benchmark server
 expects, named like the input images (``<city>_<seq>_<frame>_leftImg8bit.png``), and colour images.
 
-Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
-(see :mod:`mdeq.programs.cli`).
+Exit statuses as for every tool (:mod:`mdeq.programs.cli`): 0 done, 2 bad input (one-line message),
+128+N stopped by signal N.
 """
-from __future__ import annotations
-
 from mdeq.programs.cli import tool_main
 from mdeq.programs.segmentation import test
 

@@ -12,8 +12,6 @@ stem and equilibrium stage initialise the net (its classification head is droppe
 Exit status: 0 done, 2 bad input (one-line message), 3 diverged, 128+N stopped by signal N
 (see :mod:`mdeq.programs.cli`).
 """
-from __future__ import annotations
-
 from mdeq.programs.cli import tool_main
 from mdeq.programs.segmentation import train
 
