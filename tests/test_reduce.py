@@ -31,6 +31,26 @@ def test_sums_means_and_ratios_of_one_process():
     assert empty.means == {}
 
 
+
+def test_a_loop_cut_in_two_goes_on_from_its_first_part_totals():
+    """What an interrupted epoch carries across a resume: the second part, started from the first part's
+    Totals.state() (through JSON, as plain numbers), reduces to the uncut loop's sums and means."""
+    batches = [({"loss": 0.5 * i, "images": 3}, {"f_steps": float(i), "f_rel": 0.1 * i if i % 2 else None})
+               for i in range(1, 7)]
+    whole = Reducer(sums=("loss", "images"), means=("f_steps", "f_rel"))
+    first = Reducer(sums=("loss", "images"), means=("f_steps", "f_rel"))
+    for sums, means in batches:
+        whole.add(sums, means, weight=sums["images"])
+    for sums, means in batches[:4]:
+        first.add(sums, means, weight=sums["images"])
+    second = Reducer(sums=("loss", "images"), means=("f_steps", "f_rel"))
+    second.carry(json.loads(json.dumps(first.reduce().state())))
+    for sums, means in batches[4:]:
+        second.add(sums, means, weight=sums["images"])
+    want, got = whole.reduce(), second.reduce()
+    assert got.sums == want.sums and got.means == pytest.approx(want.means, rel=1e-15)
+    assert got.parts["f_rel"][1] == 9.0                        # three batches of 3 images reported f_rel
+
 SCRIPT = textwrap.dedent("""
     import json, os, torch, torch.distributed as dist
     from mdeq.core.reduce import Reducer

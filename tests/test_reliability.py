@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import SEG_CFG, TOOL_ENV, build_cityscapes_tree, patched_tool, run_process
+from mdeq.analysis.training_curves import read_history
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,8 +158,14 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_exactly(reference, 
     assert ckpt["global_step"] == STEPS_PER_EPOCH + ckpt["batch_in_epoch"]
     last_logged = max(_losses(text))
     assert ckpt["global_step"] == last_logged + 1  # saved right after the last step that ran
+    assert ckpt["epoch_partial"]["totals"]["sums"]["good"] == ckpt["batch_in_epoch"]
     resumed = _resume_and_compare(tmp_path, reference, ckpt["global_step"])
     assert f"epoch 1, global step {ckpt['global_step']}, batch {ckpt['batch_in_epoch']} of the epoch" in resumed
+    # the cut epoch's line of history.jsonl covers the whole epoch, its part before the stop included
+    got, want = (read_history(out / "history.jsonl")[-1] for out in (_out_dir(tmp_path), reference["out"]))
+    assert got["epoch"] == want["epoch"] == 1 and got["train"]["steps"] == STEPS_PER_EPOCH
+    assert got["train"] == pytest.approx(want["train"], rel=1e-12, nan_ok=True)
+    assert got["epoch_time_s"] > got["eval_time_s"]
 
 
 # ------------------------------------------------------------------------------------------ the best model

@@ -213,10 +213,12 @@ class CheckpointManager:
             "format_version": FORMAT_VERSION, "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch),
             "global_step": int(st.global_step), "bad_steps": int(st.bad_steps), "skipped_steps": int(st.skipped_steps),
-            "best_metric": self.best_metric, "best_mode": self.best_mode, "best": float(self.best), "config": self.cfg.dump(), "rng": rng_all,
-            "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch, "lr": current_lr(self.optimizer),
-            "sampler": self.sampler.state(),
+            "best_metric": self.best_metric, "best_mode": self.best_mode, "best": float(self.best),
+            "config": self.cfg.dump(), "rng": rng_all, "world_size": self.world_size,
+            "steps_per_epoch": self.steps_per_epoch, "lr": current_lr(self.optimizer), "sampler": self.sampler.state(),
         }
+        if batch_in_epoch and st.epoch_partial is not None:
+            ckpt["epoch_partial"] = st.epoch_partial
         if self.scheduler is not None:
             ckpt["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -338,6 +340,7 @@ class CheckpointManager:
         st = self.state
         st.global_step, st.bad_steps, st.skipped_steps = (int(ckpt.get(k, 0)) for k in
                                                           ("global_step", "bad_steps", "skipped_steps"))
+        st.epoch_partial = ckpt.get("epoch_partial") if ckpt.get("batch_in_epoch") else None
         for name, obj in self.stateful.items():
             if ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])

@@ -9,8 +9,8 @@ names some batch reported) and ratios of sums.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,6 +25,13 @@ class Totals:
 
     sums: Dict[str, Union[float, torch.Tensor]]
     means: Dict[str, float]    # only the names that some batch, on some process, reported
+    #: each mean's (weighted sum, total weight), so that a later part of the same loop can go on from them
+    parts: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+
+    def state(self) -> Dict[str, Any]:
+        """The totals as plain numbers (for a checkpoint); :meth:`Reducer.carry` goes on from them."""
+        return {"sums": {k: v if isinstance(v, torch.Tensor) else float(v) for k, v in self.sums.items()},
+                "means": {k: [float(s), float(w)] for k, (s, w) in self.parts.items()}}
 
     def ratio(self, numerator: str, denominator: str, scale: float = 1.0, empty: float = float("nan")) -> float:
         """``scale * sums[numerator] / sums[denominator]``, or ``empty`` when the denominator is 0."""
@@ -64,6 +71,15 @@ class Reducer:
                 s, w = self._means[k]
                 self._means[k] = (s + float(v) * weight, w + weight)
 
+    def carry(self, state: Mapping[str, Any]) -> None:
+        """Go on from the totals of an earlier part of the same loop (:meth:`Totals.state`, e.g. those of
+        an interrupted epoch): on one process only, as they already hold every process's part."""
+        self.add(state.get("sums"))
+        for k, (s, w) in (state.get("means") or {}).items():
+            if k in self._means:
+                s0, w0 = self._means[k]
+                self._means[k] = (s0 + float(s), w0 + float(w))
+
     def reduce(self, device: Union[torch.device, str] = "cpu") -> Totals:
         """The sums and means over every process (one collective; every process must call it)."""
         names = sorted(self.sums)
@@ -83,10 +99,10 @@ class Reducer:
                 n = 1
                 sums[k] = float(flat[at])
             at += n
-        means = {}
+        means, parts = {}, {}
         for k in self.mean_names:
             s, w = float(flat[at]), float(flat[at + 1])
             at += 2
             if w:
-                means[k] = s / w
-        return Totals(sums, means)
+                means[k], parts[k] = s / w, (s, w)
+        return Totals(sums, means, parts)

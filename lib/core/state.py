@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -17,9 +17,9 @@ from ..utils.distributed import DistInfo, ShardSampler
 
 @dataclass
 class TrainState:
-    """The loop's counters. ``global_step``, ``bad_steps``, ``skipped_steps`` and ``batch_in_epoch`` are
-    saved in checkpoints; ``stop`` and ``interrupted`` are not (they end the run that sets them, and a
-    resumed run starts with both False).
+    """The loop's counters. ``global_step``, ``bad_steps``, ``skipped_steps``, ``batch_in_epoch`` and
+    ``epoch_partial`` are saved in checkpoints; ``stop`` and ``interrupted`` are not (they end the run
+    that sets them, and a resumed run starts with both False).
 
     Attributes:
         global_step: batches trained on so far, skipped ones included; drives the warm-up /
@@ -29,6 +29,9 @@ class TrainState:
         batch_in_epoch: batches of the current epoch consumed so far (the resume position).
         stop: set when TRAIN.MAX_ITERS is reached.
         interrupted: set when a stop signal ended the epoch early (a checkpoint is due).
+        epoch_partial: what the part of an interrupted epoch measured, for the resumed run to go on
+            from (so that the epoch's means and time in ``history.jsonl`` cover the whole epoch):
+            ``{"totals": Totals.state() of the training sums over every process, "seconds": its time}``.
     """
 
     global_step: int = 0
@@ -37,6 +40,7 @@ class TrainState:
     batch_in_epoch: int = 0
     stop: bool = False
     interrupted: bool = False
+    epoch_partial: Optional[Dict[str, Any]] = None
 
 
 class ResumableSampler(DistributedSampler):

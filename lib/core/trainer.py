@@ -211,8 +211,10 @@ class EpochMeter:
 
     _METRIC = "metric:"   # the task's metric names, kept apart from the meter's own sums
 
-    def __init__(self) -> None:
+    def __init__(self, carried: Optional[Dict[str, Any]] = None) -> None:
         self.reducer = Reducer(sums=("loss", "good", "samples"), means=LOGGED_KEYS)
+        if carried:  # the totals of the epoch's part before an interruption (TrainState.epoch_partial)
+            self.reducer.carry(carried)
 
     def update(self, r: StepResult) -> None:
         good = not r.skipped
@@ -220,12 +222,13 @@ class EpochMeter:
         sums.update({self._METRIC + k: v for k, v in r.metrics.items()})
         self.reducer.add(sums, r.equilibrium.scalars())
 
-    def reduce(self, device: torch.device) -> Dict[str, float]:
+    def reduce(self, device: torch.device) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """(the epoch's means over every process, its totals as :meth:`Totals.state` for a checkpoint)"""
         tot = self.reducer.reduce(device)
         out = {"loss": tot.ratio("loss", "good"), "steps": int(tot.sums["good"])}
         out.update({k[len(self._METRIC):]: tot.ratio(k, "samples") for k in sorted(tot.sums)
                     if k.startswith(self._METRIC)})
-        return {**out, **tot.means}
+        return {**out, **tot.means}, tot.state()
 
 
 def _report_step(run: Run, epoch: int, i: int, total: int, step: int, r: StepResult, bar: Any) -> None:
@@ -269,7 +272,12 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
     if cfg.MODEL.SOFTPLUS_WARMUP:
         run.net.set_softplus(epoch < cfg.TRAIN.SOFTPLUS_EPOCHS)
     guard = StepGuard(state, cfg.TRAIN.MAX_BAD_STEPS)
-    meter = EpochMeter()
+    # a resumed epoch goes on from its interrupted part's totals: they hold every process's share, so
+    # the main process alone carries them
+    carried = state.epoch_partial if start_batch else None
+    state.epoch_partial = None
+    meter = EpochMeter(carried["totals"] if carried and run.info.is_main else None)
+    t_loop = time.time()
     total = start_batch + len(run.loader)
     state.batch_in_epoch = start_batch
     bar = progress_bar(run.loader, enabled=run.info.is_main, total=len(run.loader), desc=f"train {epoch}")
@@ -287,7 +295,10 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
             state.interrupted = True
             break
     bar.close()
-    out = meter.reduce(device)
+    out, totals = meter.reduce(device)
+    if state.interrupted:
+        state.epoch_partial = {"totals": totals,
+                               "seconds": time.time() - t_loop + (carried["seconds"] if carried else 0.0)}
     out["lr"] = current_lr(run.optimizer)
     return out
 
@@ -379,7 +390,8 @@ def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[
 def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: int, stopper: GracefulStop
                ) -> Dict[str, Any]:
     """Train one epoch, evaluate, judge, save; raises on a stop signal (after saving)."""
-    t0 = time.time()
+    partial = run.state.epoch_partial if start_batch else None
+    t0 = time.time() - (partial["seconds"] if partial else 0.0)   # a resumed epoch's time includes its first part
     start_epoch(run.loader, epoch, start_batch, run.cfg.SEED, run.info.rank)
     tr = train_one_epoch(run, epoch, start_batch, stopper)
     if run.state.interrupted:  # SIGTERM / SIGINT: save where we are and leave
