@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 #: the panels of :func:`plot_histories`: (title, [(section, key, line style)], logarithmic y axis)
 PANELS: Tuple[Tuple[str, Sequence[Tuple[str, str, str]], bool], ...] = (
@@ -82,20 +82,22 @@ def plot_histories(runs: Sequence[Tuple[str, Sequence[Dict]]], out: Path, title:
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles: Dict[int, Any] = {}   # run -> its first line, for the legend
     for ax, (panel, lines, log) in zip(axes.flat, PANELS):
         for i, (label, history) in enumerate(runs):
-            for j, (section, key, style) in enumerate(lines):
+            for section, key, style in lines:
                 xs, ys = series(history, section, key)
                 if xs:
-                    ax.plot(xs, ys, style, marker=".", color=colours[i % len(colours)],
-                            label=label if j == 0 else None)
+                    (line,) = ax.plot(xs, ys, style, marker=".", color=colours[i % len(colours)])
+                    handles.setdefault(i, line)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("epoch")
         if log and ax.lines and all(y > 0 for line in ax.lines for y in line.get_ydata()):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=9)
+    # labels given explicitly: matplotlib's own collection would drop one that starts with "_" ("_fast")
+    fig.legend([handles[i] for i in sorted(handles)], [runs[i][0] for i in sorted(handles)], loc="lower center",
+               ncol=min(4, max(1, len(handles))), fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
