@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .measurements import _step_call
+from ...utils.cpu_allocator import retain_freed_memory
 from .memory import _peak_start, _peak_total
 from .spec import BenchSpec, build
 from .timing import TimedSolver, median_time
@@ -35,6 +36,9 @@ def backward_mode_worker(spec: BenchSpec, mode: str, f_thres: int, b_thres: int,
     :func:`peak_memory_worker` (CUDA: allocated bytes; CPU: RSS).
     """
     from dataclasses import replace
+    # a spawned process starts with glibc's default thresholds: set them as the training tools do, or
+    # the step's page faults make every mode look slower than it trains (the peak RSS stays the same)
+    retain_freed_memory()
     opts, jac = BACKWARD_MODES[mode]
     if spec.threads:
         torch.set_num_threads(spec.threads)
