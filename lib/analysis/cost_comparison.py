@@ -181,12 +181,11 @@ def _pooled_interval(rs: Sequence[Dict]) -> str:
 def format_table(rows: Sequence[Dict], baseline: str = "implicit (quickstart)") -> str:
     """A markdown table, one line per variant: mean ± std over seeds of each metric (and of the history
     metrics the runs have), the number of seeds, the 95 % binomial interval of the top-1 (Wilson, over
-    the held-out images of all seeds together), and wall time and top-1 relative to ``baseline``."""
+    the held-out images of all seeds together), and wall time and top-1 relative to ``baseline`` on the
+    seeds that both have (a variant trained for fewer seeds is not set against the others' mean)."""
     names = list(dict.fromkeys(r["variant"] for r in rows))
     by = {n: [r for r in rows if r["variant"] == n] for n in names}
-    base = by.get(baseline, [])
-    base_wall = statistics.mean(r["wall_time_s"] for r in base) if base else None
-    base_top1 = statistics.mean(r["top1"] for r in base) if base else None
+    base = {r["seed"]: r for r in by.get(baseline, [])}
     columns = list(METRICS) + [m for m in HISTORY_METRICS if any(m[0] in r for r in rows)]
     head = (["method", "seeds"] + [label for _, label, _ in columns] + ["top-1 95 % interval", "wall vs baseline",
                                                                           "top-1 vs baseline"])
@@ -197,10 +196,12 @@ def format_table(rows: Sequence[Dict], baseline: str = "implicit (quickstart)") 
         for key, _, fmt in columns:
             cells.append(_mean_std([float(r[key]) for r in rs if r.get(key) is not None], fmt))
         cells.append(_pooled_interval(rs))
-        wall = statistics.mean(r["wall_time_s"] for r in rs)
-        top1 = statistics.mean(r["top1"] for r in rs)
-        cells.append(f"{wall / base_wall:.2f}x" if base_wall else "-")
-        cells.append(f"{top1 - base_top1:+.2f}" if base_top1 is not None else "-")
+        pairs = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
+        if pairs:
+            wall = sum(r["wall_time_s"] for r, _ in pairs) / sum(b["wall_time_s"] for _, b in pairs)
+            cells += [f"{wall:.2f}x", f"{statistics.mean(r['top1'] - b['top1'] for r, b in pairs):+.2f}"]
+        else:
+            cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
