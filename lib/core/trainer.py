@@ -277,7 +277,6 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
     carried = state.epoch_partial if start_batch else None
     state.epoch_partial = None
     meter = EpochMeter(carried["totals"] if carried and run.info.is_main else None)
-    t_loop = time.time()
     total = start_batch + len(run.loader)
     state.batch_in_epoch = start_batch
     bar = progress_bar(run.loader, enabled=run.info.is_main, total=len(run.loader), desc=f"train {epoch}")
@@ -296,9 +295,8 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
             break
     bar.close()
     out, totals = meter.reduce(device)
-    if state.interrupted:
-        state.epoch_partial = {"totals": totals,
-                               "seconds": time.time() - t_loop + (carried["seconds"] if carried else 0.0)}
+    if state.interrupted:   # its seconds are the caller's (_run_epoch), who times the whole epoch
+        state.epoch_partial = {"totals": totals}
     out["lr"] = current_lr(run.optimizer)
     return out
 
@@ -395,6 +393,7 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
     start_epoch(run.loader, epoch, start_batch, run.cfg.SEED, run.info.rank)
     tr = train_one_epoch(run, epoch, start_batch, stopper)
     if run.state.interrupted:  # SIGTERM / SIGINT: save where we are and leave
+        run.state.epoch_partial["seconds"] = time.time() - t0
         saved = manager.save_latest(epoch, run.state.batch_in_epoch, epoch_end=False)
         barrier()
         raise manager.interrupted(stopper, saved)

@@ -174,7 +174,8 @@ class EquilibriumLayer(nn.Module):
         """The layer of ``cfg.MODEL`` (solvers, budgets, GRAD, NUM_LAYERS ...) and ``cfg.TRAIN.PRETRAIN_STEPS``."""
         m = cfg.MODEL
         # resolved here so that an unknown name is a ConfigError naming its key
-        return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"), m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS,
+        return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"),
+                   m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS,
                    stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
                    grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
                    warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
