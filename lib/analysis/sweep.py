@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..config import ConfigError
+from ..utils.output_files import replace_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def plot_sweep(rows_by_label: Mapping[str, Sequence[SweepRow]], path: str, metri
         if title:
             ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        replace_file(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     finally:
         plt.close(fig)
     return path
@@ -103,7 +104,6 @@ def sweep_models(model_files: Sequence[str], load: Callable[[str], None], evalua
 
     Returns the rows per checkpoint file.
     """
-    import json
     import os
 
     by_file: Dict[str, List[SweepRow]] = {}
@@ -115,8 +115,8 @@ def sweep_models(model_files: Sequence[str], load: Callable[[str], None], evalua
     logger.info("%s against the forward budget:\n%s", metric_name, format_sweep_table(table, metric_name))
     if write:
         png = plot_sweep(table, os.path.join(out_dir, f"{stem}.png"), metric_name)
-        with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-            json.dump({p: [r.as_dict() for r in rows] for p, rows in by_file.items()}, f, indent=2)
+        write_json(os.path.join(out_dir, f"{stem}.json"),
+                   {p: [r.as_dict() for r in rows] for p, rows in by_file.items()}, indent=2)
         logger.info("sweep plot %s, rows %s", png, os.path.join(out_dir, f"{stem}.json"))
     return by_file
 

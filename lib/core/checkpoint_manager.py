@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -41,6 +40,7 @@ import yaml
 
 from ..utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..utils.distributed import all_gather_object, unwrap
+from ..utils.output_files import append_text, copy_file, write_bytes, write_json
 from ..utils.optim import current_lr, load_scheduler_state, total_iterations
 from ..utils.rng import get_rng_state, set_rng_state
 from .signals import GracefulStop, TrainingInterrupted, resume_command
@@ -132,8 +132,8 @@ def resume_checkpoint(out_dir: str, cfg, is_main: bool, device: Any) -> Optional
     resume_file = cfg.TRAIN.CHECKPOINT or latest
     if is_main and os.path.isdir(out_dir):
         for f in os.listdir(out_dir):
-            if f.startswith(".tmp-checkpoint"):   # the latest, epoch and healthy copies' temporary files
-                logger.warning("removing %s, the temporary file of a checkpoint write that was interrupted",
+            if f.startswith(".tmp-"):   # the temporary files of output_files.replace_file (checkpoints, json)
+                logger.warning("removing %s, the temporary file of a write that was interrupted",
                                os.path.join(out_dir, f))
                 os.remove(os.path.join(out_dir, f))
     if not cfg.TRAIN.RESUME:
@@ -266,8 +266,7 @@ class CheckpointManager:
         line = {"epoch": int(epoch), "global_step": int(self.state.global_step), "epoch_time_s": float(seconds),
                 "eval_time_s": float(eval_seconds), "train": {k: float(v) for k, v in train.items()},
                 "held_out": dict(held_out)}
-        with open(self.path(HISTORY), "a") as f:
-            f.write(json.dumps(line, allow_nan=True) + "\n")
+        append_text(self.path(HISTORY), json.dumps(line, allow_nan=True) + "\n")
 
     def _trim_history(self, begin_epoch: int) -> None:
         """Drop the history lines of epochs >= ``begin_epoch`` (a resumed run trains them again)."""
@@ -278,18 +277,14 @@ class CheckpointManager:
             lines = [ln for ln in f if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < begin_epoch]
         if len(kept) != len(lines):
-            with open(path + ".part", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".part", path)
+            write_bytes(path, "".join(kept).encode())
 
     def keep_healthy_copy(self) -> Optional[str]:
         """Before an unhealthy epoch's state overwrites the latest checkpoint: keep the latest one as
         ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one."""
         target = self.path(HEALTHY)
         if not self.keeping_healthy and self.is_main and os.path.isfile(self.latest):
-            part = self.path(".tmp-" + HEALTHY)   # a leftover is removed at the next start, as save_checkpoint's
-            shutil.copyfile(self.latest, part)
-            os.replace(part, target)
+            copy_file(self.latest, target)
         self.keeping_healthy = True
         return target if os.path.isfile(target) or not self.is_main else None
 
@@ -320,8 +315,7 @@ class CheckpointManager:
         if not self.is_main:
             return
         save_checkpoint(unwrap(self.model).state_dict(), self.path(FINAL))
-        with open(self.path(RESULTS), "w") as f:
-            json.dump(results, f, indent=2, allow_nan=True)
+        write_json(self.path(RESULTS), results, indent=2, allow_nan=True)
 
     # ---------------------------------------------------------------- resuming
     def restore(self, ckpt: Dict[str, Any], seed: int, rank: int) -> Tuple[int, int]:

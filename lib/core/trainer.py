@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError
 from ..modules import LOGGED_KEYS, EquilibriumInfo
 from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
+from ..utils.event_log import ScalarEvents
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
 from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
@@ -321,8 +322,7 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: boo
     amp_dtype, scaler = amp_setup(bool(cfg.TRAIN.AMP), info.device)
     writer = None
     if info.is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(log_dir=tb_dir)
+        writer = ScalarEvents(tb_dir)
     return Run(cfg=cfg, info=info, task=task, model=model, optimizer=optimizer,
                scheduler=build_scheduler(cfg, optimizer, len(loader)),
                scaler=scaler, criterion=task.build_criterion(cfg).to(info.device), loader=loader,
@@ -409,6 +409,7 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
                 solver or "no solver statistics", tr["lr"], run.state.skipped_steps)
     if run.writer is not None:
         run.writer.add_scalar("train_epoch/loss", tr["loss"], epoch)
+        run.writer.flush()
     healthy = _judge_health(run, manager, epoch, tr, val)
     # the best first, so that the epoch's checkpoint records a best that includes this epoch; an
     # unhealthy epoch, or one whose state cannot be saved, never becomes the best

@@ -9,7 +9,6 @@ checkpoint (ours or the original's ``.pkl``) on the held-out set and writes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from ..datasets import build_cls_val_dataset
 from ..tasks.classification import ClassificationTask, check_classes, validate
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo
+from ..utils.output_files import write_json
 from .runner import TaskProgram, run_test, run_train
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class ClassificationProgram(TaskProgram):
                     res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
                     res.get("f_abs", float("nan")))
         if info.is_main:
-            with open(os.path.join(out_dir, "valid_results.json"), "w") as f:
-                json.dump(res, f, indent=2)
+            write_json(os.path.join(out_dir, "valid_results.json"), res, indent=2)
         return res
 
 

@@ -8,9 +8,8 @@ Exit statuses:
   missing or unreadable data (a label image that is not 8-bit label ids), a file that is not a
   checkpoint, a checkpoint that is refused / truncated / of another architecture, an output folder
   that cannot be written or that another training run is using (its lock names the run), more
-  processes than devices; also a checkpoint write that failed (disk
-  full, I/O error: :class:`~mdeq.utils.checkpoint.CheckpointWriteError`), which leaves the previous
-  checkpoint intact;
+  processes than devices; also a write of the run's files that failed (disk full, quota, I/O
+  error: :class:`~mdeq.utils.output_files.OutputWriteError`), which leaves every earlier file intact;
 * 3 — training diverged (``TRAIN.MAX_BAD_STEPS`` consecutive skipped steps), or an epoch failed the
   health check with ``TRAIN.STOP_ON_UNHEALTHY``; the message names the last checkpoint from before
   the trouble;
@@ -40,7 +39,7 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 #: exceptions that mean "the input is wrong" (or the output cannot be written): reported as one line,
-#: exit status 2. OutputDirError covers CheckpointWriteError.
+#: exit status 2. OutputDirError covers OutputWriteError (and CheckpointWriteError).
 BAD_INPUT = (ConfigError, FileNotFoundError, CheckpointError, DatasetError, OutputDirError, DeviceError)
 
 

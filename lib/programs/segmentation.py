@@ -9,7 +9,6 @@ images the benchmark server expects and colour images.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,6 +25,7 @@ from ..datasets.common import ignore_label
 from ..tasks.segmentation import SegmentationTask, evaluate, format_scores
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo
+from ..utils.output_files import write_bytes, write_json
 from .runner import TaskProgram, run_test, run_train
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,12 @@ def _scales(cfg) -> List[float]:
 
 
 def _write_png(path: str, array: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(path, array):
-        raise OSError(f"could not write {path}")
+    ok, png = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"cannot encode a {array.shape} {array.dtype} picture as PNG for {path}")
+    write_bytes(path, png.tobytes())
 
 
 class SegmentationProgram(TaskProgram):
@@ -111,8 +112,7 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
                                          "images", "pixels", "confusion")}
         report.update(model_file=model_file, list=cfg.DATASET.TEST_SET, scales=scales, flip=cfg.TEST.FLIP_TEST)
         json_path = os.path.join(out_dir, f"{list_name}_results.json")
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=True)
+        write_json(json_path, report, indent=2, allow_nan=True)
         logger.info("results written to %s, pictures to %s", json_path, pic_dir)
     return scores
 

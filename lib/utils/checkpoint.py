@@ -2,8 +2,9 @@
 
 * Every file is read with ``torch.load(..., weights_only=True)``: a file that would need arbitrary
   unpickling (and could run code) is refused, never executed.
-* Writes are atomic: a temporary file in the same folder, flushed and fsync'ed, then renamed over
-  the target, so a crash at any moment leaves the previous checkpoint intact.
+* Writes are atomic (:func:`mdeq.utils.output_files.replace_file`): a temporary file in the same
+  folder, flushed and fsync'ed, then renamed over the target, so a crash or a full disk at any moment
+  leaves the previous checkpoint intact.
 * Another implementation's names for a model's tensors (the original MDEQ release stores the
   equilibrium stage four times) are mapped by the model's own alias table: a model that has one sets
   ``state_dict_aliases`` (see :data:`StateDictAliases`, and ``MDEQNet.state_dict_aliases``), and
@@ -11,20 +12,18 @@
 """
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
 import pickle
 import pickletools
-import tempfile
-import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .distributed import unwrap
+from .output_files import OutputDirError, OutputWriteError, check_writable, replace_file  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -38,30 +37,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-class OutputDirError(OSError):
-    """An output folder that cannot be created or written."""
-
-
-class CheckpointWriteError(OutputDirError):
+class CheckpointWriteError(OutputWriteError):
     """Writing a checkpoint failed (disk full, quota, I/O error); the file it replaces is intact."""
-
-
-def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
-    """Create ``folder`` if needed and check that a file can be written in it.
-
-    Raises:
-        OutputDirError: naming the folder, the reason and what to do.
-    """
-    folder = os.fspath(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise OutputDirError(f"{what} {os.path.abspath(folder)} cannot be written ({e.strerror or e}): choose a "
-                             f"writable folder (OUTPUT_DIR / --modelDir, LOG_DIR / --logDir) or fix its "
-                             f"permissions / free disk space") from e
 
 
 #: how a zip archive starts: torch.save's format since torch 1.6
@@ -140,12 +117,6 @@ def _reason(err: BaseException) -> str:
     return (useful or lines or [type(err).__name__])[0]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 #: test hook: seconds to sleep between writing the temporary file and renaming it (crash tests)
 SAVE_DELAY_ENV = "MDEQ_TEST_SAVE_DELAY"
 
@@ -160,52 +131,10 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
         CheckpointWriteError: the write failed (disk full, quota, I/O error, read-only folder); the
             message names the folder and the reason and says that ``path`` was left as it was.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    except OSError as e:
-        raise _write_error(path, folder, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            logger.warning("%s=%s: sleeping before renaming %s to %s", SAVE_DELAY_ENV, delay, tmp, path)
-            time.sleep(delay)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise _write_error(path, folder, e) from e
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _write_error(path: str, folder: str, err: OSError) -> CheckpointWriteError:
-    """The one-line error of a failed checkpoint write: folder, reason, and the state of ``path``."""
-    reason = err.strerror or str(err) or type(err).__name__
-    if err.errno is not None and err.errno in errno.errorcode:
-        reason = f"{reason} ({errno.errorcode[err.errno]})"
-    kept = (f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path)
-            else f"no earlier {os.path.basename(path)} was there")
-    hint = " Free disk space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else " Fix the folder"
-    out = CheckpointWriteError(f"cannot write {os.path.basename(path)} in {folder}: {reason}; {kept} (the "
-                               f"partial file was removed).{hint}, then resume with TRAIN.RESUME True")
-    out.errno = err.errno
-    return out
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.warning("%s=%s: sleeping before renaming the temporary file to %s", SAVE_DELAY_ENV, delay, path)
+    replace_file(path, lambda f: torch.save(dict(state), f), CheckpointWriteError, pause_s=delay)
 
 
 def extract_state_dict(obj: Any, source: str = "", aliases: StateDictAliases = {}) -> Dict[str, torch.Tensor]:

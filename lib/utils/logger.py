@@ -16,9 +16,36 @@ from typing import Any, Iterable, Optional, Tuple
 
 from tqdm import tqdm
 
-from .checkpoint import check_writable
+from .output_files import check_writable, describe, find_os_error
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogFileHandler(logging.FileHandler):
+    """The run's log file. A record it cannot write (full disk, I/O error) is reported once on stderr
+    and the file is given up: the run goes on, logging to the console, rather than printing
+    logging's traceback for every later record."""
+
+    def __init__(self, filename: str | os.PathLike) -> None:
+        super().__init__(filename)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        cause = find_os_error(sys.exc_info()[1]) if sys.exc_info()[1] is not None else None
+        if cause is None:
+            return super().handleError(record)
+        self.failed = True
+        sys.stderr.write(f"warning: cannot write the log file {self.baseFilename}: {describe(cause)}; the run "
+                         f"goes on and logs to the console only\n")
+        stream, self.stream = self.stream, None
+        try:
+            stream.close()
+        except OSError:
+            pass
 
 
 def output_dirs(cfg, cfg_path: Optional[str], phase: str, timestamp: Optional[str] = None) -> Tuple[Path, Path, str]:
@@ -55,7 +82,7 @@ def create_logger(cfg, cfg_path: Optional[str], phase: str = "train", rank: Opti
     if rank == 0:
         check_writable(out_dir, "output folder")  # before anything is written
         check_writable(tb_dir, "TensorBoard folder")
-        handlers.append(logging.FileHandler(out_dir / f"{run_name}.log"))
+        handlers.append(LogFileHandler(out_dir / f"{run_name}.log"))
     fmt = LOG_FORMAT if rank == 0 else f"[rank {rank}] " + LOG_FORMAT
     logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True)
     log = logging.getLogger()

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import OutputDirError, check_writable
+from .output_files import OutputDirError, check_writable, write_error
 from .distributed import all_gather_object
 
 logger = logging.getLogger(__name__)
@@ -109,10 +109,15 @@ class OutputLock:
                            "crashed): %s", self.path, _describe(previous))
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(mine) + "\n").encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(mine) + "\n").encode())
+            os.fsync(fd)
+        except OSError as e:   # a full disk: give the lock file back before anything else was written
+            os.remove(self.path)
+            os.close(fd)
+            raise write_error(self.path, e, "no run was started and nothing else was written") from e
         self.fd = fd
         return self
 
