@@ -10,6 +10,7 @@ subprocesses, over about 5 s each) run by default, as in CI; ``-m "not slow"`` l
 
 Helpers that several test files use live here, imported as ``from conftest import ...``:
 :func:`run_process` and :data:`TOOL_ENV` (running a tool as a user does), :func:`patched_tool`,
+:func:`one_error_line` (a tool's failure as a user sees it),
 :func:`build_cityscapes_tree` with :data:`SEG_CFG` / :data:`SEG_TINY` (a small Cityscapes tree and
 a segmentation model that trains on it in seconds).
 """
@@ -113,6 +114,18 @@ def patched_tool(tool: str, patch: str) -> list:
     script = (f"{patch}\nimport runpy, sys\nsys.argv = ['tools/{tool}'] + sys.argv[1:]\n"
               f"runpy.run_path('tools/{tool}', run_name='__main__')\n")
     return ["-c", script]
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, exactly one ``error:`` line, holding every needle; no traceback anywhere."""
+    text = proc.all  # type: ignore[attr-defined]
+    assert proc.returncode == 2, f"exit status {proc.returncode}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    for n in needles:
+        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
+    return errors[0]
 
 
 #: the environment of the tools a test starts: one thread, unbuffered output, and no GPU (the

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TOOL_ENV, patched_tool, run_process
+from conftest import REPO, one_error_line, patched_tool, run_process
 from mdeq.utils.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from mdeq.utils.event_log import ScalarEvents
 from mdeq.utils.logger import LogFileHandler
@@ -107,18 +107,6 @@ def _out(tmp_path: Path) -> Path:
     return tmp_path / "o" / "digits" / "cls_mdeq_digits"
 
 
-def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit status 2, no traceback, exactly one ``error:`` line, holding every needle."""
-    text = proc.all  # type: ignore[attr-defined]
-    assert proc.returncode == 2, f"exit status {proc.returncode}:\n{text[-3000:]}"
-    assert "Traceback" not in text, text[-3000:]
-    errors = [line for line in text.splitlines() if "error:" in line]
-    assert len(errors) == 1, text[-3000:]
-    for n in needles:
-        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
-    return errors[0]
-
-
 def _earlier_files_intact(out: Path) -> None:
     """No temporary file; every checkpoint loads with weights_only=True; every history line parses."""
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -154,7 +142,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_every_earlier_file(kind
     name, after, nbytes, extra, kept = STOPS[kind]
     proc = _train(tmp_path, name, after, nbytes, *extra)
     out = _out(tmp_path)
-    line = _one_error_line(proc, "the disk is full", f"cannot write {name} in {out}", "No space left on device",
+    line = one_error_line(proc, "the disk is full", f"cannot write {name} in {out}", "No space left on device",
                            kept)
     assert "TRAIN.RESUME True" in line
     _earlier_files_intact(out)
@@ -188,7 +176,7 @@ def test_an_evaluation_that_cannot_write_its_results_says_so_in_one_line(tmp_pat
     cmd = [sys.executable, *patched_tool("cls_valid.py", _SHIM), "--cfg", DIGITS, "--testModel", model,
            "--modelDir", tmp_path / "v", "--logDir", tmp_path / "l", *TINY]
     proc = run_process(cmd, expect=None, FULL_FILE="valid_results.json", FULL_AFTER="0", FULL_BYTES="100")
-    _one_error_line(proc, "the disk is full", "cannot write valid_results.json", "no earlier valid_results.json")
+    one_error_line(proc, "the disk is full", "cannot write valid_results.json", "no earlier valid_results.json")
     assert not list((tmp_path / "v").rglob(".tmp-*"))
 
 
@@ -215,7 +203,7 @@ def test_the_digits_quickstart_into_a_2mb_tmpfs_ends_in_one_line(tiny_tmpfs):
     proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "OUTPUT_DIR", tiny_tmpfs / "output",
                         "LOG_DIR", tiny_tmpfs / "log"], expect=None)
     out = tiny_tmpfs / "output" / "digits" / "cls_mdeq_digits"
-    _one_error_line(proc, "the disk is full", str(out), "No space left on device")
+    one_error_line(proc, "the disk is full", str(out), "No space left on device")
     checkpoints = [p for p in out.iterdir() if p.name.endswith((".pth.tar", ".pth"))]
     assert checkpoints
     for p in checkpoints:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import List
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEG_CFG, build_cityscapes_tree, patched_tool, run_process
+from conftest import SEG_CFG, build_cityscapes_tree, one_error_line, patched_tool, run_process
 from mdeq.config import CHOICES, RANGES, ConfigError, get_default_config, load_config
 from mdeq.config.original import IGNORED, RENAMED
 from mdeq.programs.cli import run_tool
@@ -33,18 +32,6 @@ from mdeq.utils.checkpoint import CheckpointError, CheckpointWriteError, load_ch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
-
-
-def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit status 2, exactly one ``error:`` line, holding every needle; no traceback anywhere."""
-    text = proc.all  # type: ignore[attr-defined]
-    assert proc.returncode == 2, f"exit status {proc.returncode}:\n{text[-3000:]}"
-    assert "Traceback" not in text, text[-3000:]
-    errors = [line for line in text.splitlines() if "error:" in line]
-    assert len(errors) == 1, text[-3000:]
-    for n in needles:
-        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +69,7 @@ def test_config_file_and_override_slips_say_what_to_do(tmp_path):
         assert "OUTPUT_DIR" not in str(err.value)   # the option's own key is not the user's word
     proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", REPO / "experiments", "--modelDir",
                         tmp_path / "o"], expect=None)
-    _one_error_line(proc, "ConfigError", "is a folder")
+    one_error_line(proc, "ConfigError", "is a folder")
     assert not (tmp_path / "o").exists()
 
 
@@ -113,7 +100,7 @@ def test_a_truncated_checkpoint_without_other_states_says_how_to_go_on(tmp_path)
 def test_out_of_range_setting_is_one_line_naming_key_value_and_range(tmp_path, key, value, allowed):
     proc = run_process([sys.executable, "tools/cls_train.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
                         "--logDir", tmp_path / "l", key, value], expect=None)
-    line = _one_error_line(proc, "ConfigError", f"{key} = {value}", allowed)
+    line = one_error_line(proc, "ConfigError", f"{key} = {value}", allowed)
     assert "out of range" in line
     assert not (tmp_path / "o").exists()  # nothing written
 
@@ -293,7 +280,7 @@ def test_a_code_carrying_pickle_is_still_refused(evil_pickle):
 def test_testModel_that_is_not_a_checkpoint_is_one_line(junk, tmp_path, name, needle):
     proc = run_process([sys.executable, "tools/cls_valid.py", "--cfg", DIGITS, "--modelDir", tmp_path / "o",
                         "--logDir", tmp_path / "l", "--testModel", junk / name], expect=None)
-    _one_error_line(proc, "CheckpointError", str(junk / name), needle)
+    one_error_line(proc, "CheckpointError", str(junk / name), needle)
 
 
 # ----------------------------------------------------------------------------- the solver tools
@@ -308,7 +295,7 @@ def test_solver_tools_bad_inputs_are_one_line(junk, tmp_path, tool, option, name
     extra = ["--out-dir", tmp_path / "conv"] if "plot" in tool else ["--mem-thres", "", "--repeats", "1"]
     proc = run_process([sys.executable, tool, "--cfg", DIGITS, option, junk / name, "--batch-size", "2", *extra],
                        expect=None)
-    _one_error_line(proc, str(junk / name), needle)
+    one_error_line(proc, str(junk / name), needle)
 
 
 @pytest.mark.parametrize("tool,args,needle", [
@@ -344,7 +331,7 @@ def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp
                         ("tools/plot_convergence.py", ["--out-dir", tmp_path / "out"])):
         proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--image-size", "3", "--batch-size", "2", *extra],
                            expect=None)
-        _one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
+        one_error_line(proc, "ConfigError", "--image-size 3 is too small for this model", "at least 8 pixels")
         assert not (tmp_path / "out").exists()
 
 
@@ -352,17 +339,17 @@ def test_an_image_size_too_small_for_the_model_is_one_line_before_any_output(tmp
 def test_converter_bad_input_is_one_line(junk, tmp_path):
     proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "results.json",
                         tmp_path / "o.pth"], expect=None)
-    _one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
+    one_error_line(proc, "CheckpointError", str(junk / "results.json"), "not a checkpoint")
     proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", junk / "weights.pth",
                         tmp_path / "o.pth"], expect=None)
-    _one_error_line(proc, "CheckpointError", "no equilibrium stage")
+    one_error_line(proc, "CheckpointError", "no equilibrium stage")
     assert not (tmp_path / "o.pth").exists()
     # a classification checkpoint of another width than the segmentation config: the report lists it
     from mdeq.models import get_cls_net
     save_checkpoint(get_cls_net(load_config(DIGITS)).state_dict(), tmp_path / "digits.pth")
     proc = run_process([sys.executable, "pretrained_models/convert_cls_to_seg.py", tmp_path / "digits.pth",
                         tmp_path / "o.pth", "--cfg", SEG_CFG], expect=None)
-    _one_error_line(proc, "CheckpointError", "does not fit the segmentation net of", SEG_CFG)
+    one_error_line(proc, "CheckpointError", "does not fit the segmentation net of", SEG_CFG)
     assert "missing in the checkpoint" in proc.all and "shape mismatches" in proc.all
     assert not (tmp_path / "o.pth").exists()
 
@@ -435,7 +422,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_previous_checkpoint
     proc = run_process([sys.executable, *patched_tool("cls_train.py", _FULL_DISK), "--cfg", DIGITS, *opts],
                        expect=None)
     out = tmp_path / "o" / "digits" / "cls_mdeq_digits"
-    _one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
+    one_error_line(proc, "CheckpointWriteError", str(out), "No space left on device", "is intact")
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
     assert load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
 
@@ -478,11 +465,11 @@ def test_a_classification_config_given_to_the_segmentation_tools_is_one_line(tmp
     for tool in ("tools/seg_train.py", "tools/seg_test.py"):
         proc = run_process([sys.executable, tool, "--cfg", DIGITS, "--modelDir", tmp_path / "o", "--logDir",
                             tmp_path / "l", "--testModel", tmp_path / "none.pth"], expect=None)
-        _one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
+        one_error_line(proc, "ConfigError", "segmentation trains and tests on Cityscapes", "'digits'",
                         "tools/cls_train.py")
     proc = run_process([sys.executable, "tools/seg_train.py", "--cfg", SEG_CFG, "--modelDir", tmp_path / "o",
                         "--logDir", tmp_path / "l", "DATASET.NUM_CLASSES", "1000"], expect=None)
-    _one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
+    one_error_line(proc, "ConfigError", "Cityscapes has 19 train classes; MODEL.NUM_CLASSES is 1000")
 
 
 @pytest.mark.slow
@@ -495,4 +482,4 @@ def test_16_bit_label_in_a_training_list_is_one_line(city, tmp_path):
                         "--logDir", tmp_path / "l", "DATASET.ROOT", city, "DATASET.TRAIN_SET", lst,
                         "DATASET.TEST_SET", "", "WORKERS", "0", "TRAIN.BATCH_SIZE_PER_GPU", "1",
                         "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.BASE_SIZE", "128"], expect=None)
-    _one_error_line(proc, "CityscapesError", "wide16_gtFine_labelIds.png", "2301")
+    one_error_line(proc, "CityscapesError", "wide16_gtFine_labelIds.png", "2301")

@@ -27,7 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..config.loader import ConfigError
 from ..datasets.common import DatasetError
-from ..utils.checkpoint import CheckpointError, OutputDirError
+from ..utils.checkpoint import CheckpointError
+from ..utils.output_files import OutputDirError
 from ..utils.distributed import DeviceError
 from ..utils.run_lock import release_output_locks
 from ..core.signals import TrainingInterrupted

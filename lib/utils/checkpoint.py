@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .distributed import unwrap
-from .output_files import OutputDirError, OutputWriteError, check_writable, replace_file  # noqa: F401 (re-exported)
+from .output_files import OutputWriteError, replace_file
 
 logger = logging.getLogger(__name__)
 
