@@ -102,6 +102,7 @@ def shown_commands(page: Path) -> List[str]:
     return [c for c in commands if COMMAND_START.match(c) and re.search(r"(tools|pretrained_models)/\w+\.py", c)]
 
 
+@lru_cache(maxsize=None)
 def _load_tool(path: Path):
     spec = importlib.util.spec_from_file_location(f"doc_tool_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
