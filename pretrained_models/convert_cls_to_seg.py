@@ -57,15 +57,19 @@ def convert(src: str, dst: str, cfg_path: str = "", opts: Sequence[Any] = ()) ->
     return backbone
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Convert as the command line ``argv`` (default ``sys.argv[1:]``) says."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", help="classification checkpoint (ours or the original's .pkl)")
     p.add_argument("dst", help="output file for MODEL.PRETRAINED")
     p.add_argument("--cfg", default="", help="segmentation experiment file to check the result against")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="overrides of --cfg")
     # --cfg may come after the file names (a REMAINDER would swallow it and skip the check)
-    args = parse_launch_args(p, argv)
+    return parse_launch_args(p, argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Convert as the command line ``argv`` (default ``sys.argv[1:]``) says."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     convert(args.src, args.dst, args.cfg, args.opts)
 

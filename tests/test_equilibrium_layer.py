@@ -11,7 +11,7 @@ import torch
 
 from mdeq.modules import LOGGED_KEYS, EquilibriumInfo, EquilibriumLayer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LAYER_PAGE = Path(__file__).resolve().parents[1] / "docs" / "equilibrium_layer.md"
 B, D = 3, 6
 
 
@@ -182,17 +182,16 @@ def test_info_get_names_unknown_keys():
         info.get("f_stpes")
 
 
-def _readme_example() -> str:
-    text = README.read_text()
-    section = text.split("## Using the equilibrium layer on your own f", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README: no ```python block in the section 'Using the equilibrium layer on your own f'"
+def _page_example() -> str:
+    """The first ```python block of docs/equilibrium_layer.md."""
+    match = re.search(r"```python\n(.*?)```", LAYER_PAGE.read_text(), re.S)
+    assert match, "docs/equilibrium_layer.md: no ```python block"
     return match.group(1)
 
 
-def test_the_readme_example_runs():
+def test_the_docs_example_runs():
     namespace: dict = {}
-    exec(compile(_readme_example(), "README.md example", "exec"), namespace)
+    exec(compile(_page_example(), "docs/equilibrium_layer.md example", "exec"), namespace)
     info = namespace["info"]
     assert isinstance(info, EquilibriumInfo) and info.mode == "equilibrium"
     assert info.f_steps > 0 and info.b_steps is not None and info.b_fallback is False

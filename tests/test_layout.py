@@ -1,4 +1,4 @@
-"""The code's shape, as the README's code map promises it: layered packages, one training loop,
+"""The code's shape, as the code map of docs/model.md promises it: layered packages, one training loop,
 short functions."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 
-#: each package of mdeq and the packages it may import (the layers of README's code map)
+#: each package of mdeq and the packages it may import (the layers of docs/model.md's code map)
 ALLOWED = {
     "config": set(),
     "utils": {"config"},

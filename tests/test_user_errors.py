@@ -356,7 +356,7 @@ def test_converter_bad_input_is_one_line(junk, tmp_path):
 
 def test_plot_convergence_needs_only_the_readme_install():
     """Every third-party module that lib/, tools/ and pretrained_models/ import is in requirements.txt
-    (the README's install) and in setup.py."""
+    (the README's "Install") and in setup.py."""
     dist = {"PIL": "pillow", "cv2": "opencv-python-headless", "sklearn": "scikit-learn", "yaml": "pyyaml",
             "tensorboardX": "tensorboardx"}
     imported = set()

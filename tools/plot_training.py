@@ -21,13 +21,18 @@ from mdeq.config import ConfigError
 from mdeq.programs.cli import tool_main
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run output folders or history.jsonl files")
     p.add_argument("--labels", default="", help="comma-separated legend labels, one per run (default: folder names)")
     p.add_argument("--title", default="", help="the figure's title")
     p.add_argument("--out", default="output/training.png", help="the PNG to write")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Draw the runs of the command line ``argv`` (default ``sys.argv[1:]``) into one PNG."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     paths = [find_history(Path(r)) for r in args.runs]
     labels = [s for s in args.labels.split(",")] if args.labels else [Path(r).resolve().name for r in args.runs]

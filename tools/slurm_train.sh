@@ -23,7 +23,7 @@
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
 # SIGTERM 5 minutes before the time limit: every rank finishes its step, rank 0 saves a checkpoint
-# at that step, and the run exits with status 143 (see README, "Stopping and resuming").
+# at that step, and the run exits with status 143 (see docs/reliability.md, "Stopping and resuming").
 #SBATCH --signal=TERM@300
 
 set -euo pipefail

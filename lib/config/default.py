@@ -48,7 +48,7 @@ _C.MODEL.SOLVER_MEMORY = 18  # new: L-Broyden / Anderson memory m (Table 4: 12 C
 _C.MODEL.F_EPS = 1e-5  # new: forward stopping tolerance (per sample, see STOP_MODE)
 _C.MODEL.B_EPS = 1e-5  # new: backward stopping tolerance (per sample)
 # new: memory layout of the equilibrium states, 'nchw' or 'channels_last'; the results do not depend on it,
-# the speed does, and which is faster depends on the model and the device (README: CPU settings that matter)
+# the speed does, and which is faster depends on the model and the device (docs/performance.md: CPU settings that matter)
 _C.MODEL.STATE_LAYOUT = "nchw"
 # new: the stopping residual, per sample: 'rel' ||f(z) - z|| / ||f(z)|| (mdeq.solvers.residuals) or 'abs' ||f(z) - z||
 _C.MODEL.STOP_MODE = "rel"

@@ -5,7 +5,7 @@ threshold that it adapts up to 32 MiB) with ``mmap`` and hands it back to the ke
 and it also trims the top of its heap once more than a threshold of it is free. Each new tensor
 then starts on fresh pages, and the kernel zeroes and maps them one 4 KiB page fault at a time.
 An MDEQ training step allocates and frees the same large activations (and solver vectors)
-hundreds of times, so page faults become a large share of a CPU training step (README: "CPU
+hundreds of times, so page faults become a large share of a CPU training step (docs/performance.md: "CPU
 settings that matter more than the solver" has the figures).
 
 :func:`retain_freed_memory` fixes glibc's thresholds with ``mallopt``: blocks up to

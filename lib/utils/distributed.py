@@ -160,7 +160,7 @@ def cleanup(wait: bool = False) -> None:
     The DistributedDataParallel wrapper goes first (``gc.collect()`` frees it from the reference
     cycles of a finished run): one that outlives the group is destroyed during interpreter
     shutdown, and gloo then aborted the process now and then ("terminate called without an active
-    exception"; README, "Several GPUs"). ``wait`` keeps a rank that finished first from tearing
+    exception"; docs/distributed.md, "Several GPUs"). ``wait`` keeps a rank that finished first from tearing
     down its connections while a peer still completes its last collective; after an error the
     other ranks may never arrive, so no barrier then.
     """
