@@ -19,7 +19,10 @@ def test_every_experiment_loads_and_builds(path):
     build = get_seg_net if cfg.DATASET.DATASET == "cityscapes" else get_cls_net
     with torch.device("meta"):
         model = build(cfg)
-    assert len(model.fullstage.branches) == cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES
+    if cfg.MODEL.NAME == "resnet":      # the explicit baseline: three stages of (DEPTH - 2) / 6 blocks
+        assert [len(s) for s in model.stages] == [(cfg.MODEL.RESNET.DEPTH - 2) // 6] * 3
+    else:
+        assert len(model.fullstage.branches) == cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES
 
 
 def test_experiment_files_cover_the_paper_and_the_original():

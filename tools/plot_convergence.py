@@ -25,12 +25,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mdeq.config import load_config  # noqa: E402
+from mdeq.config import ConfigError, load_config  # noqa: E402
 from mdeq.programs.cli import tool_main  # noqa: E402
 from mdeq.solvers import solver_names  # noqa: E402
 from mdeq.programs.launch import int_at_least, names_from  # noqa: E402
 from mdeq.programs.launch import parse_args as parse_launch_args  # noqa: E402
-from mdeq.models import get_cls_net  # noqa: E402
+from mdeq.models import forward_kind, get_cls_net  # noqa: E402
 from mdeq.utils.checkpoint import load_weights  # noqa: E402
 from mdeq.analysis.convergence import convergence_traces  # noqa: E402
 from mdeq.analysis.sample_images import IMAGES_HELP, tool_batch  # noqa: E402
@@ -62,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = load_config(args.cfg, list(args.opts))
     torch.manual_seed(args.seed)
     model = get_cls_net(cfg)
+    if forward_kind(model) == "explicit":
+        raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} is an explicit network: it has no f whose solves to trace")
     if args.testModel:
         load_weights(model, args.testModel)
     model.to(args.device)

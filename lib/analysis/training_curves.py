@@ -2,7 +2,8 @@
 accuracy and the solvers' behaviour over a long run, several runs in one figure.
 
 Each line of ``history.jsonl`` is one finished epoch: ``{"epoch", "global_step", "epoch_time_s",
-"eval_time_s", "train": {...}, "held_out": {...}}``, ``train`` holding the epoch's means (loss, top1,
+"eval_time_s", "mode", "train": {...}, "held_out": {...}}``, ``mode`` what the epoch's last step
+computed ('unrolled', 'equilibrium', or 'explicit' for a network without one), ``train`` holding the epoch's means (loss, top1,
 f_steps, f_rel, b_steps, b_rel, jac_loss ...), ``held_out`` the evaluation's scalars (loss, top1,
 f_steps, f_rel ...). A resumed run writes the epochs it trains again; the last line of an epoch counts.
 """

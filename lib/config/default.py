@@ -71,6 +71,11 @@ _C.MODEL.JAC_LOSS_FREQ = 1.0  # new: >= 1: apply JR every JAC_LOSS_FREQ-th step;
 _C.MODEL.JAC_INCREMENTAL = 0.0  # new: the JR weight grows by this much per epoch (weight + JAC_INCREMENTAL * epoch)
 _C.MODEL.JAC_PROBES = 1  # new: Gaussian probes per JR estimate
 _C.MODEL.SPECTRAL_RADIUS_ITERS = 0  # new: power iterations for a spectral-radius estimate of J_f(z*) in evaluation (0: off)
+# new: the explicit baseline (MODEL.NAME resnet, mdeq.models.resnet): a CIFAR ResNet of DEPTH = 6n + 2 layers,
+# three stages of n basic blocks at WIDTHS channels (20 and [16, 32, 64]: ResNet-20)
+_C.MODEL.RESNET = CN()
+_C.MODEL.RESNET.DEPTH = 20
+_C.MODEL.RESNET.WIDTHS = [16, 32, 64]
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1
 _C.MODEL.EXTRA.FULL_STAGE = CN()

@@ -129,11 +129,12 @@ RANGES: Dict[str, Range] = {
     "MODEL.JAC_INCREMENTAL": AT_LEAST_0,
     "MODEL.JAC_PROBES": AT_LEAST_1,
     "MODEL.SPECTRAL_RADIUS_ITERS": AT_LEAST_0,
+    "MODEL.RESNET.DEPTH": Range(8),
+    "MODEL.RESNET.WIDTHS": AT_LEAST_1,
 }
 
 #: string keys and their allowed values. One line per key.
 CHOICES: Dict[str, Tuple[Any, ...]] = {
-    "MODEL.NAME": ("mdeq",),
     "MODEL.STOP_MODE": ("abs", "rel"),
     "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
     "MODEL.GRAD": ("implicit", "phantom", "jfb"),
@@ -145,7 +146,8 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
 }
 
 #: keys whose allowed values a higher layer owns (``MODEL.F_SOLVER``: :mod:`mdeq.solvers`'s registry,
-#: ``TRAIN.OPTIMIZER``: :mod:`mdeq.utils.optim`), each with the function that lists them now
+#: ``TRAIN.OPTIMIZER``: :mod:`mdeq.utils.optim`, ``MODEL.NAME``: :mod:`mdeq.models.registry`), each with
+#: the function that lists them now
 REGISTERED_CHOICES: Dict[str, Callable[[], Iterable[str]]] = {}
 
 
@@ -218,6 +220,10 @@ def validate_config(cfg: CN, source: str) -> None:
         if c % cfg.MODEL.NUM_GROUPS:
             raise ConfigError(f"{source}: NUM_CHANNELS entry {c} is not divisible by MODEL.NUM_GROUPS = "
                               f"{cfg.MODEL.NUM_GROUPS}")
+    resnet = cfg.MODEL.RESNET
+    if (resnet.DEPTH - 2) % 6 or len(resnet.WIDTHS) != 3:
+        raise ConfigError(f"{source}: MODEL.RESNET.DEPTH = {resnet.DEPTH} must be 6n + 2 (8, 14, 20, 32, ...) and "
+                          f"MODEL.RESNET.WIDTHS = {list(resnet.WIDTHS)} must have 3 entries (one per stage)")
     check_jac_loss_freq(cfg.MODEL.JAC_LOSS_FREQ, source)
     if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
         raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "

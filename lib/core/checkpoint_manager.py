@@ -258,13 +258,14 @@ class CheckpointManager:
         return None if params_finite(self.model) else "some weights are not finite"
 
     def append_history(self, epoch: int, seconds: float, eval_seconds: float, train: Mapping[str, float],
-                       held_out: Mapping[str, float]) -> None:
+                       held_out: Mapping[str, float], mode: Optional[str] = None) -> None:
         """One line of ``history.jsonl`` for the finished ``epoch`` (main process only): ``seconds`` the
-        epoch took, ``eval_seconds`` of them in the held-out evaluation."""
+        epoch took, ``eval_seconds`` of them in the held-out evaluation, ``mode`` what its last training
+        step computed ('unrolled', 'equilibrium' or 'explicit'; None: no step)."""
         if not self.is_main:
             return
         line = {"epoch": int(epoch), "global_step": int(self.state.global_step), "epoch_time_s": float(seconds),
-                "eval_time_s": float(eval_seconds), "train": {k: float(v) for k, v in train.items()},
+                "eval_time_s": float(eval_seconds), "mode": mode, "train": {k: float(v) for k, v in train.items()},
                 "held_out": dict(held_out)}
         append_text(self.path(HISTORY), json.dumps(line, allow_nan=True) + "\n")
 

@@ -10,7 +10,10 @@ and whether it is maximised or minimised). Everything else is decided here, once
   layer (:class:`~mdeq.modules.EquilibriumLayer`) runs the unrolled weight-tied stack while it is
   below ``TRAIN.PRETRAIN_STEPS``, afterwards the equilibrium solver with its backward, and says
   which in the step's :class:`~mdeq.modules.EquilibriumInfo`. With ``MODEL.SOFTPLUS_WARMUP`` f
-  uses softplus during the first ``TRAIN.SOFTPLUS_EPOCHS`` epochs.
+  uses softplus during the first ``TRAIN.SOFTPLUS_EPOCHS`` epochs. The baselines have no warm-up
+  (their ``forward_kind``, :func:`mdeq.models.forward_kind`, is ``'unrolled'`` or ``'explicit'``):
+  their steps report no solver statistics, and what judges a solver (the residual and fallback
+  health checks, the solver divergence guard) finds nothing to judge in them.
 * **Bad steps.** A step whose loss or gradient is not finite, or whose forward solver hit its
   divergence guard, on any rank, is skipped by every rank (:class:`~mdeq.core.step_guard.StepGuard`):
   no rank runs backward for a bad forward, no rank updates for a bad gradient, so the replicas stay
@@ -38,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from ..models import forward_kind
 from ..modules import LOGGED_KEYS, EquilibriumInfo
 from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.event_log import ScalarEvents
@@ -72,7 +76,9 @@ class Task:
 
     def build_model(self, cfg, initial_weights: bool) -> nn.Module:
         """The model on the CPU; with ``initial_weights``, a training run's starting weights loaded
-        (TRAIN.MODEL_FILE, MODEL.PRETRAINED ...)."""
+        (TRAIN.MODEL_FILE, MODEL.PRETRAINED ...). Its call is ``model(images, train_step=..., jac_loss=...,
+        return_info=True) -> (output, EquilibriumInfo)``; a model without an equilibrium says so in its
+        ``forward_kind`` (see :func:`mdeq.models.forward_kind`)."""
         raise NotImplementedError
 
     def build_datasets(self, cfg) -> Tuple[Dataset, Optional[Dataset]]:
@@ -367,9 +373,11 @@ def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[
                   val: Dict[str, Any]) -> bool:
     """Warn about an unhealthy epoch (or stop, with TRAIN.STOP_ON_UNHEALTHY) before its state is saved;
     returns whether the epoch is healthy."""
-    equilibrium = run.health.equilibrium_steps > 0
+    # the task's own sign is judged past the warm-up: on epochs with equilibrium steps, or on every
+    # epoch of a model that never solves for an equilibrium (a baseline: its steps are all it is)
+    judged = run.health.equilibrium_steps > 0 or forward_kind(run.net) != "equilibrium"
     problems, numbers = run.health.end_epoch(train["loss"], run.info.device)
-    own = run.task.health_problem(run.cfg, train, val) if equilibrium else None
+    own = run.task.health_problem(run.cfg, train, val) if judged else None
     problems += [own] if own else []
     if not problems:
         manager.healthy_again()
@@ -417,7 +425,8 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
         manager.update_best(float(val.get(run.task.best_metric, float("nan"))), epoch)
     saved = manager.save_latest(epoch + 1, 0, epoch_end=True)
     if saved:
-        manager.append_history(epoch, time.time() - t0, t_eval, tr, run.task.scalars(val) if val else {})
+        manager.append_history(epoch, time.time() - t0, t_eval, tr, run.task.scalars(val) if val else {},
+                               mode=run.last_mode)
     barrier()
     if stopper.should_stop():  # the signal came during validation: the epoch's checkpoint is saved
         raise manager.interrupted(stopper, saved)
@@ -449,6 +458,9 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
     if begin >= end:
         logger.info("the run is finished (the checkpoint is at epoch %d, TRAIN.END_EPOCH is %d): nothing to train; "
                     "evaluating its weights. Raise TRAIN.END_EPOCH to train longer.", begin, end)
+    elif forward_kind(run.net) != "equilibrium":
+        logger.info("training epochs %d..%d of a model without an equilibrium (%s): no warm-up", begin, end - 1,
+                    forward_kind(run.net))
     else:
         logger.info("training epochs %d..%d, warm-up (unrolled) for the first %d steps", begin, end - 1,
                     cfg.TRAIN.PRETRAIN_STEPS)

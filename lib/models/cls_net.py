@@ -50,8 +50,8 @@ class MDEQClsNet(MDEQNet):
     ``FINAL_CHANSIZE``, global average pooling and a linear classifier.
     """
 
-    def __init__(self, cfg, bn_momentum: float = 0.1) -> None:
-        super().__init__(cfg, bn_momentum)
+    def __init__(self, cfg, bn_momentum: float = 0.1, default_mode: str = "equilibrium") -> None:
+        super().__init__(cfg, bn_momentum, default_mode)
         stage = cfg.MODEL.EXTRA.FULL_STAGE
         heads: Sequence[int] = list(stage.HEAD_CHANNELS)
         if len(heads) != self.num_branches:

@@ -201,14 +201,16 @@ def _bn_momentum(cfg, default: float) -> float:
 class MDEQNet(nn.Module):
     """Stem (``downsample``, ``stage0``) and the equilibrium stage (``fullstage`` = f_theta).
 
-    Subclasses add the :meth:`head`; ``forward`` is the same for every task.
+    Subclasses add the :meth:`head`; ``forward`` is the same for every task. ``default_mode``
+    ``'unrolled'`` makes the net the unrolled baseline: every call that names no mode, in training
+    and in evaluation, is the weight-tied stack of ``MODEL.NUM_LAYERS`` applications of f.
     """
 
     #: the original release's names of ``fullstage`` (it stores f_theta four times): ``deq.func`` is
     #: ``fullstage``, the two copies carry nothing new (read by mdeq.utils.checkpoint.load_weights)
     state_dict_aliases = {"fullstage_copy.": None, "deq.func_copy.": None, "deq.func.": "fullstage."}
 
-    def __init__(self, cfg, bn_momentum: float = 0.1) -> None:
+    def __init__(self, cfg, bn_momentum: float = 0.1, default_mode: str = "equilibrium") -> None:
         super().__init__()
         stage = cfg.MODEL.EXTRA.FULL_STAGE
         m = cfg.MODEL
@@ -216,7 +218,7 @@ class MDEQNet(nn.Module):
         self.num_channels = list(stage.NUM_CHANNELS)
         self.downsample_times = m.DOWNSAMPLE_TIMES
         # the solve, its backward and the warm-up rule (TRAIN.PRETRAIN_STEPS); no parameters
-        self.deq = EquilibriumLayer.from_config(cfg)
+        self.deq = EquilibriumLayer.from_config(cfg, default_mode)
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
@@ -268,7 +270,14 @@ class MDEQNet(nn.Module):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
 
+    @property
+    def forward_kind(self) -> str:
+        """What the net computes after the warm-up: ``'equilibrium'``, or ``'unrolled'`` (the unrolled
+        baseline, at depth :attr:`depth`)."""
+        return self.deq.default_mode
+
     # the equilibrium layer's settings, where the model stands for it (benchmark, analysis, tests)
+    depth = _layer_setting("depth", "the unrolled depth (MODEL.NUM_LAYERS)")
     f_solver = _layer_setting("f_solver", "the forward solver (MODEL.F_SOLVER)")
     b_solver = _layer_setting("b_solver", "the backward solver (MODEL.B_SOLVER)")
     f_thres = _layer_setting("f_thres", "the forward budget (MODEL.F_THRES)")

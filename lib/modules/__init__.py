@@ -1,11 +1,11 @@
 """Layers of an MDEQ: the equilibrium layer and its implicit backward, weight norm, variational
 dropout (the solvers are in :mod:`mdeq.solvers`)."""
 from .dropout import VariationalDropout2d
-from .equilibrium import GRAD_MODES, LOGGED_KEYS, MODES, EquilibriumInfo, EquilibriumLayer, SolverChoice
+from .equilibrium import EXPLICIT, GRAD_MODES, LOGGED_KEYS, MODES, EquilibriumInfo, EquilibriumLayer, SolverChoice
 from .implicit import attach_implicit_backward, attach_phantom_backward
 from .jacobian import hutchinson_jac_loss, spectral_radius
 from .weight_norm import WeightNormConv2d, conv2d, weights_fixed
 
-__all__ = ["EquilibriumInfo", "EquilibriumLayer", "GRAD_MODES", "LOGGED_KEYS", "MODES", "SolverChoice",
+__all__ = ["EXPLICIT", "EquilibriumInfo", "EquilibriumLayer", "GRAD_MODES", "LOGGED_KEYS", "MODES", "SolverChoice",
            "attach_implicit_backward", "attach_phantom_backward", "hutchinson_jac_loss", "spectral_radius",
            "VariationalDropout2d", "WeightNormConv2d", "conv2d", "weights_fixed"]

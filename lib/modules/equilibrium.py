@@ -36,6 +36,9 @@ FixedPointMap = Callable[[Tensor], Tensor]
 #: what a call computes: the equilibrium by the solvers (with the configured backward), or the
 #: warm-up's ``depth`` weight-tied applications of f from z0 (ordinary backprop)
 MODES = ("equilibrium", "unrolled")
+#: the ``mode`` of the info that a network without an equilibrium layer returns (an explicit baseline):
+#: no solver ran, so no solver statistic is set
+EXPLICIT = "explicit"
 #: the backward of the equilibrium: the adjoint solve, phantom gradients, the one-step gradient
 GRAD_MODES = ("implicit", "phantom", "jfb")
 #: the numeric statistics worth logging, in the order they are shown: the solvers' and the
@@ -50,7 +53,8 @@ class EquilibriumInfo:
     """What one call of :class:`EquilibriumLayer` did.
 
     Attributes:
-        mode: ``'equilibrium'`` or ``'unrolled'``.
+        mode: ``'equilibrium'`` or ``'unrolled'``; ``'explicit'`` from a network that has no
+            equilibrium layer (:data:`EXPLICIT`): then nothing else is set.
         f_steps: evaluations of f by the forward solver (the depth when unrolled).
         f_abs, f_rel: the forward solver's final absolute / relative residual (batch).
         f_diverged: some sample hit the forward solver's divergence guard.
@@ -145,6 +149,9 @@ class EquilibriumLayer(nn.Module):
         grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
         depth: the unrolled (warm-up) depth.
         warmup_steps: training steps ``0 <= train_step < warmup_steps`` are unrolled.
+        default_mode: what a call that names no ``mode`` computes after the warm-up: ``'equilibrium'``,
+            or ``'unrolled'`` for a network that is the weight-tied stack of ``depth`` applications of
+            f in training and in evaluation (the unrolled baseline, MODEL.NAME ``mdeq_unrolled``).
         jac_probes: Gaussian probes of the Hutchinson estimate (``jac_loss=True``).
         spectral_radius_iters: power iterations for ``info.spectral_radius`` in evaluation (0: off).
     """
@@ -154,10 +161,13 @@ class EquilibriumLayer(nn.Module):
                  stop_mode: str = "rel", memory: int = 18, beta: float = 1.0, lam: float = 1e-4,
                  workspace: Optional[SolverWorkspace] = None, grad: str = "implicit", phantom_steps: int = 5,
                  phantom_tau: float = 0.5, depth: int = 5, warmup_steps: int = 0, jac_probes: int = 1,
-                 spectral_radius_iters: int = 0) -> None:
+                 spectral_radius_iters: int = 0, default_mode: str = "equilibrium") -> None:
         super().__init__()
         if grad not in GRAD_MODES:
             raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
+        self.default_mode = default_mode
         self.f_solver = resolve_solver(f_solver)
         self.b_solver = resolve_solver(f_solver if b_solver is None else b_solver)
         self.f_thres, self.b_thres = int(f_thres), int(b_thres)
@@ -170,8 +180,9 @@ class EquilibriumLayer(nn.Module):
         self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
 
     @classmethod
-    def from_config(cls, cfg) -> "EquilibriumLayer":
-        """The layer of ``cfg.MODEL`` (solvers, budgets, GRAD, NUM_LAYERS ...) and ``cfg.TRAIN.PRETRAIN_STEPS``."""
+    def from_config(cls, cfg, default_mode: str = "equilibrium") -> "EquilibriumLayer":
+        """The layer of ``cfg.MODEL`` (solvers, budgets, GRAD, NUM_LAYERS ...) and ``cfg.TRAIN.PRETRAIN_STEPS``
+        (``default_mode``: see the class)."""
         m = cfg.MODEL
         # resolved here so that an unknown name is a ConfigError naming its key
         return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"),
@@ -179,17 +190,19 @@ class EquilibriumLayer(nn.Module):
                    stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
                    grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
                    warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
-                   spectral_radius_iters=m.SPECTRAL_RADIUS_ITERS)
+                   spectral_radius_iters=m.SPECTRAL_RADIUS_ITERS, default_mode=default_mode)
 
     def extra_repr(self) -> str:
         name = lambda s: getattr(s, "__name__", repr(s))  # noqa: E731
         return (f"f_solver={name(self.f_solver)}, b_solver={name(self.b_solver)}, f_thres={self.f_thres}, "
-                f"b_thres={self.b_thres}, grad={self.grad}, depth={self.depth}, warmup_steps={self.warmup_steps}")
+                f"b_thres={self.b_thres}, grad={self.grad}, depth={self.depth}, warmup_steps={self.warmup_steps}, "
+                f"default_mode={self.default_mode}")
 
     # ------------------------------------------------------------------ a call's choices
     def resolve_mode(self, mode: Optional[str] = None, train_step: Optional[int] = None) -> str:
         """``mode`` ('equilibrium' or 'unrolled'), or the warm-up rule for ``train_step``: unrolled for
-        ``0 <= train_step < warmup_steps``, else equilibrium (the default)."""
+        ``0 <= train_step < warmup_steps``, else :attr:`default_mode` (the equilibrium unless the layer
+        is the unrolled baseline's, which is unrolled in every call that names no mode)."""
         if mode is not None:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -198,7 +211,7 @@ class EquilibriumLayer(nn.Module):
             return mode
         if train_step is not None and 0 <= train_step < self.warmup_steps:
             return "unrolled"
-        return "equilibrium"
+        return self.default_mode
 
     def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
         """(forward, backward) solvers of one call: the configured ones, or the override ``solver``."""

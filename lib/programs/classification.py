@@ -62,13 +62,21 @@ class ClassificationProgram(TaskProgram):
         t0 = time.time()
         res = validate(model, loader, cfg, info.device, is_main=info.is_main)
         res.update(model_file=path, time_s=time.time() - t0, **summary)
-        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, mean f steps %.2f, "
-                    "final residual rel %.3g abs %.3g", cfg.DATASET.DATASET, res["num_samples"], res["top1"],
-                    res["top5"], res["loss"], res.get("f_steps", float("nan")), res.get("f_rel", float("nan")),
-                    res.get("f_abs", float("nan")))
+        logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, %s", cfg.DATASET.DATASET,
+                    res["num_samples"], res["top1"], res["top5"], res["loss"], _solver_figures(res))
         if info.is_main:
             write_json(os.path.join(out_dir, "valid_results.json"), res, indent=2)
         return res
+
+
+def _solver_figures(res: Dict[str, Any]) -> str:
+    """The forward solve of an evaluation in words, by what the model computes (``res['forward']``)."""
+    if res.get("forward") == "explicit":
+        return "explicit network (no equilibrium, no solver)"
+    if res.get("forward") == "unrolled":
+        return f"unrolled weight-tied stack of depth {res.get('unrolled_depth')} (no equilibrium, no residual)"
+    return (f"mean f steps {res.get('f_steps', float('nan')):.2f}, final residual rel "
+            f"{res.get('f_rel', float('nan')):.3g} abs {res.get('f_abs', float('nan')):.3g}")
 
 
 PROGRAM = ClassificationProgram()

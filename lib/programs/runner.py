@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ..config import ConfigError
 from ..core.trainer import STOPPED_TOGETHER, Task, fit
+from ..models import forward_kind
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, process_group_closed
 from .launch import base_parser, config_from_args, setup_process
@@ -102,6 +104,9 @@ def run_test(program: TaskProgram, argv: Optional[Sequence[str]] = None) -> Dict
         if not args.f_thres_sweep:
             return program.test(args, cfg, info, out_dir)
         model = program.task_class().build_model(cfg, initial_weights=False).to(info.device)
+        if forward_kind(model) != "equilibrium":
+            raise ConfigError(f"--f-thres-sweep varies the forward solver's budget: MODEL.NAME {cfg.MODEL.NAME!r} "
+                              f"has no equilibrium ({forward_kind(model)} network)")
         loader = program.test_loader(cfg, info)
         key, name = program.sweep_metric
         return sweep_checkpoints(cfg, out_dir, args.f_thres_sweep, lambda path: program.load(model, path), key, name,

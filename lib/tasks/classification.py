@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
 from ..datasets import build_cls_datasets
-from ..models import count_parameters, get_cls_net
+from ..models import count_parameters, forward_kind, get_cls_net
+from ..models.flops import f_flops, forward_flops
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
@@ -30,41 +31,6 @@ logger = logging.getLogger(__name__)
 
 #: the model's statistics that an evaluation averages (spectral_radius with MODEL.SPECTRAL_RADIUS_ITERS > 0)
 EVAL_KEYS = ("f_steps", "f_abs", "f_rel", "spectral_radius")
-
-
-def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
-    """FLOPs of one evaluation of f_theta for one image (None if they cannot be counted).
-
-    Convolutions are the only matrix products in f, so they are counted from forward hooks:
-    2 * output elements * (C_in / groups * kh * kw) each, what ``torch.utils.flop_counter`` counts,
-    without its first-use cost (about a second, in every run's wall time).
-    """
-    from ..modules import WeightNormConv2d
-    net = unwrap(model)
-    total = [0]
-
-    def count(mod: nn.Module, inputs, out: torch.Tensor) -> None:
-        weight = mod.weight_v if isinstance(mod, WeightNormConv2d) else mod.weight
-        total[0] += 2 * out.numel() * weight[0].numel()
-
-    hooks = [m.register_forward_hook(count) for m in net.fullstage.modules()
-             if isinstance(m, (nn.Conv2d, WeightNormConv2d))]
-    was_training = net.training
-    net.eval()
-    try:
-        p = next(net.parameters())
-        x = torch.zeros(1, net.downsample[0].in_channels, int(image_size[1]), int(image_size[0]), device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            inj = net.injection(x)
-            net.fullstage([inj.new_zeros(1, *s) for s in net.state_shapes(inj)], inj)
-        return total[0]
-    except Exception as e:  # the summary is informative only
-        logger.debug("FLOP count skipped: %s", e)
-        return None
-    finally:
-        for h in hooks:
-            h.remove()
-        net.train(was_training)
 
 
 def check_classes(ds: Dataset, cfg) -> None:
@@ -136,10 +102,17 @@ class ClassificationTask(Task):
         return validate(model, loader, cfg, info.device, is_main=info.is_main)
 
     def describe(self, result: Dict[str, Any]) -> str:
+        """The evaluation in words; the solver's figures only where a solver ran (an unrolled model
+        reports its depth as its f steps and has no residual, an explicit one has neither)."""
         rho = f", spectral radius {result['spectral_radius']:.3f}" if "spectral_radius" in result else ""
+        if "f_rel" in result:
+            solver = f", f steps {result.get('f_steps', float('nan')):.1f}, rel residual {result['f_rel']:.3g}{rho}"
+        elif "f_steps" in result:
+            solver = f", unrolled: {result['f_steps']:.0f} applications of f, no residual"
+        else:
+            solver = ", explicit network: no solver"
         return (f"held-out loss {result['loss']:.4f} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-                f"({result['num_samples']} images, f steps {result.get('f_steps', float('nan')):.1f}, "
-                f"rel residual {result.get('f_rel', float('nan')):.3g}{rho})")
+                f"({result['num_samples']} images{solver})")
 
     def health_problem(self, cfg, train: Dict[str, float], val: Dict[str, Any]) -> Optional[str]:
         """Held-out top-1 at chance level (at most 1.5 / classes) while the training loss is no better
@@ -152,11 +125,23 @@ class ClassificationTask(Task):
         return None
 
     def summary(self, model: nn.Module, cfg) -> Dict[str, Any]:
-        """Parameter count and FLOPs of one f evaluation (logged)."""
-        n = count_parameters(unwrap(model))
+        """MODEL.NAME, what the model computes (``forward``: 'equilibrium', 'unrolled' with its
+        ``unrolled_depth``, or 'explicit'), parameter count and FLOPs (logged): of one f evaluation,
+        or of a whole forward pass for an explicit network (``forward_flops``)."""
+        net = unwrap(model)
+        n, kind = count_parameters(net), forward_kind(net)
         size = list(cfg.MODEL.IMAGE_SIZE) if len(cfg.MODEL.IMAGE_SIZE) == 2 else [32, 32]
-        flops = f_flops(model, size)
-        logger.info("model: %s, %s trainable parameters; one f evaluation: %s (input %dx%d)",
-                    type(unwrap(model)).__name__, f"{n:,}", "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs",
-                    size[0], size[1])
-        return {"parameters": n, "f_flops": flops}
+        out: Dict[str, Any] = {"model": cfg.MODEL.NAME, "forward": kind, "parameters": n}
+        if kind == "explicit":
+            flops, what = forward_flops(net, cfg.MODEL.IN_CHANNELS, size), "one forward pass"
+            out["forward_flops"] = flops
+        else:
+            flops, what = f_flops(net, size), "one f evaluation"
+            out["f_flops"] = flops
+        if kind == "unrolled":
+            out["unrolled_depth"] = int(net.depth)
+            what += f" (unrolled: {net.depth} per forward pass, in training and evaluation)"
+        logger.info("model: %s (MODEL.NAME %s), %s trainable parameters; %s: %s (input %dx%d)",
+                    type(net).__name__, cfg.MODEL.NAME, f"{n:,}", what,
+                    "n/a" if flops is None else f"{flops / 1e6:.1f} MFLOPs", size[0], size[1])
+        return out

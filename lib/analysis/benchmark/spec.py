@@ -7,8 +7,8 @@ from typing import Any, List, Tuple
 
 import torch
 
-from ...config import load_config
-from ...models import get_cls_net
+from ...config import ConfigError, load_config
+from ...models import forward_kind, get_cls_net
 from ...utils.checkpoint import load_weights
 from ..sample_images import tool_batch
 
@@ -36,6 +36,9 @@ def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
     cfg = load_config(spec.cfg, list(spec.opts))
     torch.manual_seed(spec.seed)
     model = get_cls_net(cfg)
+    if forward_kind(model) != "equilibrium":
+        raise ConfigError(f"the solver benchmark needs an equilibrium: MODEL.NAME {cfg.MODEL.NAME!r} is a "
+                          f"{forward_kind(model)} network (tools/model_cost.py measures any model)")
     if spec.test_model:
         load_weights(model, spec.test_model)
     device = torch.device(spec.device)
