@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import pytest
 
 from mdeq.programs import classification, runner, segmentation
+from mdeq.config import load_config
 from mdeq.programs.launch import config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +135,13 @@ def parse_command(command: str) -> argparse.Namespace:
         args = _parser_of(words[at])(argv)
     except SystemExit as e:
         raise AssertionError(f"the command {command!r} does not parse (exit {e.code})") from None
-    if getattr(args, "cfg", ""):
-        assert (REPO / args.cfg).is_file(), f"{command!r}: --cfg {args.cfg} does not exist"
-        config_from_args(args)
+    cfgs = getattr(args, "cfg", "") or []
+    for cfg in [cfgs] if isinstance(cfgs, str) else cfgs:   # tools/model_cost.py takes several
+        assert (REPO / cfg).is_file(), f"{command!r}: --cfg {cfg} does not exist"
+        if isinstance(cfgs, str):
+            config_from_args(args)
+        else:
+            load_config(str(REPO / cfg), [])
     return args
 
 
