@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..solvers import (SOLVER_KEYS, ReversibleResult, SolverFn, SolverResult, SolverWorkspace, check_beta, get_solver,
                        option_names, resolve_solver, reversible, solver_options)
 from .implicit import attach_implicit_backward, attach_phantom_backward
-from .reversible import attach_reversible_backward, solve_reversible
+from .reversible import DriftWarning, attach_reversible_backward, solve_reversible
 from .jacobian import hutchinson_jac_loss, spectral_radius
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class EquilibriumLayer(nn.Module):
             check_beta(beta, "beta (the reversible solver's relaxation)")
         self.depth, self.warmup_steps = int(depth), int(warmup_steps)
         self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
+        self.drift_warning = DriftWarning()   # the reversible backward's reconstruction-error warnings
 
     @classmethod
     def from_config(cls, cfg) -> "EquilibriumLayer":
@@ -343,7 +344,13 @@ class EquilibriumLayer(nn.Module):
         info = EquilibriumInfo.from_forward(result)
         if result.diverged:
             logger.warning("reversible solver: non-finite states after %d steps", result.steps)
-        return attach_reversible_backward(f, z0, result, captured, on_backward=info.record_reversible), info
+        beta = result.beta
+
+        def on_backward(steps: int, error: float) -> None:
+            info.record_reversible(steps, error)
+            self.drift_warning(steps, beta, error)
+
+        return attach_reversible_backward(f, z0, result, captured, on_backward=on_backward), info
 
     def _differentiable_output(self, f: FixedPointMap, z_star: Tensor, b_solver: SolverFn, b_thres: int,
                                info: EquilibriumInfo, want_jac: bool, tol: Dict[str, float]) -> Tensor:

@@ -153,18 +153,28 @@ class ReversibleRun:
     steps and beta, and ``on_backward(steps, error)``, called with the reconstruction error."""
 
     def __init__(self, f: FixedPointMap, captured: Sequence[Tensor], steps: int, beta: float,
-                 on_backward: Optional[Callable[[int, float], None]] = None, warn_above: float = DRIFT_WARNING) -> None:
+                 on_backward: Optional[Callable[[int, float], None]] = None) -> None:
         self.f, self.captured, self.steps, self.beta = f, list(captured), int(steps), check_beta(beta)
-        self.on_backward, self.warn_above = on_backward, warn_above
+        self.on_backward = on_backward
 
-    def finish(self, error: float) -> None:
-        """Report the backward's reconstruction ``error``; warn above :attr:`warn_above`."""
-        if not error <= self.warn_above:
+
+class DriftWarning:
+    """Warns (``logging``) when a reversible backward's reconstruction error exceeds ``threshold``: the
+    1st, 10th, 100th ... time, so that a training run that drifts on every step says so without flooding
+    its log."""
+
+    def __init__(self, threshold: float = DRIFT_WARNING) -> None:
+        self.threshold, self.count = float(threshold), 0
+
+    def __call__(self, steps: int, beta: float, error: float) -> None:
+        if error <= self.threshold:
+            return
+        self.count += 1
+        if str(self.count).rstrip("0") == "1":     # the 1st, 10th, 100th ... time
             logger.warning("reversible backward: the rebuilt start lies %.3g (relative) from z0 after %d steps at "
-                           "beta %g: the gradient has drifted from that of the forward's steps (fewer steps or a "
-                           "beta further from 1 cut it; docs/reversible.md)", error, self.steps, self.beta)
-        if self.on_backward is not None:
-            self.on_backward(self.steps, error)
+                           "beta %g (%d backward(s) above %g so far): the gradient has drifted from that of the "
+                           "forward's steps; fewer steps, or a beta nearer 0.5, cut it (docs/reversible.md)",
+                           error, steps, beta, self.count, self.threshold)
 
 
 class _Reversible(torch.autograd.Function):
@@ -183,7 +193,8 @@ class _Reversible(torch.autograd.Function):
         y_n, z_n, z0 = ctx.saved_tensors
         d_z0, d_captured, y0, z0_rebuilt = reversible_backward(run.f, y_n, z_n, z0, run.steps, run.beta, grad_z,
                                                                run.captured)
-        run.finish(reconstruction_error(y0, z0_rebuilt, z0, z_n))
+        if run.on_backward is not None:
+            run.on_backward(run.steps, reconstruction_error(y0, z0_rebuilt, z0, z_n))
         return (None, None, None, d_z0.to(z0.dtype),
                 *[None if g is None else g.to(c.dtype) for g, c in zip(d_captured, run.captured)])
 

@@ -11,6 +11,8 @@ One module per concern:
                     :func:`train_step`) and the overhead figures (:func:`overheads`, defined there)
 ``memory``          the peak memory of a training step, in a fresh process on the CPU (:func:`peak_memory`)
 ``backward_modes``  one training-step row per MODEL.GRAD mode (:func:`run_backward_modes`) and its table
+``reversible``      the reversible backward: its gradient against stored autograd, its drift, its peak
+                    memory (:func:`run_reversible`, :func:`format_reversible`)
 ``run``             a whole run of the parts asked for (:data:`PARTS`, :func:`run_benchmark`)
 ``report``          its markdown tables (:func:`format_report`) and JSON (:func:`dump_json`)
 ==================  ===================================================================================
@@ -19,11 +21,13 @@ from .backward_modes import BACKWARD_MODES, backward_mode_worker, format_backwar
 from .measurements import forward_solve, overheads, time_components, train_step
 from .memory import peak_memory, peak_memory_worker, solver_history_bytes
 from .report import dump_json, format_report
-from .run import PARTS, run_benchmark
+from .reversible import format_reversible, gradient_drift, reversible_memory, run_reversible
+from .run import DEFAULT_PARTS, PARTS, run_benchmark
 from .spec import BenchSpec, build
 from .timing import TimedSolver, median_time, synchronize
 
-__all__ = ["BACKWARD_MODES", "PARTS", "BenchSpec", "TimedSolver", "backward_mode_worker", "build", "dump_json",
+__all__ = ["BACKWARD_MODES", "DEFAULT_PARTS", "PARTS", "format_reversible", "gradient_drift", "reversible_memory",
+           "run_reversible", "BenchSpec", "TimedSolver", "backward_mode_worker", "build", "dump_json",
            "format_backward_modes", "format_report", "forward_solve", "median_time", "overheads", "peak_memory",
            "peak_memory_worker", "run_backward_modes", "run_benchmark", "solver_history_bytes", "synchronize",
            "time_components", "train_step"]

@@ -61,3 +61,82 @@ def gradient_drift(model, x: Tensor, y: Tensor, steps: int, beta: float) -> Dict
     g_ref = _flat_grads(F.cross_entropy(_stored_logits(model, xs, steps, beta), y), params + [xs])
     return {"grad_rel_error": float((g_rev - g_ref).double().norm() / g_ref.double().norm()),
             "rev_error": float(info.b_rev_error), "f_rel": float(info.f_rel)}
+
+
+def gradient_drift_table(spec: BenchSpec, dtypes: Sequence[str] = REV_DTYPES, betas: Sequence[float] = REV_BETAS,
+                         steps: Sequence[int] = REV_STEPS) -> List[Dict[str, Any]]:
+    """:func:`gradient_drift` of ``spec``'s model and batch for every dtype, beta and number of steps (one
+    row each, in this process; the model is built afresh per dtype and beta, its weights as ``spec`` says)."""
+    rows = []
+    for dtype in dtypes:
+        for beta in betas:
+            model, x, y = build(_reversible_spec(spec, beta))
+            model.to(getattr(torch, dtype))
+            for n in steps:
+                logger.info("reversible gradient, %s, beta %g, %d steps", dtype, beta, n)
+                row = gradient_drift(model, x.to(getattr(torch, dtype)), y, n, beta)
+                rows.append({"dtype": dtype, "beta": beta, "steps": n, **row})
+    return rows
+
+
+def reversible_memory_worker(spec: BenchSpec, mode: str, steps: int, beta: float) -> Dict[str, Any]:
+    """Peak memory (MiB; CPU: RSS growth, CUDA: allocated) of one training step whose equilibrium is
+    ``steps`` coupled steps backpropagated by ``mode``: ``'reversible'`` (MODEL.GRAD reversible),
+    ``'stored'`` (the same steps recorded by autograd) or ``'unrolled'`` (the warm-up's stack, depth
+    2 x steps: as many evaluations of f). Run it in a fresh process on the CPU."""
+    retain_freed_memory()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model, x, y = build(_reversible_spec(spec, beta))
+    model.train()
+    with torch.no_grad():
+        model(x, f_thres=2)
+    before = _peak_start(x.device)
+    if mode == "reversible":
+        logits = model(x, f_thres=steps)
+    elif mode == "stored":
+        logits = _stored_logits(model, x, steps, beta)
+    elif mode == "unrolled":
+        logits = model(x, mode="unrolled", depth=2 * steps)
+    else:
+        raise ValueError(f"reversible memory mode {mode!r}; choose one of {REV_MEM_MODES}")
+    F.cross_entropy(logits, y).backward()
+    return {"mode": mode, "steps": steps, "beta": beta, "step_peak_mib": (_peak_total(x.device) - before) / 2 ** 20}
+
+
+def reversible_memory(spec: BenchSpec, beta: float = 0.8, steps: Sequence[int] = REV_MEM_STEPS,
+                      modes: Sequence[str] = REV_MEM_MODES) -> List[Dict[str, Any]]:
+    """:func:`reversible_memory_worker` for every mode and number of steps, each in a fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for n in steps:
+        for mode in modes:
+            logger.info("peak memory, %s, %d coupled steps", mode, n)
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(reversible_memory_worker, (spec, mode, n, beta)))
+    return rows
+
+
+def format_reversible(result: Dict[str, Any]) -> str:
+    """The markdown tables of the ``reversible`` part (gradient drift, peak memory); empty without it."""
+    drift, memory = result.get("drift") or [], result.get("memory") or []
+    lines: List[str] = []
+    if drift:
+        lines += ["", "Reversible backward against autograd through the same coupled steps stored in full (one "
+                  "training batch): relative error of the gradient (every parameter and the input images), the "
+                  "reconstruction error of the rebuilt start, the forward's final relative residual:", "",
+                  "| dtype | beta | N | gradient rel. error | reconstruction error | f_rel |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['dtype']} | {r['beta']:g} | {r['steps']} | {r['grad_rel_error']:.2e} | "
+                  f"{r['rev_error']:.2e} | {r['f_rel']:.3g} |" for r in drift]
+    if memory:
+        lines += ["", "Peak memory of a training step (fresh process per row), N coupled steps backpropagated: "
+                  "reversible, stored (the same steps recorded by autograd), unrolled (the warm-up's stack at depth "
+                  "2N, as many evaluations of f):", "", "| N | mode | step peak (MiB) |", "|---:|---|---:|"]
+        lines += [f"| {r['steps']} | {r['mode']} | {r['step_peak_mib']:.1f} |" for r in memory]
+    return "\n".join(lines)
+
+
+def run_reversible(spec: BenchSpec) -> Dict[str, Any]:
+    """The ``reversible`` part of a benchmark run: :func:`gradient_drift_table` and :func:`reversible_memory`."""
+    return {"drift": gradient_drift_table(spec), "memory": reversible_memory(spec)}
