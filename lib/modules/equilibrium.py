@@ -160,6 +160,7 @@ class EquilibriumLayer(nn.Module):
         memory, beta, lam: the limited-memory solvers' m, the relaxation (Anderson's mixing, the
             reversible solver's beta in (0, 2), not 1) and Anderson's regularisation.
         b_beta: the backward solver's ``beta`` (default: ``beta``), where the two solvers differ.
+        float64_states: the reversible solver keeps its states in float64, f runs in z0's dtype.
         workspace: the solvers' reusable scratch memory (a fresh :class:`SolverWorkspace` by default).
         grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
             ``'reversible'`` needs the ``reversible`` forward solver (f_thres: its coupled steps).
@@ -172,7 +173,7 @@ class EquilibriumLayer(nn.Module):
     def __init__(self, f_solver: Union[str, SolverFn] = "broyden", b_solver: Union[str, SolverFn, None] = None,
                  f_thres: int = 30, b_thres: int = 40, *, f_eps: float = 1e-5, b_eps: float = 1e-5,
                  stop_mode: str = "rel", memory: int = 18, beta: float = 1.0, lam: float = 1e-4,
-                 b_beta: Optional[float] = None,
+                 b_beta: Optional[float] = None, float64_states: bool = False,
                  workspace: Optional[SolverWorkspace] = None, grad: str = "implicit", phantom_steps: int = 5,
                  phantom_tau: float = 0.5, depth: int = 5, warmup_steps: int = 0, jac_probes: int = 1,
                  spectral_radius_iters: int = 0) -> None:
@@ -184,7 +185,8 @@ class EquilibriumLayer(nn.Module):
         self.f_thres, self.b_thres = int(f_thres), int(b_thres)
         self.workspace = SolverWorkspace() if workspace is None else workspace
         # the settings of every solver, per direction; a solve passes its solver only what it takes
-        common = dict(stop_mode=stop_mode, memory=memory, lam=lam, workspace=self.workspace)
+        common = dict(stop_mode=stop_mode, memory=memory, lam=lam, workspace=self.workspace,
+                      float64_states=bool(float64_states))
         self.solver_settings: Dict[str, Dict[str, Any]] = {
             "f": dict(common, eps=f_eps, beta=beta), "b": dict(common, eps=b_eps, beta=beta if b_beta is None else b_beta)}
         self.grad, self.phantom_steps, self.phantom_tau = grad, int(phantom_steps), float(phantom_tau)
@@ -206,6 +208,7 @@ class EquilibriumLayer(nn.Module):
         return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"),
                    m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS, stop_mode=m.STOP_MODE,
                    memory=m.SOLVER_MEMORY, beta=beta_of(m.F_SOLVER), b_beta=beta_of(m.B_SOLVER), lam=m.ANDERSON_LAM,
+                   float64_states=m.REV_FLOAT64_STATES,
                    grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
                    warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
                    spectral_radius_iters=m.SPECTRAL_RADIUS_ITERS)

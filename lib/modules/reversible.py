@@ -84,13 +84,14 @@ def reconstruction_error(y0: Tensor, z0_rebuilt: Tensor, z0: Tensor, z_final: Te
     return err / max(float(z0.double().norm()), float(z_final.double().norm()), _TINY)
 
 
-def _vjp(f: FixedPointMap, state: Tensor, cotangent: Tensor, captured: Sequence[Tensor], check: bool = False
-         ) -> Tuple[Tensor, Tensor, List[Optional[Tensor]]]:
+def _vjp(f: FixedPointMap, state: Tensor, cotangent: Tensor, captured: Sequence[Tensor], f_dtype: torch.dtype,
+         check: bool = False) -> Tuple[Tensor, Tensor, List[Optional[Tensor]]]:
     """(f(state) detached, J_f(state)^T cotangent, [cotangent^T df/dc for c in captured]) by one
-    evaluation of f with autograd; ``check``: first make sure that f reads no tensor needing a gradient
-    beyond ``captured`` (see :func:`_check_reads`)."""
+    evaluation of f, on ``state`` cast to ``f_dtype``, with autograd (the first two in the state's dtype);
+    ``check``: first make sure that f reads no tensor needing a gradient beyond ``captured`` (see
+    :func:`_check_reads`)."""
     with torch.enable_grad():
-        leaf = state.detach().requires_grad_(True)
+        leaf = state.detach().to(f_dtype).requires_grad_(True)
         if check:
             with torch.compiler.set_stance("force_eager"), CapturedTensors() as mode:
                 out = f(leaf)
@@ -99,7 +100,7 @@ def _vjp(f: FixedPointMap, state: Tensor, cotangent: Tensor, captured: Sequence[
             out = f(leaf)
         grads = torch.autograd.grad(out, [leaf, *captured], cotangent.to(out.dtype), allow_unused=True)
     d_state = grads[0] if grads[0] is not None else torch.zeros_like(state)
-    return out.detach(), d_state.to(state.dtype), list(grads[1:])
+    return out.detach().to(state.dtype), d_state.to(state.dtype), list(grads[1:])
 
 
 def _check_reads(read: Sequence[Tensor], known: Sequence[Tensor]) -> None:
@@ -124,7 +125,7 @@ def reversible_backward(f: FixedPointMap, y_n: Tensor, z_n: Tensor, z0: Tensor, 
                         grad_z: Tensor, captured: Sequence[Tensor]
                         ) -> Tuple[Tensor, List[Optional[Tensor]], Tensor, Tensor]:
     """Backpropagate ``grad_z`` = dl/dz_N (B, D) through ``steps`` coupled steps from ``z0`` that ended at
-    (``y_n``, ``z_n``), rebuilding the states on the way. The first step's second evaluation, f(z_0), is
+    (``y_n``, ``z_n``, in the state dtype; f runs in z0's), rebuilding the states on the way. The first step's second evaluation, f(z_0), is
     differentiated at the true ``z0``, not at the rebuilt z_0' (the rebuilt states drift most there).
 
     Returns:
@@ -135,12 +136,13 @@ def reversible_backward(f: FixedPointMap, y_n: Tensor, z_n: Tensor, z0: Tensor, 
     a_y = torch.zeros_like(a_z)
     totals: List[Optional[Tensor]] = [None] * len(captured)
     for n in range(steps):
-        fy, jt, grads = _vjp(f, y, beta * a_z, captured, check=n == 0)   # z_{n+1} = (1-b) z_n + b f(y_{n+1})
+        fy, jt, grads = _vjp(f, y, beta * a_z, captured, z0.dtype, check=n == 0)  # z_{n+1} = (1-b) z_n + b f(y_{n+1})
         a_y = a_y + jt
         _accumulate(totals, grads)
         z = (z - beta * fy) / (1 - beta)
         a_z = (1 - beta) * a_z
-        fz, jt, grads = _vjp(f, z0 if n == steps - 1 else z, beta * a_y, captured)   # y_{n+1} = (1-b) y_n + b f(z_n)
+        start = z0.to(z.dtype) if n == steps - 1 else z
+        fz, jt, grads = _vjp(f, start, beta * a_y, captured, z0.dtype)    # y_{n+1} = (1-b) y_n + b f(z_n)
         a_z = a_z + jt
         _accumulate(totals, grads)
         y = (y - beta * fz) / (1 - beta)
@@ -185,7 +187,7 @@ class _Reversible(torch.autograd.Function):
     def forward(ctx, run: ReversibleRun, y_n: Tensor, z_n: Tensor, z0: Tensor, *captured: Tensor) -> Tensor:
         ctx.run = run
         ctx.save_for_backward(y_n, z_n, z0)
-        return z_n.clone()
+        return z_n.to(z0.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_z: Tensor):
@@ -224,15 +226,17 @@ def attach_reversible_backward(f: FixedPointMap, z0: Tensor, result: ReversibleR
                                on_backward: Optional[Callable[[int, float], None]] = None) -> Tensor:
     """(B, D) z_N of ``result`` connected to z0 and ``captured`` by the reversible backward."""
     run = ReversibleRun(f, captured, result.steps, result.beta, on_backward)
-    return _Reversible.apply(run, result.y, result.z, z0, *captured)
+    return _Reversible.apply(run, result.y, result.z_state, z0, *captured)
 
 
-def coupled_steps(f: FixedPointMap, z0: Tensor, steps: int, beta: float) -> Tensor:
-    """z_N of ``steps`` coupled steps from y_0 = z_0 = z0, with autograd recording all of them (memory
-    grows with ``steps``): the reference the reversible backward must equal, and what it saves."""
+def coupled_steps(f: FixedPointMap, z0: Tensor, steps: int, beta: float, float64_states: bool = False) -> Tensor:
+    """z_N of ``steps`` coupled steps from y_0 = z_0 = z0 (states in float64 if ``float64_states``, f in
+    z0's dtype), with autograd recording all of them (memory grows with ``steps``): the reference the
+    reversible backward must equal, and what it saves."""
     beta = check_beta(beta)
-    y = z = z0
+    sd = torch.float64 if float64_states else z0.dtype
+    y = z = z0.to(sd)
     for _ in range(steps):
-        y = (1 - beta) * y + beta * f(z)
-        z = (1 - beta) * z + beta * f(y)
-    return z
+        y = (1 - beta) * y + beta * f(z.to(z0.dtype)).to(sd)
+        z = (1 - beta) * z + beta * f(y.to(z0.dtype)).to(sd)
+    return z.to(z0.dtype)

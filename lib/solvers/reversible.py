@@ -15,6 +15,12 @@ f twice. The solve stops after ``threshold`` steps, or earlier once the residual
 evaluation, so the test costs nothing while the iteration goes on. The returned ``z`` is z_N itself
 (never a best iterate: the backward needs the states the iteration reached) and ``fz`` is f(z_N),
 one more evaluation, from which the final residual is taken.
+
+Run backwards, the inverse divides the rounding of each step by 1 - beta and passes it through f's
+Jacobian, so in float32 the rebuilt states drift from the forward's within a few steps (docs/reversible.md
+measures it). ``float64_states`` keeps y and z in float64 while f runs in z0's dtype: f then sees the
+same float32 inputs in the backward as in the forward (its outputs are the same), and only float64
+rounding is amplified.
 """
 from __future__ import annotations
 
@@ -44,12 +50,14 @@ class ReversibleResult(SolverResult):
     """A :class:`SolverResult` of :func:`reversible` (``z`` is z_N, ``steps`` the coupled steps), with
 
     Attributes:
-        y: (B, D) y_N, the other final state (the backward pass starts from (y_N, z_N)).
+        y: (B, D) y_N, the other final state (the backward pass starts from (y_N, z_N)), in the state dtype.
+        z_state: (B, D) z_N in the state dtype (``z`` is it in z0's dtype).
         evaluations: evaluations of f made (2 per step, + 1 for f(z_N)).
         beta: the relaxation used.
     """
 
     y: Optional[Tensor] = None
+    z_state: Optional[Tensor] = None
     evaluations: int = 0
     beta: float = 0.8
 
@@ -62,7 +70,7 @@ def _residuals(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
 
 @torch.no_grad()
 def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
-               beta: float = 0.8) -> ReversibleResult:
+               beta: float = 0.8, float64_states: bool = False) -> ReversibleResult:
     """Run at most ``threshold`` coupled steps from y_0 = z_0 = ``z0`` (B, D); see the module docstring.
 
     Args:
@@ -71,6 +79,7 @@ def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, s
         eps: stop once every sample's residual of z_n is under it (0: run all N steps).
         stop_mode: ``'rel'`` (||f(z) - z|| / ||f(z)||) or ``'abs'`` (||f(z) - z||), per sample.
         beta: the relaxation, in (0, 2), not 1.
+        float64_states: keep y and z in float64 (f runs in z0's dtype); see the module docstring.
 
     Returns:
         :class:`ReversibleResult`: ``z`` = z_N, ``y`` = y_N, ``fz`` = f(z_N), the batch residuals of z_N,
@@ -81,14 +90,16 @@ def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, s
     beta = check_beta(beta)
     if int(threshold) < 1:
         raise ValueError(f"reversible: threshold (coupled steps) = {threshold} must be >= 1")
-    y = z = z0
-    fz = f(z)
+    f_dtype = z0.dtype
+    state_dtype = torch.float64 if float64_states else f_dtype
+    y = z = z0.to(state_dtype)
+    fz = f(z.to(f_dtype)).to(state_dtype)
     evaluations, steps = 1, 0
     trace, abs_trace = [], []
     while steps < threshold:
         y = (1 - beta) * y + beta * fz
-        z = (1 - beta) * z + beta * f(y)
-        fz = f(z)
+        z = (1 - beta) * z + beta * f(y.to(f_dtype)).to(state_dtype)
+        fz = f(z.to(f_dtype)).to(state_dtype)
         evaluations += 2
         steps += 1
         abs_all = (fz - z).float().norm()
@@ -98,6 +109,6 @@ def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, s
             break
     finite = bool(torch.isfinite(z).all() and torch.isfinite(y).all())
     converged = bool((_residuals(z, fz, stop_mode) < eps).all()) if eps > 0 else False
-    return ReversibleResult(z=z, fz=fz, steps=steps, abs_residual=abs_trace[-1], rel_residual=trace[-1],
+    return ReversibleResult(z=z.to(f_dtype), fz=fz.to(f_dtype), steps=steps, abs_residual=abs_trace[-1], rel_residual=trace[-1],
                             trace=trace, abs_trace=abs_trace, converged=converged, diverged=not finite,
-                            improved=True, y=y, evaluations=evaluations, beta=beta)
+                            improved=True, y=y, z_state=z, evaluations=evaluations, beta=beta)

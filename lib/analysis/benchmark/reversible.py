@@ -20,8 +20,8 @@ from .spec import BenchSpec, build
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
-#: what the accuracy table runs: dtypes, betas and numbers of coupled steps
-REV_DTYPES = ("float64", "float32")
+#: what the accuracy table runs: dtypes (the last: float32 f, float64 states), betas and numbers of coupled steps
+REV_DTYPES = ("float64", "float32", "float32+f64 states")
 REV_BETAS = (0.5, 0.8, 1.2)
 REV_STEPS = (2, 4, 8, 16, 32)
 #: the memory table's numbers of coupled steps, and the ways of backpropagating through them
@@ -29,17 +29,18 @@ REV_MEM_STEPS = (4, 32)
 REV_MEM_MODES = ("reversible", "stored", "unrolled")
 
 
-def _reversible_spec(spec: BenchSpec, beta: float) -> BenchSpec:
+def _reversible_spec(spec: BenchSpec, beta: float, float64_states: bool = False) -> BenchSpec:
     """``spec`` with the reversible solver and backward at ``beta``, every step run (tolerance 0)."""
     return replace(spec, opts=list(spec.opts) + ["MODEL.F_SOLVER", "reversible", "MODEL.GRAD", "reversible",
-                                                 "MODEL.REV_BETA", beta, "MODEL.F_EPS", 0.0])
+                                                 "MODEL.REV_BETA", beta, "MODEL.F_EPS", 0.0,
+                                                 "MODEL.REV_FLOAT64_STATES", bool(float64_states)])
 
 
 def _stored_logits(model, x: Tensor, steps: int, beta: float) -> Tensor:
     """The model's logits with its equilibrium replaced by ``steps`` coupled steps recorded by autograd."""
     with weights_fixed(model.fullstage):
         problem = model.equilibrium_problem(model.injection(x))
-        z = coupled_steps(problem.f, problem.z0, steps, beta)
+        z = coupled_steps(problem.f, problem.z0, steps, beta, model.solver_settings["f"]["float64_states"])
     return model.head(problem.unflatten(z))
 
 
@@ -69,12 +70,13 @@ def gradient_drift_table(spec: BenchSpec, dtypes: Sequence[str] = REV_DTYPES, be
     row each, in this process; the model is built afresh per dtype and beta, its weights as ``spec`` says)."""
     rows = []
     for dtype in dtypes:
+        torch_dtype = getattr(torch, dtype.split("+")[0])
         for beta in betas:
-            model, x, y = build(_reversible_spec(spec, beta))
-            model.to(getattr(torch, dtype))
+            model, x, y = build(_reversible_spec(spec, beta, float64_states="f64 states" in dtype))
+            model.to(torch_dtype)
             for n in steps:
                 logger.info("reversible gradient, %s, beta %g, %d steps", dtype, beta, n)
-                row = gradient_drift(model, x.to(getattr(torch, dtype)), y, n, beta)
+                row = gradient_drift(model, x.to(torch_dtype), y, n, beta)
                 rows.append({"dtype": dtype, "beta": beta, "steps": n, **row})
     return rows
 
