@@ -127,7 +127,7 @@ def test_bad_settings_are_clear_errors():
         with pytest.raises(ValueError, match="beta"):
             _layer(4, beta)
         with pytest.raises(ValueError, match="beta"):
-            reversible(lambda z: z, torch.zeros(1, 2), 3, beta=beta)
+            reversible(lambda z: z, torch.zeros(1, 2), 3, rev_beta=beta)
     with pytest.raises(ValueError, match="needs the 'reversible' forward solver"):
         EquilibriumLayer("broyden", grad="reversible")
     p = Problem()
@@ -164,8 +164,10 @@ def test_the_config_keys_build_the_reversible_layer(repo):
     cfg = load_config(repo / DIGITS_REV)
     assert (cfg.MODEL.F_SOLVER, cfg.MODEL.GRAD) == ("reversible", "reversible")
     layer = EquilibriumLayer.from_config(cfg)
-    assert layer.grad == "reversible" and layer.solver_settings["f"]["beta"] == cfg.MODEL.REV_BETA
-    assert layer.solver_settings["b"]["beta"] == cfg.MODEL.ANDERSON_BETA      # B_SOLVER broyden: Anderson's key
+    assert layer.grad == "reversible" and layer.solver_kwargs("f")["rev_beta"] == cfg.MODEL.REV_BETA
+    # each solver gets its own relaxation, also when a call picks another solver
+    assert layer.solver_kwargs("f", get_solver("anderson"))["beta"] == cfg.MODEL.ANDERSON_BETA
+    assert EquilibriumLayer(grad="implicit").solver_kwargs("f", reversible)["rev_beta"] == 0.8
     with torch.device("meta"):
         assert get_cls_net(load_config(repo / FMNIST_REV)).deq.grad == "reversible"
     with pytest.raises(ConfigError, match="MODEL.GRAD = 'reversible' needs MODEL.F_SOLVER"):

@@ -157,10 +157,10 @@ class EquilibriumLayer(nn.Module):
             'fixed_point') or as a callable (see :mod:`mdeq.solvers`); ``b_solver`` defaults to ``f_solver``.
         f_thres, b_thres: the forward / backward budgets (evaluations of f / VJPs).
         f_eps, b_eps: the stopping tolerances; stop_mode: ``'rel'`` or ``'abs'`` residual.
-        memory, beta, lam: the limited-memory solvers' m, the relaxation (Anderson's mixing, the
-            reversible solver's beta in (0, 2), not 1) and Anderson's regularisation.
-        b_beta: the backward solver's ``beta`` (default: ``beta``), where the two solvers differ.
-        float64_states: the reversible solver keeps its states in float64, f runs in z0's dtype.
+        memory, beta, lam: the limited-memory solvers' m, Anderson's mixing and regularisation; with the
+            ``reversible`` forward solver and no ``rev_beta``, ``beta`` is its relaxation.
+        rev_beta: the reversible solver's relaxation, in (0, 2), not 1 (default: ``beta`` when the forward
+            solver is reversible, else 0.8); float64_states: it keeps its states in float64.
         workspace: the solvers' reusable scratch memory (a fresh :class:`SolverWorkspace` by default).
         grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
             ``'reversible'`` needs the ``reversible`` forward solver (f_thres: its coupled steps).
@@ -173,7 +173,7 @@ class EquilibriumLayer(nn.Module):
     def __init__(self, f_solver: Union[str, SolverFn] = "broyden", b_solver: Union[str, SolverFn, None] = None,
                  f_thres: int = 30, b_thres: int = 40, *, f_eps: float = 1e-5, b_eps: float = 1e-5,
                  stop_mode: str = "rel", memory: int = 18, beta: float = 1.0, lam: float = 1e-4,
-                 b_beta: Optional[float] = None, float64_states: bool = False,
+                 rev_beta: Optional[float] = None, float64_states: bool = False,
                  workspace: Optional[SolverWorkspace] = None, grad: str = "implicit", phantom_steps: int = 5,
                  phantom_tau: float = 0.5, depth: int = 5, warmup_steps: int = 0, jac_probes: int = 1,
                  spectral_radius_iters: int = 0) -> None:
@@ -185,15 +185,16 @@ class EquilibriumLayer(nn.Module):
         self.f_thres, self.b_thres = int(f_thres), int(b_thres)
         self.workspace = SolverWorkspace() if workspace is None else workspace
         # the settings of every solver, per direction; a solve passes its solver only what it takes
-        common = dict(stop_mode=stop_mode, memory=memory, lam=lam, workspace=self.workspace,
-                      float64_states=bool(float64_states))
-        self.solver_settings: Dict[str, Dict[str, Any]] = {
-            "f": dict(common, eps=f_eps, beta=beta), "b": dict(common, eps=b_eps, beta=beta if b_beta is None else b_beta)}
+        if rev_beta is None:
+            rev_beta = beta if _is_reversible(self.f_solver) else 0.8
+        common = dict(stop_mode=stop_mode, memory=memory, beta=beta, lam=lam, workspace=self.workspace,
+                      rev_beta=rev_beta, float64_states=bool(float64_states))
+        self.solver_settings: Dict[str, Dict[str, Any]] = {"f": dict(common, eps=f_eps), "b": dict(common, eps=b_eps)}
         self.grad, self.phantom_steps, self.phantom_tau = grad, int(phantom_steps), float(phantom_tau)
         if grad == "reversible":
             self._check_reversible(self.f_solver)
-        elif _is_reversible(self.f_solver):
-            check_beta(beta, "beta (the reversible solver's relaxation)")
+        elif _is_reversible(self.f_solver) or _is_reversible(self.b_solver):
+            check_beta(rev_beta, "rev_beta (the reversible solver's relaxation)")
         self.depth, self.warmup_steps = int(depth), int(warmup_steps)
         self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
         self.drift_warning = DriftWarning()   # the reversible backward's reconstruction-error warnings
@@ -202,12 +203,10 @@ class EquilibriumLayer(nn.Module):
     def from_config(cls, cfg) -> "EquilibriumLayer":
         """The layer of ``cfg.MODEL`` (solvers, budgets, GRAD, NUM_LAYERS ...) and ``cfg.TRAIN.PRETRAIN_STEPS``."""
         m = cfg.MODEL
-        # each direction's relaxation is its solver's: MODEL.REV_BETA for the reversible one, else Anderson's
-        beta_of = lambda name: m.REV_BETA if name == "reversible" else m.ANDERSON_BETA  # noqa: E731
         # resolved here so that an unknown name is a ConfigError naming its key
         return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"),
                    m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS, stop_mode=m.STOP_MODE,
-                   memory=m.SOLVER_MEMORY, beta=beta_of(m.F_SOLVER), b_beta=beta_of(m.B_SOLVER), lam=m.ANDERSON_LAM,
+                   memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, rev_beta=m.REV_BETA, lam=m.ANDERSON_LAM,
                    float64_states=m.REV_FLOAT64_STATES,
                    grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
                    warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
@@ -218,7 +217,7 @@ class EquilibriumLayer(nn.Module):
         if not _is_reversible(f_solver):
             raise ValueError(f"grad='reversible' needs the 'reversible' forward solver (f_solver), got "
                              f"{getattr(f_solver, '__name__', f_solver)!r}: only its coupled steps can be run backwards")
-        check_beta(self.solver_settings["f"]["beta"], "beta (the reversible solver's relaxation)")
+        check_beta(self.solver_settings["f"]["rev_beta"], "rev_beta (the reversible solver's relaxation)")
 
     def extra_repr(self) -> str:
         name = lambda s: getattr(s, "__name__", repr(s))  # noqa: E731

@@ -70,7 +70,7 @@ def _residuals(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
 
 @torch.no_grad()
 def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
-               beta: float = 0.8, float64_states: bool = False) -> ReversibleResult:
+               rev_beta: float = 0.8, float64_states: bool = False) -> ReversibleResult:
     """Run at most ``threshold`` coupled steps from y_0 = z_0 = ``z0`` (B, D); see the module docstring.
 
     Args:
@@ -78,7 +78,8 @@ def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, s
         threshold: N, the largest number of coupled steps (2 evaluations of f each).
         eps: stop once every sample's residual of z_n is under it (0: run all N steps).
         stop_mode: ``'rel'`` (||f(z) - z|| / ||f(z)||) or ``'abs'`` (||f(z) - z||), per sample.
-        beta: the relaxation, in (0, 2), not 1.
+        rev_beta: beta, the relaxation, in (0, 2), not 1 (named apart from Anderson's mixing ``beta``, so
+            that a layer holding both passes each solver its own).
         float64_states: keep y and z in float64 (f runs in z0's dtype); see the module docstring.
 
     Returns:
@@ -87,7 +88,7 @@ def reversible(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, s
     """
     if stop_mode not in ("rel", "abs"):
         raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
-    beta = check_beta(beta)
+    beta = check_beta(rev_beta, "rev_beta")
     if int(threshold) < 1:
         raise ValueError(f"reversible: threshold (coupled steps) = {threshold} must be >= 1")
     f_dtype = z0.dtype

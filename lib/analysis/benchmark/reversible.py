@@ -119,18 +119,29 @@ def reversible_memory(spec: BenchSpec, beta: float = 0.8, steps: Sequence[int] =
     return rows
 
 
+def _pivot(drift: Sequence[Dict[str, Any]], key: str, title: str) -> List[str]:
+    """A markdown table of ``key`` with a row per (dtype, beta) and a column per number of steps."""
+    rows: Dict[Tuple[str, float], Dict[int, float]] = {}
+    for r in drift:
+        rows.setdefault((r["dtype"], r["beta"]), {})[r["steps"]] = r[key]
+    steps = sorted({r["steps"] for r in drift})
+    lines = ["", f"{title}:", "", "| states | beta | " + " | ".join(f"N={n}" for n in steps) + " |",
+             "|---|---:|" + "---:|" * len(steps)]
+    return lines + [f"| {dtype} | {beta:g} | " + " | ".join(f"{v[n]:.1e}" if n in v else "-" for n in steps) + " |"
+                    for (dtype, beta), v in rows.items()]
+
+
 def format_reversible(result: Dict[str, Any]) -> str:
     """The markdown tables of the ``reversible`` part (gradient drift, peak memory); empty without it."""
     drift, memory = result.get("drift") or [], result.get("memory") or []
     lines: List[str] = []
     if drift:
-        lines += ["", "Reversible backward against autograd through the same coupled steps stored in full (one "
-                  "training batch): relative error of the gradient (every parameter and the input images), the "
-                  "reconstruction error of the rebuilt start, the forward's final relative residual:", "",
-                  "| dtype | beta | N | gradient rel. error | reconstruction error | f_rel |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['dtype']} | {r['beta']:g} | {r['steps']} | {r['grad_rel_error']:.2e} | "
-                  f"{r['rev_error']:.2e} | {r['f_rel']:.3g} |" for r in drift]
+        lines += ["", "Reversible backward against autograd through the same N coupled steps stored in full (one "
+                  "training batch; states: float64, float32, or float32 f with float64 states)."]
+        lines += _pivot(drift, "grad_rel_error", "Relative error of the gradient (every parameter and the input images)")
+        lines += _pivot(drift, "rev_error", "Reconstruction error of the rebuilt start, max(|y_0' - z0|, |z_0' - z0|) "
+                                            "/ max(|z0|, |z_N|)")
+        lines += _pivot(drift, "f_rel", "The forward's final relative residual |f(z_N) - z_N| / |f(z_N)|")
     if memory:
         lines += ["", "Peak memory of a training step (fresh process per row), N coupled steps backpropagated: "
                   "reversible, stored (the same steps recorded by autograd), unrolled (the warm-up's stack at depth "
