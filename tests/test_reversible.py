@@ -61,6 +61,9 @@ def test_the_tolerance_stops_early_and_the_gradient_is_that_of_the_steps_run():
     ref = torch.autograd.grad((p.c * coupled_steps(p.f, p.z0(), info.f_steps, 0.8)).sum(), p.leaves)
     assert all(_rel(a, b) <= 1e-8 for a, b in zip(ours, ref))
     assert info.b_steps == info.f_steps
+    z, info = _layer(4, 0.8)(p.f, p.z0(), jac_loss=True)      # Jacobian regularisation: the term at z_N
+    assert info.jac_loss is not None and info.jac_loss.requires_grad
+    assert torch.autograd.grad(info.jac_loss, p.W)[0].abs().sum() > 0
 
 
 def _tiny_mdeq(*opts):

@@ -321,7 +321,7 @@ class EquilibriumLayer(nn.Module):
         f_solver, b_solver = self.call_solvers(solver)
         tol = {} if eps is None else {"eps": eps}
         if self.grad == "reversible" and torch.is_grad_enabled():
-            return self._reversible(f, z0, f_solver, f_thres, tol)
+            return self._reversible(f, z0, f_solver, f_thres, tol, want_jac)
         # the solvers' own linear algebra runs without autocast; f keeps whatever it chooses
         with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
             result = f_solver(f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
@@ -336,16 +336,20 @@ class EquilibriumLayer(nn.Module):
         # the reversible backward's output is z_N itself: evaluation returns what training learnt on
         return (result.z if self.grad == "reversible" else result.fz), info
 
-    def _reversible(self, f: FixedPointMap, z0: Tensor, f_solver: SolverFn, f_thres: int, tol: Dict[str, float]
-                    ) -> Tuple[Tensor, EquilibriumInfo]:
+    def _reversible(self, f: FixedPointMap, z0: Tensor, f_solver: SolverFn, f_thres: int, tol: Dict[str, float],
+                    want_jac: bool) -> Tuple[Tensor, EquilibriumInfo]:
         """(B, D) z_N of the reversible solver's coupled steps, with the reversible backward (exact
-        through those steps; it fills ``b_steps`` and ``b_rev_error`` in)."""
+        through those steps; it fills ``b_steps`` and ``b_rev_error`` in); the Jacobian term, when
+        asked for, at one more differentiable application of f at z_N."""
         self._check_reversible(f_solver)
         with torch.autocast(z0.device.type, enabled=False):
             result, captured = solve_reversible(f_solver, f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
         info = EquilibriumInfo.from_forward(result)
         if result.diverged:
             logger.warning("reversible solver: non-finite states after %d steps", result.steps)
+        if want_jac:
+            z_leaf = result.z.detach().requires_grad_(True)
+            self._jac_recorder(info)(z_leaf, f(z_leaf))
         beta = result.beta
 
         def on_backward(steps: int, error: float) -> None:
