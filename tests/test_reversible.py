@@ -220,3 +220,14 @@ def test_float64_states_cut_the_drift_of_a_float32_f():
     assert drift[True] < 1e-3 * drift[False] and errors[True] <= 1e-6 and errors[True] < errors[False]
     cfg = load_config(DIGITS_REV, ["MODEL.REV_FLOAT64_STATES", True])
     assert EquilibriumLayer.from_config(cfg).solver_settings["f"]["float64_states"] is True
+
+
+def test_the_fashion_mnist_comparison_has_reversible_variants_that_load(repo):
+    from mdeq.analysis.cost_comparison import BENCHMARKS
+    make_variants, baseline = BENCHMARKS["fashion_mnist_reversible"]
+    variants = make_variants(repo)
+    assert variants[0].name == baseline and sum("reversible" in v.name for v in variants) == 3
+    for v in variants:
+        cfg = load_config(v.cfg, list(v.opts))
+        assert cfg.TRAIN.END_EPOCH == 5 and (cfg.MODEL.GRAD == "reversible") == ("reversible" in v.name)
+
