@@ -86,7 +86,7 @@ def test_a_registered_solver_is_a_valid_config_choice(repo, monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))   # the registration ends with the test
     path = repo / "experiments/cifar/cls_mdeq_TINY.yaml"
     with pytest.raises(ConfigError, match=r"MODEL\.B_SOLVER = 'damped'; choose one of \('broyden', 'anderson', "
-                                          r"'fixed_point'\)"):
+                                          r"'fixed_point', 'reversible'\)"):
         load_config(path, ["MODEL.B_SOLVER", "damped"])
 
     def damped(f, z0, threshold, eps=1e-3, stop_mode="rel"):

@@ -5,7 +5,9 @@
 
 Prints markdown tables: f / VJP / stem+head times, forward solves of each solver at an equal number
 of f evaluations, training steps with their solver overhead, the unrolled warm-up at the same depth,
-and the peak memory of a training step at two thresholds. See :mod:`mdeq.analysis.benchmark`.
+and the peak memory of a training step at two thresholds. ``--parts reversible`` measures the reversible
+backward instead (gradient drift against stored autograd, peak memory; docs/reversible.md). See
+:mod:`mdeq.analysis.benchmark`.
 
 Exit status: 0 done, 2 bad input (a config error, a weights or --images file that is missing or not
 a checkpoint; one-line message), see :mod:`mdeq.programs.cli`.
@@ -18,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdeq.analysis.benchmark import PARTS, BenchSpec, dump_json, format_report, run_benchmark
+from mdeq.analysis.benchmark import DEFAULT_PARTS, PARTS, BenchSpec, dump_json, format_report, run_benchmark
 from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.solvers import solver_names
 from mdeq.programs.cli import tool_main
@@ -42,8 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (the median is reported)")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--mem-thres", default="10,40", help="thresholds for the peak-memory table")
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default all; the component "
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default all but reversible; the component "
                         "timings also run for train and unrolled, whose figures divide by them)")
     p.add_argument("--json", default="", help="also write the raw results here")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")

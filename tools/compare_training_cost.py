@@ -4,6 +4,7 @@ comparison tables of docs/training.md ("Training cost") and docs/fashion_mnist.m
 
     python tools/compare_training_cost.py --seeds 0,1,2 --out output/training_cost
     python tools/compare_training_cost.py --benchmark fashion_mnist --seeds 0,1 --out output/training_cost_fmnist
+    python tools/compare_training_cost.py --benchmark fashion_mnist_reversible --seeds 0,1 --out output/training_cost_rev
     python tools/compare_training_cost.py --report output/training_cost/runs.jsonl   # table only
 """
 from __future__ import annotations

@@ -32,6 +32,8 @@ METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (
 HISTORY_METRICS = (("train_f_steps", "train f steps (last epoch)", "{:.2f}"),
                    ("train_f_rel", "train rel. residual (last epoch)", "{:.2e}"),
                    ("train_b_rel", "train backward rel. residual (last epoch)", "{:.2e}"),
+                   ("train_f_evals", "train f evaluations, reversible (last epoch)", "{:.1f}"),
+                   ("train_b_rev_error", "train reconstruction error, reversible (last epoch)", "{:.1e}"),
                    ("train_time_s", "training time (s, no evaluation)", "{:.1f}"))
 
 
@@ -88,9 +90,28 @@ def fashion_mnist_variants(repo: Path) -> List[Variant]:
     )]
 
 
+def fashion_mnist_reversible_variants(repo: Path) -> List[Variant]:
+    """The reversible equilibrium on Fashion-MNIST (issue 27; :data:`FASHION_SCHEDULE` added to each): the
+    main config and the ``_fast`` config against the reversible config at a few numbers of coupled steps
+    (docs/reversible.md: beyond about 4 steps at beta 0.8 float32 states drift, so the longer runs use
+    beta 0.5 with float64 states)."""
+    base = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist.yaml")
+    fast = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_fast.yaml")
+    rev = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_reversible.yaml")
+    exact = ["MODEL.REV_BETA", "0.5", "MODEL.REV_FLOAT64_STATES", "True"]
+    return [Variant(name, cfg, opts + FASHION_SCHEDULE) for name, cfg, opts in (
+        ("implicit (main config)", base, []),
+        ("_fast config", fast, []),
+        ("reversible, 4 steps (config)", rev, []),
+        ("reversible, 2 steps", rev, ["MODEL.F_THRES", "2"]),
+        ("reversible, 8 steps, beta 0.5, float64 states", rev, ["MODEL.F_THRES", "8"] + exact),
+    )]
+
+
 #: ``--benchmark`` name -> (its variants, the baseline row's name)
 BENCHMARKS = {"digits": (digits_variants, "implicit (quickstart)"),
-              "fashion_mnist": (fashion_mnist_variants, "implicit (main config)")}
+              "fashion_mnist": (fashion_mnist_variants, "implicit (main config)"),
+              "fashion_mnist_reversible": (fashion_mnist_reversible_variants, "implicit (main config)")}
 
 
 def history_metrics(run_dir: Path) -> Dict[str, float]:
@@ -102,7 +123,7 @@ def history_metrics(run_dir: Path) -> Dict[str, float]:
         return {}
     epochs = read_history(found[0])
     last = epochs[-1]["train"]
-    out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel") if k in last}
+    out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel", "f_evals", "b_rev_error") if k in last}
     if all("time" in e for e in epochs):
         out["train_time_s"] = sum(e["time"]["train_s"] for e in epochs)
     return out

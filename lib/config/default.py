@@ -54,6 +54,12 @@ _C.MODEL.STATE_LAYOUT = "nchw"
 _C.MODEL.STOP_MODE = "rel"
 _C.MODEL.ANDERSON_BETA = 1.0  # new: Anderson mixing parameter
 _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
+# new: beta of the 'reversible' solver, y <- (1-beta) y + beta f(z), z <- (1-beta) z + beta f(y); in (0, 2), not 1.
+# Its F_THRES counts coupled steps (2 evaluations of f each) and F_EPS stops them early (0: all F_THRES steps)
+_C.MODEL.REV_BETA = 0.8
+# new: the reversible solver keeps y and z in float64 (f stays in float32): the backward's rebuilt states then drift
+# at float64's rate, which lets N grow in float32 training (docs/reversible.md)
+_C.MODEL.REV_FLOAT64_STATES = False
 # new: torch.compile f_theta (the module MODEL.EXTRA.FULL_STAGE builds), in place: the same parameter names
 # and results within float tolerance, fewer kernel launches per f evaluation; the first calls compile (minutes)
 _C.MODEL.COMPILE = False
@@ -61,6 +67,8 @@ _C.MODEL.SOFTPLUS_WARMUP = False  # new: softplus in place of ReLU inside f whil
 # new: the gradient of the equilibrium: 'implicit' (adjoint solve under B_THRES, the paper's), 'phantom'
 # (PHANTOM_STEPS damped steps z <- (1 - PHANTOM_TAU) z + PHANTOM_TAU f(z) from z*, backpropagated; Geng et al. 2021)
 # or 'jfb' (one step, tau = 1: the Jacobian-free gradient of Fung et al. 2022). The forward solve is the same.
+# 'reversible' (RevDEQ, McCallum et al. 2025): the exact gradient of the reversible solver's coupled steps,
+# rebuilt backwards with memory flat in the steps; it needs MODEL.F_SOLVER reversible (docs/reversible.md)
 _C.MODEL.GRAD = "implicit"
 _C.MODEL.PHANTOM_STEPS = 5  # new: k of the phantom gradient
 _C.MODEL.PHANTOM_TAU = 0.5  # new: tau of the phantom gradient, in (0, 1]

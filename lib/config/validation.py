@@ -94,6 +94,7 @@ RANGES: Dict[str, Range] = {
     "MODEL.BN_MOMENTUM": Range(0, 1, negative_means="the original's momentum"),
     "MODEL.ANDERSON_BETA": POSITIVE,
     "MODEL.ANDERSON_LAM": AT_LEAST_0,
+    "MODEL.REV_BETA": Range(0, 2, low_open=True, high_open=True),   # and not 1: check_reversible
     "MODEL.EXTRA.FINAL_CONV_KERNEL": AT_LEAST_1,
     "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES": AT_LEAST_1,
     "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS": AT_LEAST_1,
@@ -137,7 +138,7 @@ RANGES: Dict[str, Range] = {
 CHOICES: Dict[str, Tuple[Any, ...]] = {
     "MODEL.STOP_MODE": ("abs", "rel"),
     "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
-    "MODEL.GRAD": ("implicit", "phantom", "jfb"),
+    "MODEL.GRAD": ("implicit", "phantom", "jfb", "reversible"),
     "MODEL.DOWNSAMPLE_TIMES": (0, 1, 2),
     # the original's architecture keys: only what this implementation builds
     "MODEL.EXTRA.FULL_STAGE.NUM_MODULES": (1,),
@@ -206,6 +207,22 @@ def check_jac_loss_freq(freq: float, source: str = "") -> None:
                           f"in (0, 1) or a whole period >= 1 (apply the Jacobian loss every JAC_LOSS_FREQ-th step)")
 
 
+def check_reversible(cfg: CN, source: str) -> None:
+    """``MODEL.GRAD reversible`` runs the reversible solver's steps backwards: it needs ``MODEL.F_SOLVER
+    reversible``; and that solver's ``MODEL.REV_BETA`` must not be 1 (its inverse divides by 1 - beta).
+
+    Raises:
+        ConfigError: ``<source>: MODEL.GRAD = 'reversible' needs ...`` / ``MODEL.REV_BETA = 1.0 ...``.
+    """
+    m = cfg.MODEL
+    if m.GRAD == "reversible" and m.F_SOLVER != "reversible":
+        raise ConfigError(f"{source}: MODEL.GRAD = 'reversible' needs MODEL.F_SOLVER = 'reversible' (got "
+                          f"{m.F_SOLVER!r}): only the reversible solver's coupled steps can be run backwards")
+    if "reversible" in (m.F_SOLVER, m.B_SOLVER) and m.REV_BETA == 1.0:
+        raise ConfigError(f"{source}: MODEL.REV_BETA = 1.0: the reversible solver's beta must lie in (0, 2) and "
+                          "differ from 1 (its inverse divides by 1 - beta)")
+
+
 def validate_config(cfg: CN, source: str) -> None:
     """Ranges and choices (:func:`check_ranges`), then the checks across keys that they cannot make."""
     check_ranges(cfg, source)
@@ -225,6 +242,7 @@ def validate_config(cfg: CN, source: str) -> None:
         raise ConfigError(f"{source}: MODEL.RESNET.DEPTH = {resnet.DEPTH} must be 6n + 2 (8, 14, 20, 32, ...) and "
                           f"MODEL.RESNET.WIDTHS = {list(resnet.WIDTHS)} must have 3 entries (one per stage)")
     check_jac_loss_freq(cfg.MODEL.JAC_LOSS_FREQ, source)
+    check_reversible(cfg, source)
     if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
         raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "
                           f"TRAIN.BEGIN_EPOCH = {cfg.TRAIN.BEGIN_EPOCH}")

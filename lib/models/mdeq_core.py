@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
-                       weights_fixed)
+                       fixed_weights, weights_fixed, weights_restored)
 from ..solvers import SolverFn
 
 Tensor = torch.Tensor
@@ -322,9 +322,11 @@ class MDEQNet(nn.Module):
         # f keeps the caller's autocast setting; the solvers' own linear algebra runs without it
         device = inj.device.type
         amp, amp_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        # the call's weights (inside weights_fixed), set again when f runs after the call (the reversible backward)
+        weights = fixed_weights(self.fullstage)
 
         def f(z: Tensor) -> Tensor:
-            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            with weights_restored(weights), torch.autocast(device, dtype=amp_dtype, enabled=amp):
                 return problem.flatten(self.fullstage(problem.unflatten(z), inj)).to(dtype)
 
         problem.f = f

@@ -1,11 +1,14 @@
 """Layers of an MDEQ: the equilibrium layer and its implicit backward, weight norm, variational
-dropout (the solvers are in :mod:`mdeq.solvers`)."""
+dropout, the reversible backward (the solvers are in :mod:`mdeq.solvers`)."""
 from .dropout import VariationalDropout2d
 from .equilibrium import EXPLICIT, GRAD_MODES, LOGGED_KEYS, MODES, EquilibriumInfo, EquilibriumLayer, SolverChoice
 from .implicit import attach_implicit_backward, attach_phantom_backward
+from .reversible import CapturedTensors, attach_reversible_backward, coupled_steps, reconstruction_error
 from .jacobian import hutchinson_jac_loss, spectral_radius
-from .weight_norm import WeightNormConv2d, conv2d, weights_fixed
+from .weight_norm import WeightNormConv2d, conv2d, fixed_weights, weights_fixed, weights_restored
 
 __all__ = ["EXPLICIT", "EquilibriumInfo", "EquilibriumLayer", "GRAD_MODES", "LOGGED_KEYS", "MODES", "SolverChoice",
-           "attach_implicit_backward", "attach_phantom_backward", "hutchinson_jac_loss", "spectral_radius",
-           "VariationalDropout2d", "WeightNormConv2d", "conv2d", "weights_fixed"]
+           "attach_implicit_backward", "attach_phantom_backward", "attach_reversible_backward", "CapturedTensors",
+           "coupled_steps", "reconstruction_error", "hutchinson_jac_loss", "spectral_radius",
+           "VariationalDropout2d", "WeightNormConv2d", "conv2d", "fixed_weights", "weights_fixed",
+           "weights_restored"]

@@ -3,8 +3,10 @@
 :class:`EquilibriumLayer` solves the fixed point with a forward solver (no autograd) and connects
 the result to the graph by the configured backward: the implicit one (an adjoint solve in an
 autograd hook, :func:`~mdeq.modules.implicit.attach_implicit_backward`), phantom gradients or the
-Jacobian-free one-step gradient (:func:`~mdeq.modules.implicit.attach_phantom_backward`). Or, as a
-warm-up, it applies f ``depth`` times from z0 and lets autograd differentiate the stack.
+Jacobian-free one-step gradient (:func:`~mdeq.modules.implicit.attach_phantom_backward`), or, with
+the ``reversible`` forward solver, the exact gradient of its coupled steps, rebuilt backwards
+(:mod:`~mdeq.modules.reversible`). Or, as a warm-up, it applies f ``depth`` times from z0 and lets
+autograd differentiate the stack.
 
 Each call returns ``(z, info)``: :class:`EquilibriumInfo` says what that call did. Its backward
 fields are filled when autograd runs the backward, in that same object, so a training loop reads
@@ -17,6 +19,7 @@ the forward statistics after the forward and the backward ones after ``loss.back
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
@@ -24,9 +27,10 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..solvers import (SOLVER_KEYS, SolverFn, SolverResult, SolverWorkspace, get_solver, option_names,
-                       resolve_solver, solver_options)
+from ..solvers import (SOLVER_KEYS, ReversibleResult, SolverFn, SolverResult, SolverWorkspace, check_beta, get_solver,
+                       option_names, resolve_solver, reversible, solver_options)
 from .implicit import attach_implicit_backward, attach_phantom_backward
+from .reversible import DriftWarning, attach_reversible_backward, solve_reversible
 from .jacobian import hutchinson_jac_loss, spectral_radius
 
 logger = logging.getLogger(__name__)
@@ -39,11 +43,12 @@ MODES = ("equilibrium", "unrolled")
 #: the ``mode`` of the info that a network without an equilibrium layer returns (an explicit baseline):
 #: no solver ran, so no solver statistic is set
 EXPLICIT = "explicit"
-#: the backward of the equilibrium: the adjoint solve, phantom gradients, the one-step gradient
-GRAD_MODES = ("implicit", "phantom", "jfb")
-#: the numeric statistics worth logging, in the order they are shown: the solvers' and the
-#: Jacobian regularisation term
-LOGGED_KEYS = SOLVER_KEYS + ("jac_loss",)
+#: the backward of the equilibrium: the adjoint solve, phantom gradients, the one-step gradient, the
+#: reversible backward (exact through the ``reversible`` forward solver's steps)
+GRAD_MODES = ("implicit", "phantom", "jfb", "reversible")
+#: the numeric statistics worth logging, in the order they are shown: the solvers', the Jacobian
+#: regularisation term, and the reversible solver's evaluations of f and backward reconstruction error
+LOGGED_KEYS = SOLVER_KEYS + ("jac_loss", "f_evals", "b_rev_error")
 #: a solver by name ('broyden', 'anderson', 'fixed_point') or as a callable; a pair is (forward, backward)
 SolverChoice = Union[str, SolverFn, Tuple[Union[str, SolverFn], Union[str, SolverFn]]]
 
@@ -66,6 +71,11 @@ class EquilibriumInfo:
             runs the backward, which fills ``b_*`` into this object.
         b_abs, b_rel, b_trace: the adjoint solve's residuals, as the forward ones.
         b_fallback: the adjoint solve did not improve on dl/dz, whose one-step gradient was used.
+        f_evals: the reversible solver's evaluations of f (2 per coupled step + 1; ``f_steps`` counts
+            the coupled steps there); None for the other solvers, whose steps are their evaluations.
+        b_rev_error: the reversible backward's reconstruction error, set when it has run:
+            max(||y_0' - z0||, ||z_0' - z0||) / max(||z0||, ||z_N||) for the start (y_0', z_0') it
+            rebuilt (see :func:`mdeq.modules.reversible.reconstruction_error`).
     """
 
     mode: str
@@ -82,6 +92,8 @@ class EquilibriumInfo:
     b_rel: Optional[float] = None
     b_fallback: Optional[bool] = None
     b_trace: Optional[List[float]] = None
+    f_evals: Optional[int] = None
+    b_rev_error: Optional[float] = None
 
     LOGGED_KEYS: ClassVar[Tuple[str, ...]] = LOGGED_KEYS
 
@@ -89,12 +101,17 @@ class EquilibriumInfo:
     def from_forward(cls, result: SolverResult) -> "EquilibriumInfo":
         """The info of an equilibrium call whose forward solve gave ``result``."""
         forward = {k: v for k, v in result.stats("f").items() if k in cls._names()}   # f_steps, f_abs ...
-        return cls(mode="equilibrium", f_trace=result.trace, **forward)
+        evals = result.evaluations if isinstance(result, ReversibleResult) else None
+        return cls(mode="equilibrium", f_trace=result.trace, f_evals=evals, **forward)
 
     def record_backward(self, result: SolverResult, fallback: bool) -> None:
         """Fill in the adjoint solve's ``result``; ``fallback``: its start dl/dz was used instead."""
         self.b_steps, self.b_abs, self.b_rel = result.steps, result.abs_residual, result.rel_residual
         self.b_fallback, self.b_trace = bool(fallback), result.trace
+
+    def record_reversible(self, steps: int, error: float) -> None:
+        """Fill in the reversible backward's ``steps`` (backpropagated) and reconstruction ``error``."""
+        self.b_steps, self.b_rev_error = int(steps), float(error)
 
     def get(self, key: str) -> Optional[float]:
         """Entry ``key`` as a float (``jac_loss`` detached, a bool as 0 / 1); None when not set or
@@ -144,9 +161,13 @@ class EquilibriumLayer(nn.Module):
             'fixed_point') or as a callable (see :mod:`mdeq.solvers`); ``b_solver`` defaults to ``f_solver``.
         f_thres, b_thres: the forward / backward budgets (evaluations of f / VJPs).
         f_eps, b_eps: the stopping tolerances; stop_mode: ``'rel'`` or ``'abs'`` residual.
-        memory, beta, lam: the limited-memory solvers' m, Anderson's mixing and regularisation.
+        memory, beta, lam: the limited-memory solvers' m, Anderson's mixing and regularisation; with the
+            ``reversible`` forward solver and no ``rev_beta``, ``beta`` is its relaxation.
+        rev_beta: the reversible solver's relaxation, in (0, 2), not 1 (default: ``beta`` when the forward
+            solver is reversible, else 0.8); float64_states: it keeps its states in float64.
         workspace: the solvers' reusable scratch memory (a fresh :class:`SolverWorkspace` by default).
         grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
+            ``'reversible'`` needs the ``reversible`` forward solver (f_thres: its coupled steps).
         depth: the unrolled (warm-up) depth.
         warmup_steps: training steps ``0 <= train_step < warmup_steps`` are unrolled.
         default_mode: what a call that names no ``mode`` computes after the warm-up: ``'equilibrium'``,
@@ -159,6 +180,7 @@ class EquilibriumLayer(nn.Module):
     def __init__(self, f_solver: Union[str, SolverFn] = "broyden", b_solver: Union[str, SolverFn, None] = None,
                  f_thres: int = 30, b_thres: int = 40, *, f_eps: float = 1e-5, b_eps: float = 1e-5,
                  stop_mode: str = "rel", memory: int = 18, beta: float = 1.0, lam: float = 1e-4,
+                 rev_beta: Optional[float] = None, float64_states: bool = False,
                  workspace: Optional[SolverWorkspace] = None, grad: str = "implicit", phantom_steps: int = 5,
                  phantom_tau: float = 0.5, depth: int = 5, warmup_steps: int = 0, jac_probes: int = 1,
                  spectral_radius_iters: int = 0, default_mode: str = "equilibrium") -> None:
@@ -173,11 +195,19 @@ class EquilibriumLayer(nn.Module):
         self.f_thres, self.b_thres = int(f_thres), int(b_thres)
         self.workspace = SolverWorkspace() if workspace is None else workspace
         # the settings of every solver, per direction; a solve passes its solver only what it takes
-        common = dict(stop_mode=stop_mode, memory=memory, beta=beta, lam=lam, workspace=self.workspace)
+        if rev_beta is None:
+            rev_beta = beta if _is_reversible(self.f_solver) else 0.8
+        common = dict(stop_mode=stop_mode, memory=memory, beta=beta, lam=lam, workspace=self.workspace,
+                      rev_beta=rev_beta, float64_states=bool(float64_states))
         self.solver_settings: Dict[str, Dict[str, Any]] = {"f": dict(common, eps=f_eps), "b": dict(common, eps=b_eps)}
         self.grad, self.phantom_steps, self.phantom_tau = grad, int(phantom_steps), float(phantom_tau)
+        if grad == "reversible":
+            self._check_reversible(self.f_solver)
+        elif _is_reversible(self.f_solver) or _is_reversible(self.b_solver):
+            check_beta(rev_beta, "rev_beta (the reversible solver's relaxation)")
         self.depth, self.warmup_steps = int(depth), int(warmup_steps)
         self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
+        self.drift_warning = DriftWarning()   # the reversible backward's reconstruction-error warnings
 
     @classmethod
     def from_config(cls, cfg, default_mode: str = "equilibrium") -> "EquilibriumLayer":
@@ -186,11 +216,19 @@ class EquilibriumLayer(nn.Module):
         m = cfg.MODEL
         # resolved here so that an unknown name is a ConfigError naming its key
         return cls(get_solver(m.F_SOLVER, "MODEL.F_SOLVER"), get_solver(m.B_SOLVER, "MODEL.B_SOLVER"),
-                   m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS,
-                   stop_mode=m.STOP_MODE, memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, lam=m.ANDERSON_LAM,
+                   m.F_THRES, m.B_THRES, f_eps=m.F_EPS, b_eps=m.B_EPS, stop_mode=m.STOP_MODE,
+                   memory=m.SOLVER_MEMORY, beta=m.ANDERSON_BETA, rev_beta=m.REV_BETA, lam=m.ANDERSON_LAM,
+                   float64_states=m.REV_FLOAT64_STATES,
                    grad=m.GRAD, phantom_steps=m.PHANTOM_STEPS, phantom_tau=m.PHANTOM_TAU, depth=m.NUM_LAYERS,
                    warmup_steps=cfg.TRAIN.PRETRAIN_STEPS, jac_probes=m.JAC_PROBES,
                    spectral_radius_iters=m.SPECTRAL_RADIUS_ITERS, default_mode=default_mode)
+
+    def _check_reversible(self, f_solver: SolverFn) -> None:
+        """The reversible backward's requirements: the reversible forward solver, an invertible beta."""
+        if not _is_reversible(f_solver):
+            raise ValueError(f"grad='reversible' needs the 'reversible' forward solver (f_solver), got "
+                             f"{getattr(f_solver, '__name__', f_solver)!r}: only its coupled steps can be run backwards")
+        check_beta(self.solver_settings["f"]["rev_beta"], "rev_beta (the reversible solver's relaxation)")
 
     def extra_repr(self) -> str:
         name = lambda s: getattr(s, "__name__", repr(s))  # noqa: E731
@@ -295,6 +333,8 @@ class EquilibriumLayer(nn.Module):
         configured backward (:meth:`_differentiable_output`)."""
         f_solver, b_solver = self.call_solvers(solver)
         tol = {} if eps is None else {"eps": eps}
+        if self.grad == "reversible" and torch.is_grad_enabled():
+            return self._reversible(f, z0, f_solver, f_thres, tol, want_jac)
         # the solvers' own linear algebra runs without autocast; f keeps whatever it chooses
         with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
             result = f_solver(f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
@@ -306,7 +346,30 @@ class EquilibriumLayer(nn.Module):
             return self._differentiable_output(f, result.z, b_solver, b_thres, info, want_jac, tol), info
         if self.spectral_radius_iters > 0 and not self.training:
             info.spectral_radius = float(spectral_radius(f, result.z, self.spectral_radius_iters).mean())
-        return result.fz, info
+        # the reversible backward's output is z_N itself: evaluation returns what training learnt on
+        return (result.z if self.grad == "reversible" else result.fz), info
+
+    def _reversible(self, f: FixedPointMap, z0: Tensor, f_solver: SolverFn, f_thres: int, tol: Dict[str, float],
+                    want_jac: bool) -> Tuple[Tensor, EquilibriumInfo]:
+        """(B, D) z_N of the reversible solver's coupled steps, with the reversible backward (exact
+        through those steps; it fills ``b_steps`` and ``b_rev_error`` in); the Jacobian term, when
+        asked for, at one more differentiable application of f at z_N."""
+        self._check_reversible(f_solver)
+        with torch.autocast(z0.device.type, enabled=False):
+            result, captured = solve_reversible(f_solver, f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
+        info = EquilibriumInfo.from_forward(result)
+        if result.diverged:
+            logger.warning("reversible solver: non-finite states after %d steps", result.steps)
+        if want_jac:
+            z_leaf = result.z.detach().requires_grad_(True)
+            self._jac_recorder(info)(z_leaf, f(z_leaf))
+        beta = result.beta
+
+        def on_backward(steps: int, error: float) -> None:
+            info.record_reversible(steps, error)
+            self.drift_warning(steps, beta, error)
+
+        return attach_reversible_backward(f, z0, result, captured, on_backward=on_backward), info
 
     def _differentiable_output(self, f: FixedPointMap, z_star: Tensor, b_solver: SolverFn, b_thres: int,
                                info: EquilibriumInfo, want_jac: bool, tol: Dict[str, float]) -> Tensor:
@@ -319,3 +382,8 @@ class EquilibriumLayer(nn.Module):
         steps, tau = (1, 1.0) if self.grad == "jfb" else (self.phantom_steps, self.phantom_tau)
         info.b_steps = steps  # the applications of f the backward differentiates through
         return attach_phantom_backward(f, z_star, steps, tau, on_application=record)
+
+
+def _is_reversible(solver: SolverFn) -> bool:
+    """Whether ``solver`` is the reversible solver (or a wrapper that sets ``__wrapped__`` to it)."""
+    return inspect.unwrap(solver) is inspect.unwrap(reversible)

@@ -13,7 +13,7 @@ gradients add up at ``w`` and flow back through the normalisation once.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,28 @@ def weights_fixed(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m in convs:
+            m.fixed_weight = None
+
+
+def fixed_weights(module: nn.Module) -> List[Tuple[WeightNormConv2d, torch.Tensor]]:
+    """The ``(conv, w)`` pairs of the :class:`WeightNormConv2d` in ``module`` whose weight a
+    :func:`weights_fixed` block has fixed now (what :func:`weights_restored` sets again later)."""
+    return [(m, m.fixed_weight) for m in module.modules()
+            if isinstance(m, WeightNormConv2d) and m.fixed_weight is not None]
+
+
+@contextlib.contextmanager
+def weights_restored(fixed: Sequence[Tuple[WeightNormConv2d, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each conv of ``fixed`` (from :func:`fixed_weights`) uses its ``w`` again, unless a
+    block has fixed it already: a function of the call's weights (f of an MDEQ call) stays that function
+    when it is evaluated after the call (the reversible backward evaluates f again)."""
+    unset = [(m, w) for m, w in fixed if m.fixed_weight is None]
+    for m, w in unset:
+        m.fixed_weight = w
+    try:
+        yield
+    finally:
+        for m, _ in unset:
             m.fixed_weight = None
 
 

@@ -20,11 +20,13 @@ from .fixed_point import fixed_point
 from .registry import (SolverEntry, SolverFn, get_solver, history_rows, register_solver, registry_entry,
                        resolve_solver, solver_names)
 from .residuals import SOLVER_KEYS, IterateTracker, SolverResult, solver_memory
+from .reversible import ReversibleResult, check_beta, reversible
 from .workspace import SolverWorkspace
 
 register_solver("broyden", broyden, history_rows=broyden_history_rows)
 register_solver("anderson", anderson, history_rows=anderson_history_rows)
 register_solver("fixed_point", fixed_point)
+register_solver("reversible", reversible)
 for _key in ("MODEL.F_SOLVER", "MODEL.B_SOLVER"):
     register_choices(_key, solver_names)
 
@@ -51,6 +53,7 @@ def solver_options(solver: SolverFn, settings: Mapping[str, Any]) -> Dict[str, A
     return {k: v for k, v in settings.items() if k in names}
 
 
-__all__ = ["anderson", "broyden", "fixed_point", "get_solver", "history_rows", "register_solver", "registry_entry",
+__all__ = ["anderson", "broyden", "fixed_point", "reversible", "ReversibleResult", "check_beta", "get_solver",
+           "history_rows", "register_solver", "registry_entry",
            "resolve_solver", "solver_names", "solver_options", "option_names", "SolverEntry", "SOLVER_KEYS",
            "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory"]

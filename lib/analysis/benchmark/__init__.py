@@ -13,6 +13,8 @@ One module per concern:
 ``backward_modes``  one training-step row per MODEL.GRAD mode (:func:`run_backward_modes`) and its table
 ``model_cost``      any MODEL.NAME's parameters, FLOPs, training-step memory and time, inference rate, one
                     fresh process per config (:func:`model_costs`; ``tools/model_cost.py``)
+``reversible``      the reversible backward: its gradient against stored autograd, its drift, its peak
+                    memory (:func:`run_reversible`, :func:`format_reversible`)
 ``run``             a whole run of the parts asked for (:data:`PARTS`, :func:`run_benchmark`)
 ``report``          its markdown tables (:func:`format_report`) and JSON (:func:`dump_json`)
 ==================  ===================================================================================
@@ -22,11 +24,14 @@ from .measurements import forward_solve, overheads, time_components, train_step
 from .model_cost import CostSpec, format_costs, model_cost_worker, model_costs
 from .memory import peak_memory, peak_memory_worker, solver_history_bytes
 from .report import dump_json, format_report
-from .run import PARTS, run_benchmark
+from .reversible import format_reversible, gradient_drift, reversible_memory, run_reversible
+from .run import DEFAULT_PARTS, PARTS, run_benchmark
 from .spec import BenchSpec, build
 from .timing import TimedSolver, median_time, synchronize
 
-__all__ = ["BACKWARD_MODES", "PARTS", "BenchSpec", "CostSpec", "format_costs", "model_cost_worker", "model_costs", "TimedSolver", "backward_mode_worker", "build", "dump_json",
+__all__ = ["BACKWARD_MODES", "DEFAULT_PARTS", "PARTS", "BenchSpec", "CostSpec", "format_costs", "model_cost_worker", "model_costs",
+           "format_reversible", "gradient_drift", "reversible_memory", "run_reversible", "TimedSolver",
+           "backward_mode_worker", "build", "dump_json",
            "format_backward_modes", "format_report", "forward_solve", "median_time", "overheads", "peak_memory",
            "peak_memory_worker", "run_backward_modes", "run_benchmark", "solver_history_bytes", "synchronize",
            "time_components", "train_step"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .backward_modes import format_backward_modes
+from .reversible import format_reversible
 
 
 def _ms(t: float) -> str:
@@ -91,6 +92,8 @@ def format_report(r: Dict[str, Any]) -> str:
         lines += _memory_table(r)
     if r.get("backward_modes"):
         lines.append(format_backward_modes(r["backward_modes"], r["f_thres"]))
+    if r.get("reversible"):
+        lines.append(format_reversible(r["reversible"]))
     if "wall_s" in r:
         lines.append(f"({r['wall_s']:.0f} s wall.)")
     return "\n".join(lines)

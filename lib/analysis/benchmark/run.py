@@ -11,18 +11,22 @@ from ...config import ConfigError
 from .backward_modes import run_backward_modes
 from .measurements import forward_solve, overheads, time_components, train_step
 from .memory import peak_memory
+from .reversible import run_reversible
 from .spec import BenchSpec, build
 
 logger = logging.getLogger(__name__)
 
 
 #: the parts of a run, in the order they run (``components`` runs whenever ``train`` does: the
-#: overhead figures divide by its times; ``backward`` is a training step per MODEL.GRAD mode)
-PARTS = ("components", "forward", "train", "unrolled", "memory", "backward")
+#: overhead figures divide by its times; ``backward`` is a training step per MODEL.GRAD mode; ``reversible``
+#: the reversible backward's gradient drift and memory, not run unless asked for)
+PARTS = ("components", "forward", "train", "unrolled", "memory", "backward", "reversible")
+#: the parts a run makes when none are named
+DEFAULT_PARTS = PARTS[:-1]
 
 
 def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int], solvers: Sequence[str],
-                  repeats: int, mem_thres: Sequence[int] = (10, 40), parts: Sequence[str] = PARTS) -> Dict[str, Any]:
+                  repeats: int, mem_thres: Sequence[int] = (10, 40), parts: Sequence[str] = DEFAULT_PARTS) -> Dict[str, Any]:
     """The measurements of the benchmark named in ``parts`` (see :data:`PARTS`); returns a JSON-able
     dict (see :func:`format_report`)."""
     unknown = sorted(set(parts) - set(PARTS))
@@ -63,6 +67,8 @@ def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int
                 out["memory"].append(m)
     if "backward" in parts:
         out["backward_modes"] = run_backward_modes(spec, f_thres, b_thres, repeats)
+    if "reversible" in parts:
+        out["reversible"] = run_reversible(spec)
     out["wall_s"] = time.perf_counter() - start
     return out
 
