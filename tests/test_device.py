@@ -2,7 +2,7 @@
 and a 2-process DistributedDataParallel step.
 
 The reference, gradient and layout tests that also run there are in test_reference.py and
-test_core.py. On the CPU the AMP path is off (autocast is for CUDA), so the AMP test checks the
+test_core.py. On a CPU without bfloat16 in hardware the AMP path is off, so the AMP test checks the
 float32 step there; the DDP test runs with gloo on the CPU and NCCL on 2 GPUs.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mdeq.config import load_config
+from mdeq.core.trainer import autocast_dtype
 from mdeq.models import get_cls_net
 from mdeq.utils.checkpoint import load_weights
 
@@ -28,14 +29,14 @@ def test_a_training_step_under_amp_is_finite_and_follows_the_exact_gradient(refe
     model.to(device).train()
     e = torch.load(reference / "cifar_tiny.expected.pt", weights_only=True)
     x, target = e["input"].to(device), e["train_target"].to(device)
-    amp = cfg.TRAIN.AMP and device.type == "cuda"
+    amp = autocast_dtype(bool(cfg.TRAIN.AMP), device) is not None
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     # bfloat16 needs no loss scaling: its exponent range is float32's
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(device.type, dtype=autocast_dtype(True, device) or torch.float32, enabled=amp):
         logits, info = model(x, f_thres=30, b_thres=30, return_info=True)
         loss = F.cross_entropy(logits.float(), target)
-    assert logits.dtype == (torch.bfloat16 if amp else torch.float32)
+    assert logits.dtype == (autocast_dtype(True, device) if amp else torch.float32)
     loss.backward()
     stats = info.stats()
     # the solvers work in float32 whatever f's precision; f in bfloat16 still reaches a 5 % residual

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import load_config
+from ...core.trainer import autocast_dtype
 from ...datasets import build_cls_datasets
 from ...models import count_parameters, forward_kind, get_cls_net
 from ...models.flops import f_flops, forward_flops
@@ -75,20 +76,28 @@ def _f_calls(model, x: Tensor, kind: str) -> Any:
     return calls[0]
 
 
-def _train_step_cost(model, cfg, x: Tensor, y: Tensor, repeats: int) -> Dict[str, float]:
+def _autocast(dtype: Any) -> Any:
+    """The training's autocast (TRAIN.AMP; ``dtype`` None: float32) on the CPU."""
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def _train_step_cost(model, cfg, x: Tensor, y: Tensor, repeats: int, amp: Any = None) -> Dict[str, float]:
     """Peak RSS (MiB) of the first training step (its growth over the RSS before it, after a no-grad
-    call; and the process's peak) and the median time (s) of the steps after it."""
+    call; and the process's peak) and the median time (s) of the steps after it; under autocast to
+    ``amp`` when it is a dtype."""
     optimizer = build_optimizer(cfg, model)
     call = dict(_call(forward_kind(model)), train_step=int(cfg.TRAIN.PRETRAIN_STEPS), return_info=True)
     model.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits, _ = model(x, **call)
-        F.cross_entropy(logits, y).backward()
+        with _autocast(amp):
+            logits, _ = model(x, **call)
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
         optimizer.step()
 
-    with torch.no_grad():           # kernels and thread pools exist before the measure, as in peak_memory_worker
+    with torch.no_grad(), _autocast(amp):   # kernels and thread pools exist before the measure, as in peak_memory_worker
         model(x[:2], **call)
     before = _peak_start(x.device)
     step()                          # the first step: what it allocates (the optimizer's state too) is its peak
@@ -97,11 +106,12 @@ def _train_step_cost(model, cfg, x: Tensor, y: Tensor, repeats: int) -> Dict[str
     return {"step_peak_mib": (total - before) / 2 ** 20, "process_peak_mib": total / 2 ** 20, "train_step_s": t}
 
 
-def _inference_rate(model, x: Tensor, repeats: int) -> float:
-    """Images per second of an evaluation-mode forward pass of the batch ``x`` (no autograd)."""
+def _inference_rate(model, x: Tensor, repeats: int, amp: Any = None) -> float:
+    """Images per second of an evaluation-mode forward pass of the batch ``x`` (no autograd), under
+    autocast to ``amp`` when it is a dtype."""
     model.eval()
     call = _call(forward_kind(model))
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(amp):
         t = median_time(lambda: model(x, **call), repeats, x.device, warmup=1)
     return x.shape[0] / t
 
@@ -116,16 +126,18 @@ def model_cost_worker(spec: CostSpec) -> Dict[str, Any]:
     kind = forward_kind(model)
     size = list(cfg.MODEL.IMAGE_SIZE)
     x, y = first_batch(cfg, int(cfg.TRAIN.BATCH_SIZE_PER_GPU))
+    amp = autocast_dtype(bool(cfg.TRAIN.AMP), torch.device("cpu"))
     out: Dict[str, Any] = {"cfg": spec.cfg, "model": cfg.MODEL.NAME, "forward": kind,
+                           "dtype": str(amp or torch.float32).replace("torch.", ""),
                            "parameters": count_parameters(model), "batch": int(cfg.TRAIN.BATCH_SIZE_PER_GPU),
                            "image": [int(s) for s in x.shape[1:]], "threads": torch.get_num_threads(),
                            "f_flops": f_flops(model, size),
                            "forward_flops": forward_flops(model, cfg.MODEL.IN_CHANNELS, size, **_call(kind))}
     out["f_evals"] = _f_calls(model, x[:1], kind)
-    out.update(_train_step_cost(model, cfg, x, y, spec.repeats))
+    out.update(_train_step_cost(model, cfg, x, y, spec.repeats, amp))
     xi, _ = first_batch(cfg, spec.infer_batch)
     out["infer_batch"] = spec.infer_batch
-    out["images_per_s"] = _inference_rate(model, xi, spec.repeats)
+    out["images_per_s"] = _inference_rate(model, xi, spec.repeats, amp)
     return out
 
 
@@ -142,12 +154,12 @@ def model_costs(specs: Sequence[CostSpec]) -> List[Dict[str, Any]]:
 
 def format_costs(rows: Sequence[Dict[str, Any]]) -> str:
     """The rows as a markdown table."""
-    lines = ["| config | MODEL.NAME | parameters | MFLOPs / f | f per forward | MFLOPs / forward | "
+    lines = ["| config | MODEL.NAME | compute | parameters | MFLOPs / f | f per forward | MFLOPs / forward | "
              "train step (s) | step peak RSS (MiB) | process peak RSS (MiB) | inference (images/s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         f = "n/a" if r["f_flops"] is None else f"{r['f_flops'] / 1e6:.2f}"
-        lines.append(f"| {Path(r['cfg']).name} | {r['model']} | {r['parameters']:,} | {f} | "
+        lines.append(f"| {Path(r['cfg']).name} | {r['model']} | {r.get('dtype', 'float32')} | {r['parameters']:,} | {f} | "
                      f"{r['f_evals'] if r['f_evals'] is not None else 'n/a'} | {r['forward_flops'] / 1e6:.1f} | "
                      f"{r['train_step_s']:.3f} | {r['step_peak_mib']:.0f} | {r['process_peak_mib']:.0f} | "
                      f"{r['images_per_s']:.0f} |")
