@@ -154,12 +154,35 @@ def test_model_cost_tool_measures_each_kind_of_model(repo, tmp_path):
     proc = run_process([sys.executable, "tools/model_cost.py", "--repeats", "1", "--infer-batch", "20", "--json", out,
                         "--cfg", DIGITS_RESNET, DIGITS_UNROLLED])
     resnet, unrolled = json.loads(out.read_text())
-    assert "| cls_resnet_digits.yaml | resnet | 19,954 | n/a | n/a |" in proc.stdout
+    assert "| cls_resnet_digits.yaml | resnet | float32 | 19,954 | n/a | n/a |" in proc.stdout
     assert resnet["forward"] == "explicit" and resnet["f_flops"] is None and resnet["f_evals"] is None
     assert resnet["forward_flops"] == forward_flops(get_cls_net(load_config(repo / DIGITS_RESNET)), 3, [32, 32])
     model = get_cls_net(load_config(repo / DIGITS_UNROLLED))
     assert unrolled["f_evals"] == 6 and unrolled["f_flops"] == f_flops(model, [32, 32])
     assert unrolled["forward_flops"] == forward_flops(model, 3, [32, 32]) > 6 * unrolled["f_flops"]  # + stem, head
     for row in (resnet, unrolled):
-        assert row["batch"] == 64 and row["threads"] == 1 and row["infer_batch"] == 20
+        assert row["batch"] == 64 and row["threads"] == 1 and row["infer_batch"] == 20 and row["dtype"] == "float32"
         assert row["train_step_s"] > 0 and row["images_per_s"] > 0 and row["process_peak_mib"] > row["step_peak_mib"] >= 0
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_model_cost_runs_the_step_under_train_amp_where_the_cpu_has_bfloat16(repo, monkeypatch, native):
+    """TRAIN.AMP: the measured step and inference run in bfloat16 on a CPU with bfloat16 hardware
+    (here pretended either way), in float32 without; the row says which."""
+    import mdeq.analysis.benchmark.model_cost as cost
+    import mdeq.utils.precision as precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    seen = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward",
+                        lambda self, x, w, b: seen.append(torch.get_autocast_dtype("cpu")
+                                                          if torch.is_autocast_enabled("cpu") else None) or real(self, x, w, b))
+    threads = torch.get_num_threads()
+    try:
+        row = cost.model_cost_worker(cost.CostSpec(str(repo / DIGITS_RESNET), ["TRAIN.AMP", True, "TRAIN.BATCH_SIZE_PER_GPU", 8],
+                                                   threads=1, infer_batch=4, repeats=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert row["dtype"] == ("bfloat16" if native else "float32")
+    # the uncast calls are the parameter and f-evaluation counts, which run outside autocast
+    assert seen and set(seen) <= {None, torch.bfloat16} and (torch.bfloat16 in seen) == native

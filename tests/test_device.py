@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mdeq.config import load_config
-from mdeq.core.trainer import autocast_dtype
+from mdeq.utils.precision import autocast_dtype
 from mdeq.models import get_cls_net
 from mdeq.utils.checkpoint import load_weights
 

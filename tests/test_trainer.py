@@ -335,14 +335,14 @@ def test_checkpoints_of_the_previous_format_still_resume(tmp_path):
 def test_amp_is_bfloat16_without_a_scaler_where_the_device_has_it_else_float16_with_one(monkeypatch, caplog):
     """TRAIN.AMP picks the autocast dtype the device supports; only float16 gets a loss scaler; a CPU
     without bfloat16 in hardware trains in float32 with a warning (the step itself: tests/test_device.py)."""
-    import mdeq.core.trainer as trainer_mod
+    import mdeq.utils.precision as precision
     assert amp_setup(False, torch.device("cuda")) == (None, None)
     assert amp_setup(False, torch.device("cpu")) == (None, None)
-    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING"):
         assert amp_setup(True, torch.device("cpu")) == (None, None)
     assert "TRAIN.AMP is set but cpu has no fast half-precision type" in caplog.text
-    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert amp_setup(True, torch.device("cpu")) == (torch.bfloat16, None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert amp_setup(True, torch.device("cuda")) == (torch.bfloat16, None)

@@ -47,6 +47,7 @@ from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.event_log import ScalarEvents
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
+from ..utils.precision import autocast_dtype
 from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .reduce import Reducer
@@ -336,29 +337,8 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: boo
                amp_dtype=amp_dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles): there oneDNN's
-    bfloat16 convolutions are several times faster than float32 ones; elsewhere they are emulated
-    and slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-def autocast_dtype(enabled: bool, device: torch.device) -> Optional[torch.dtype]:
-    """TRAIN.AMP's autocast dtype: bfloat16 where the GPU has it (float32's exponent range, so no
-    loss scaling and no steps skipped while a scale settles), else float16; on a CPU bfloat16 where
-    the CPU has it in hardware (:func:`cpu_has_native_bf16`); None when off or not available."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
 def amp_setup(enabled: bool, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
-    """The autocast dtype (:func:`autocast_dtype`) and, for float16 only, a loss scaler."""
+    """The autocast dtype (:func:`~mdeq.utils.precision.autocast_dtype`) and, for float16 only, a loss scaler."""
     dtype = autocast_dtype(enabled, device)
     if enabled and dtype is None:
         logger.warning("TRAIN.AMP is set but %s has no fast half-precision type (a CPU needs AVX512-BF16 or "

@@ -25,7 +25,8 @@ from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
 from ..core.metrics import topk_correct
 from ..core.reduce import Reducer
-from ..core.trainer import Task, autocast_dtype
+from ..core.trainer import Task
+from ..utils.precision import autocast_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from ..core.criterion import build_criterion, resize_logits
 from ..core.reduce import Reducer
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
 from ..core.reduce import Reducer
-from ..core.trainer import Task, autocast_dtype
+from ..core.trainer import Task
+from ..utils.precision import autocast_dtype
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -72,7 +73,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     (list of lists), ``mean_f_steps`` and ``mean_f_rel`` (forward solver steps and final relative
     residual per image, over the images of every rank) and ``images``. ``on_prediction(pred, name)``
     gets each predicted train-id map (H, W) uint8 on the rank that computed it; ``amp`` (TRAIN.AMP)
-    runs the model under the training's autocast dtype (:func:`~mdeq.core.trainer.autocast_dtype`);
+    runs the model under the training's autocast dtype (:func:`~mdeq.utils.precision.autocast_dtype`);
     ``model_kwargs`` go to the model calls.
     """
     net = unwrap(model)

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ...config import load_config
-from ...core.trainer import autocast_dtype
 from ...datasets import build_cls_datasets
 from ...models import count_parameters, forward_kind, get_cls_net
 from ...models.flops import f_flops, forward_flops
 from ...utils.cpu_allocator import retain_freed_memory
 from ...utils.optim import build_optimizer
+from ...utils.precision import autocast_dtype
 from .memory import _peak_start, _peak_total
 from .timing import median_time
 
