@@ -30,7 +30,6 @@ from ..utils.logger import progress_bar
 from ..core.criterion import build_criterion, resize_logits
 from ..core.reduce import Reducer
 from ..core.seg_metrics import confusion_matrix, scores_from_confusion
-from ..core.reduce import Reducer
 from ..core.trainer import Task
 from ..utils.precision import autocast_dtype
 
