@@ -320,3 +320,51 @@ def test_valid_script_on_original_checkpoint(cifar_root, tmp_path, reference):
     loader = torch.utils.data.DataLoader(val, batch_size=100)
     mine = validate(model, loader, cfg, torch.device("cpu"), is_main=False)
     assert res["top1"] == pytest.approx(mine["top1"]) and res["loss"] == pytest.approx(mine["loss"], rel=1e-5)
+
+
+class _LinearWithInfo(nn.Module):
+    """Logits of a linear map of the flattened image, not mirror-symmetric; info with a fake residual."""
+
+    def __init__(self, pixels: int, classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(pixels, classes)
+
+    def forward(self, x, return_info=False, **kwargs):
+        from mdeq.modules.equilibrium import EquilibriumInfo
+        logits = self.fc(x.flatten(1))
+        # the "residual" differs between an image and its mirror, so the average can be checked
+        info = EquilibriumInfo(mode="equilibrium", f_steps=3.0, f_rel=float(x[..., 0].abs().mean()))
+        return (logits, info) if return_info else logits
+
+
+def test_flip_test_averages_the_mirror_images_logits_and_label_smoothing_is_the_training_loss():
+    torch.manual_seed(0)
+    images, target = torch.randn(12, 1, 6, 6), torch.randint(0, 10, (12,))
+    model = _LinearWithInfo(36)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, target), batch_size=5)
+    cfg = load_config(TINY_CFG)
+    plain = validate(model, loader, cfg, torch.device("cpu"), is_main=False)
+    cfg.defrost()
+    cfg.TEST.FLIP_TEST = True
+    flipped = validate(model, loader, cfg, torch.device("cpu"), is_main=False)
+    with torch.no_grad():
+        logits = model(images)
+        both = 0.5 * (logits + model(images.flip(-1)))
+    for result, expected in ((plain, logits), (flipped, both)):
+        assert result["top1"] == pytest.approx(100.0 * (expected.argmax(1) == target).float().mean().item())
+        assert result["loss"] == pytest.approx(nn.functional.cross_entropy(expected, target).item(), rel=1e-5)
+    assert flipped["loss"] != pytest.approx(plain["loss"])
+    # the residual: the mean over both passes (first and last pixel columns of the images)
+    assert flipped["f_rel"] == pytest.approx(0.5 * (images[..., 0].abs().mean() + images[..., -1].abs().mean()).item(),
+                                             rel=1e-5)
+
+    from mdeq.tasks.classification import ClassificationTask
+    cfg.LOSS.LABEL_SMOOTHING = 0.1
+    loss = ClassificationTask().build_criterion(cfg)(logits, target)
+    logp = torch.log_softmax(logits, 1)
+    expected = 0.9 * nn.functional.nll_loss(logp, target) - 0.1 * logp.mean(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    cfg.LOSS.LABEL_SMOOTHING = 1.0
+    with pytest.raises(ConfigError, match="LOSS.LABEL_SMOOTHING"):
+        from mdeq.config import validate_config
+        validate_config(cfg, "the test")

@@ -101,6 +101,7 @@ _C.LOSS = CN()
 _C.LOSS.USE_OHEM = False
 _C.LOSS.OHEMTHRES = 0.9
 _C.LOSS.OHEMKEEP = 100000
+_C.LOSS.LABEL_SMOOTHING = 0.0  # new: classification training loss, target (1 - e) on the class + e / classes everywhere
 
 # ------------------------------------------------------------------ dataset
 _C.DATASET = CN()

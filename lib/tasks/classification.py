@@ -50,8 +50,10 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
              **model_kwargs: Any) -> Dict[str, float]:
     """Held-out loss, top-1 / top-5 (%) and the forward solver's statistics, each rank its shard of
     ``loader`` (:class:`~mdeq.utils.distributed.ShardSampler`), sums reduced: exact for the whole set.
-    ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium)."""
+    ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium). ``TEST.FLIP_TEST``
+    averages each image's logits with its horizontal mirror's (two forward passes)."""
     net = unwrap(model)
+    flip = bool(cfg.TEST.FLIP_TEST)
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -62,9 +64,14 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, info = net(images, return_info=True, **model_kwargs)
             logits = logits.float()
+            stats = {k: info.get(k) for k in EVAL_KEYS}
+            if flip:
+                # the mirror image's logits averaged in; its own equilibrium solve, its statistics averaged too
+                mirrored, info = net(images.flip(-1), return_info=True, **model_kwargs)
+                logits = 0.5 * (logits + mirrored.float())
+                stats = {k: None if v is None else 0.5 * (v + info.get(k)) for k, v in stats.items()}
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        stats = {k: info.get(k) for k in EVAL_KEYS}
         reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n}, stats, weight=n)
         bar.set_postfix({"acc": f"{100.0 * reducer.sums['top1'] / max(1.0, reducer.sums['images']):.1f}"},
                         refresh=False)
@@ -93,7 +100,8 @@ class ClassificationTask(Task):
         return train_set, val_set
 
     def build_criterion(self, cfg) -> nn.Module:
-        return nn.CrossEntropyLoss()
+        # the training loss only: held-out losses stay the plain cross-entropy, comparable across runs
+        return nn.CrossEntropyLoss(label_smoothing=float(cfg.LOSS.LABEL_SMOOTHING))
 
     def batch_metrics(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
         c1, c5 = topk_correct(output, target, (1, 5))
