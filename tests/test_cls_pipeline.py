@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from conftest import run_process
-from mdeq.config import ConfigError, load_config
-from mdeq.tasks.classification import validate
+from mdeq.config import ConfigError, load_config, validate_config
+from mdeq.modules.equilibrium import EquilibriumInfo
+from mdeq.tasks.classification import ClassificationTask, validate
 from mdeq.core.metrics import accuracy, topk_correct
 from mdeq.datasets import build_cls_datasets
 from mdeq.datasets.cifar import MEAN, STD
@@ -330,7 +331,6 @@ class _LinearWithInfo(nn.Module):
         self.fc = nn.Linear(pixels, classes)
 
     def forward(self, x, return_info=False, **kwargs):
-        from mdeq.modules.equilibrium import EquilibriumInfo
         logits = self.fc(x.flatten(1))
         # the "residual" differs between an image and its mirror, so the average can be checked
         info = EquilibriumInfo(mode="equilibrium", f_steps=3.0, f_rel=float(x[..., 0].abs().mean()))
@@ -358,7 +358,6 @@ def test_flip_test_averages_the_mirror_images_logits_and_label_smoothing_is_the_
     assert flipped["f_rel"] == pytest.approx(0.5 * (images[..., 0].abs().mean() + images[..., -1].abs().mean()).item(),
                                              rel=1e-5)
 
-    from mdeq.tasks.classification import ClassificationTask
     cfg.LOSS.LABEL_SMOOTHING = 0.1
     loss = ClassificationTask().build_criterion(cfg)(logits, target)
     logp = torch.log_softmax(logits, 1)
@@ -366,5 +365,4 @@ def test_flip_test_averages_the_mirror_images_logits_and_label_smoothing_is_the_
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     cfg.LOSS.LABEL_SMOOTHING = 1.0
     with pytest.raises(ConfigError, match="LOSS.LABEL_SMOOTHING"):
-        from mdeq.config import validate_config
         validate_config(cfg, "the test")
