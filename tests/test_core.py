@@ -401,3 +401,32 @@ def test_f_flops_counts_what_torch_flop_counter_counts(repo, key):
             model.fullstage(z, inj)
     assert ours is not None and ours == counter.get_total_flops() > 0
     assert model.training and not any(m._forward_hooks for m in model.modules())
+
+
+def test_full_resolution_stem_blocks_run_before_the_strided_stem_and_train(repo):
+    """MODEL.STEM_BLOCKS adds residual blocks at the input's resolution, computed once per forward:
+    the injection changes, f's shapes and FLOPs do not, and every stem weight gets a gradient."""
+    from mdeq.models.flops import f_flops
+    from mdeq.models.resnet import BasicBlock
+    path, build, shape, opts = SMALL_OVERRIDES["imagenet4"]
+    plain = build(load_config(repo / path, opts + ["MODEL.DROPOUT", "0.0"]))
+    cfg = load_config(repo / path, opts + ["MODEL.DROPOUT", "0.0", "MODEL.STEM_BLOCKS", "2", "MODEL.STEM_CHANNELS", "6"])
+    torch.manual_seed(0)
+    model = build(cfg)
+    blocks = [m for m in model.full_res_stem if isinstance(m, BasicBlock)]
+    assert len(blocks) == 2 and model.full_res_stem[0].out_channels == 6
+    assert model.downsample[0].in_channels == 6 and plain.full_res_stem is None
+    x = torch.randn(*shape)
+    seen = []
+    hook = model.full_res_stem.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    inj = model.injection(x)
+    hook.remove()
+    assert seen == [torch.Size([shape[0], 6, shape[2], shape[3]])]         # the input's resolution
+    assert inj.shape == plain.injection(x).shape
+    assert f_flops(model, [shape[3], shape[2]]) == f_flops(plain, [shape[3], shape[2]])
+    _loss(model, model(x, mode="unrolled")).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.full_res_stem.parameters())
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    # conv3x3 3 -> 6 and BN, two blocks of two conv3x3 6 -> 6 with BN; the strided conv takes 6 channels, not 3
+    c0 = model.downsample[0].out_channels
+    assert extra == 3 * 6 * 9 + 2 * 6 + 2 * (2 * 6 * 6 * 9 + 2 * 2 * 6) + (6 - 3) * c0 * 9

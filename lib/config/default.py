@@ -40,6 +40,10 @@ _C.MODEL.DOWNSAMPLE_TIMES = 2
 _C.MODEL.EXPANSION_FACTOR = 5
 _C.MODEL.IMAGE_SIZE = [256, 256]
 _C.MODEL.IN_CHANNELS = 3  # new: channels of the input images (1 for Fashion-MNIST's grey photos)
+# new: explicit residual blocks (conv3x3-BN-ReLU-conv3x3-BN + identity, ReLU) at the input's full resolution,
+# before the strided stem: run once per forward pass, not once per evaluation of f. 0: the original's stem
+_C.MODEL.STEM_BLOCKS = 0
+_C.MODEL.STEM_CHANNELS = 16  # new: their width (the stem's first convolution maps IN_CHANNELS to it)
 _C.MODEL.BN_MOMENTUM = -1.0  # new: <0 means the original's choice (0.1 classification, 0.01 segmentation)
 # new: equilibrium solvers ('broyden', 'anderson' or 'fixed_point') for the forward and backward
 _C.MODEL.F_SOLVER = "broyden"

@@ -81,6 +81,8 @@ RANGES: Dict[str, Range] = {
     "MODEL.NUM_LAYERS": AT_LEAST_1,
     "MODEL.NUM_GROUPS": AT_LEAST_1,
     "MODEL.IN_CHANNELS": AT_LEAST_1,
+    "MODEL.STEM_BLOCKS": AT_LEAST_0,
+    "MODEL.STEM_CHANNELS": AT_LEAST_1,
     "MODEL.DROPOUT": Range(0, 1, high_open=True),
     "MODEL.NUM_CLASSES": AT_LEAST_1,
     # every solver step is an evaluation of f: 10,000 is 250x the original's largest budget (40), and

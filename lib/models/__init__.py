@@ -12,7 +12,7 @@ from .seg_net import MDEQSegNet
 
 #: the modules that a classification MDEQ and a segmentation MDEQ share (stem and f_theta): what
 #: MODEL.PRETRAINED initialises and what pretrained_models/convert_cls_to_seg.py keeps
-BACKBONE_PREFIXES = ("downsample.", "stage0.", "fullstage.")
+BACKBONE_PREFIXES = ("full_res_stem.", "downsample.", "stage0.", "fullstage.")
 
 
 def get_cls_net(cfg) -> nn.Module:

@@ -50,7 +50,7 @@ def f_flops(model: nn.Module, image_size: Sequence[int]) -> Optional[int]:
     was_training = net.training
     net.eval()
     try:
-        x = _one_image(net, net.downsample[0].in_channels, image_size)
+        x = _one_image(net, net.in_channels, image_size)
         with torch.no_grad():
             inj = net.injection(x)
             return layer_flops(net.fullstage, lambda: net.fullstage([inj.new_zeros(1, *s) for s in

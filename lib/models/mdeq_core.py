@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
                        fixed_weights, weights_fixed, weights_restored)
 from ..solvers import SolverFn
+from .resnet import BasicBlock
 
 Tensor = torch.Tensor
 
@@ -222,8 +223,20 @@ class MDEQNet(nn.Module):
         self.state_layout = m.STATE_LAYOUT
         momentum = _bn_momentum(cfg, bn_momentum)
         c0 = self.num_channels[0]
+        self.in_channels = m.IN_CHANNELS
+        c_stem = m.IN_CHANNELS
+        self.full_res_stem: Optional[nn.Module] = None
+        if m.STEM_BLOCKS > 0:
+            # processing at the input's resolution, paid once per forward pass: f works at a half or a
+            # quarter of it and runs 2 * T_f + T_b times per step
+            c_stem = m.STEM_CHANNELS
+            self.full_res_stem = nn.Sequential(
+                nn.Conv2d(m.IN_CHANNELS, c_stem, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_stem, momentum=momentum),
+                nn.ReLU(inplace=True),
+                *[BasicBlock(c_stem, c_stem, 1, momentum) for _ in range(m.STEM_BLOCKS)])
         self.downsample = nn.Sequential(
-            nn.Conv2d(m.IN_CHANNELS, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
+            nn.Conv2d(c_stem, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
             nn.BatchNorm2d(c0, momentum=momentum),
             nn.ReLU(inplace=True),
             nn.Conv2d(c0, c0, 3, stride=2 if self.downsample_times >= 2 else 1, padding=1, bias=False),
@@ -294,7 +307,9 @@ class MDEQNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def injection(self, x: Tensor) -> Tensor:
-        """The input injection (N, C_1, H_1, W_1) for images x (N, 3, H, W)."""
+        """The input injection (N, C_1, H_1, W_1) for images x (N, MODEL.IN_CHANNELS, H, W)."""
+        if self.full_res_stem is not None:
+            x = self.full_res_stem(x)
         x = self.downsample(x)
         return self.stage0(x) if self.stage0 is not None else x
 
