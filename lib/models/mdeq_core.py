@@ -227,8 +227,8 @@ class MDEQNet(nn.Module):
         c_stem = m.IN_CHANNELS
         self.full_res_stem: Optional[nn.Module] = None
         if m.STEM_BLOCKS > 0:
-            # processing at the input's resolution, paid once per forward pass: f works at a half or a
-            # quarter of it and runs 2 * T_f + T_b times per step
+            # processing at the input's resolution, paid once per forward pass: f works at 2^-DOWNSAMPLE_TIMES
+            # of it and runs T_f + T_b + 1 times per training step
             c_stem = m.STEM_CHANNELS
             self.full_res_stem = nn.Sequential(
                 nn.Conv2d(m.IN_CHANNELS, c_stem, 3, padding=1, bias=False),
