@@ -124,6 +124,12 @@ def test_validation_split_is_fixed_disjoint_and_the_test_set_separate(tmp_path):
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= y < 10
     with pytest.raises(ConfigError, match="DATASET.VAL_SIZE > 0"):
         build_cls_datasets(_cfg(tmp_path, "DATASET.VAL_SIZE", "0"))
+    # an empty TEST_SET: training on every training image (VAL_SIZE 0) without a held-out set; an
+    # evaluation must name its set
+    all_train, none = build_cls_datasets(_cfg(tmp_path, "DATASET.VAL_SIZE", "0", "DATASET.TEST_SET", ""))
+    assert len(all_train) == 60 and none is None
+    with pytest.raises(ConfigError, match="DATASET.TEST_SET is empty: name the set to evaluate"):
+        build_cls_val_dataset(_cfg(tmp_path, "DATASET.TEST_SET", ""))
     with pytest.raises(ConfigError, match="MODEL.IN_CHANNELS = 3"):
         build_cls_datasets(_cfg(tmp_path, "MODEL.IN_CHANNELS", "3"))
     with pytest.raises(ConfigError, match="'train_extra'"):

@@ -117,7 +117,8 @@ _C.DATASET.DATASET = "cifar10"
 _C.DATASET.TRAIN_SET = "train"
 _C.DATASET.TEST_SET = "val"
 _C.DATASET.AUGMENT = True  # new: CIFAR random crop + flip (False: the paper's no-augmentation setting)
-# new: training images held out as a validation split (fashion_mnist; DATASET.TEST_SET 'val' evaluates on it)
+# new: training images held out as a validation split (fashion_mnist; DATASET.TEST_SET 'val' evaluates on it,
+# '' trains without a held-out set)
 _C.DATASET.VAL_SIZE = 0
 _C.DATASET.DOWNLOAD = False  # new: let torchvision download CIFAR-10 when it is missing
 

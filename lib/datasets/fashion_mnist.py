@@ -10,7 +10,9 @@ big-endian uint32 per dimension, then the bytes; images are ``0x00000803`` (N, 2
 Splits (``DATASET.TEST_SET``): ``'val'`` (or ``'valid'``) is a validation split of
 ``DATASET.VAL_SIZE`` images carved from the 60,000 training images by a fixed seeded permutation
 (training then uses the rest) and is what settings are chosen on; ``'test'`` is the 10,000 test
-images, reported and never tuned on. Images have one channel (``MODEL.IN_CHANNELS 1``),
+images, reported and never tuned on; ``''`` (empty) trains without a held-out set (no evaluation during
+training: the final run of a recipe chosen on ``'val'``, on all the training images with ``VAL_SIZE 0``,
+its test set evaluated once afterwards by ``tools/cls_valid.py ... DATASET.TEST_SET test``). Images have one channel (``MODEL.IN_CHANNELS 1``),
 normalised with the training set's mean and std; ``DATASET.AUGMENT`` adds a random crop
 (zero-padded by 2) and a horizontal flip.
 """
@@ -134,7 +136,12 @@ class FashionMNIST(Dataset):
         return (x - MEAN) / STD, int(self.labels[index])
 
 
-def _held_out(cfg) -> str:
+def _held_out(cfg, with_train: bool) -> Optional[str]:
+    if not str(cfg.DATASET.TEST_SET).strip():
+        if not with_train:
+            raise ConfigError("DATASET.TEST_SET is empty: name the set to evaluate, 'val' (the validation split of "
+                              "DATASET.VAL_SIZE training images) or 'test' (the 10,000 test images)")
+        return None   # training without a held-out set
     name = split_path(str(cfg.DATASET.TEST_SET).lower(), "{}")   # 'valid' is 'val'
     if name == "val":
         if int(cfg.DATASET.VAL_SIZE) <= 0:
@@ -146,16 +153,16 @@ def _held_out(cfg) -> str:
                       f"split of DATASET.VAL_SIZE training images) and 'test' (the 10,000 test images)")
 
 
-def build_fashion_mnist(cfg, with_train: bool = True) -> Tuple[Optional[Dataset], Dataset]:
-    """(training set, held-out set): the held-out set is ``DATASET.TEST_SET`` ('val' or 'test');
-    the training set lacks the ``DATASET.VAL_SIZE`` validation images whatever the held-out set is,
+def build_fashion_mnist(cfg, with_train: bool = True) -> Tuple[Optional[Dataset], Optional[Dataset]]:
+    """(training set, held-out set): the held-out set is ``DATASET.TEST_SET`` ('val' or 'test'; None
+    for an empty TEST_SET, which only training accepts); the training set lacks the ``DATASET.VAL_SIZE`` validation images whatever the held-out set is,
     so a run's training data does not depend on what it is evaluated on."""
     root = cfg.DATASET.ROOT or DEFAULT_ROOT
-    held_out = _held_out(cfg)
+    held_out = _held_out(cfg, with_train)
     val_size = int(cfg.DATASET.VAL_SIZE)
     if int(cfg.MODEL.IN_CHANNELS) != 1:
         raise ConfigError(f"MODEL.IN_CHANNELS = {cfg.MODEL.IN_CHANNELS}: Fashion-MNIST images have 1 channel")
-    train = None
+    train, val = None, None
     if with_train or held_out == "val":
         images, labels = load_split(root, "train")
         if not 0 <= val_size < len(labels):
