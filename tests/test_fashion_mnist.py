@@ -145,6 +145,10 @@ def test_augmentation_crops_and_flips(tmp_path):
     left = [float(o[0, :, :10].mean() > o[0, :, 18:].mean()) for o in outs]
     assert 0 < sum(left) < len(left)  # both orientations occur
     assert len({tuple(o[0, 14].tolist()) for o in outs}) > 2  # and several shifts
+    erased = FashionMNIST(images, np.zeros(1, dtype=np.int64), augment=False, erase=1.0)
+    unerased = FashionMNIST(images, np.zeros(1, dtype=np.int64))[0][0]
+    changed = [(erased[0][0] != unerased).float().mean().item() for _ in range(20)]
+    assert all(0.0 < c <= 0.45 for c in changed) and len(set(changed)) > 1  # a rectangle of 2-40 %, each time another
     plain = FashionMNIST(images, np.zeros(1, dtype=np.int64))[0][0]
     assert torch.equal(plain, FashionMNIST(images, np.zeros(1, dtype=np.int64))[0][0])
 

@@ -120,6 +120,8 @@ _C.DATASET.AUGMENT = True  # new: CIFAR random crop + flip (False: the paper's n
 # new: training images held out as a validation split (fashion_mnist; DATASET.TEST_SET 'val' evaluates on it,
 # '' trains without a held-out set)
 _C.DATASET.VAL_SIZE = 0
+# new: probability of random erasing of a training image (fashion_mnist; Zhong et al. 2020), 0: none
+_C.DATASET.RANDOM_ERASING = 0.0
 _C.DATASET.DOWNLOAD = False  # new: let torchvision download CIFAR-10 when it is missing
 
 # ------------------------------------------------------------------ training

@@ -14,7 +14,8 @@ images, reported and never tuned on; ``''`` (empty) trains without a held-out se
 training: the final run of a recipe chosen on ``'val'``, on all the training images with ``VAL_SIZE 0``,
 its test set evaluated once afterwards by ``tools/cls_valid.py ... DATASET.TEST_SET test``). Images have one channel (``MODEL.IN_CHANNELS 1``),
 normalised with the training set's mean and std; ``DATASET.AUGMENT`` adds a random crop
-(zero-padded by 2) and a horizontal flip.
+(zero-padded by 2) and a horizontal flip; ``DATASET.RANDOM_ERASING`` > 0 erases a random rectangle of a training image with that
+probability.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import RandomErasing
 
 from ..config.loader import ConfigError
 from .common import DatasetError, split_path
@@ -114,12 +116,16 @@ class FashionMNIST(Dataset):
     Args:
         images: (N, 28, 28) uint8. labels: (N,) int64.
         augment: random crop (zero-padded by :data:`PAD`) and horizontal flip per sample.
+        erase: the probability of random erasing (Zhong et al. 2020) after normalisation: a rectangle of
+            2-40 % of the image, aspect 0.3-3.3, filled with standard-normal noise (the normalised images'
+            statistics); 0: none.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, erase: float = 0.0) -> None:
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # (N, 1, 28, 28), a copy
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
         self.augment = augment
+        self.erase = RandomErasing(p=erase, scale=(0.02, 0.4), ratio=(0.3, 3.3), value="random") if erase > 0 else None
         self.classes = list(CLASSES)
 
     def __len__(self) -> int:
@@ -133,7 +139,10 @@ class FashionMNIST(Dataset):
             x = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))[:, i:i + h, j:j + w]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
-        return (x - MEAN) / STD, int(self.labels[index])
+        x = (x - MEAN) / STD
+        if self.erase is not None:
+            x = self.erase(x)
+        return x, int(self.labels[index])
 
 
 def _held_out(cfg, with_train: bool) -> Optional[str]:
@@ -172,7 +181,8 @@ def build_fashion_mnist(cfg, with_train: bool = True) -> Tuple[Optional[Dataset]
         if held_out == "val":
             val = FashionMNIST(images[val_idx], labels[val_idx])
         if with_train:
-            train = FashionMNIST(images[train_idx], labels[train_idx], augment=bool(cfg.DATASET.AUGMENT))
+            train = FashionMNIST(images[train_idx], labels[train_idx], augment=bool(cfg.DATASET.AUGMENT),
+                                 erase=float(cfg.DATASET.RANDOM_ERASING))
     if held_out == "test":
         val = FashionMNIST(*load_split(root, "test"))
     return train, val

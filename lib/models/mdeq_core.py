@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
                        fixed_weights, weights_fixed, weights_restored)
 from ..solvers import SolverFn
-from .resnet import BasicBlock
+from .resnet import conv_bn_relu, residual_stage
 
 Tensor = torch.Tensor
 
@@ -230,19 +230,13 @@ class MDEQNet(nn.Module):
             # processing at the input's resolution, paid once per forward pass: f works at 2^-DOWNSAMPLE_TIMES
             # of it and runs T_f + T_b + 1 times per training step
             c_stem = m.STEM_CHANNELS
-            self.full_res_stem = nn.Sequential(
-                nn.Conv2d(m.IN_CHANNELS, c_stem, 3, padding=1, bias=False),
-                nn.BatchNorm2d(c_stem, momentum=momentum),
-                nn.ReLU(inplace=True),
-                *[BasicBlock(c_stem, c_stem, 1, momentum) for _ in range(m.STEM_BLOCKS)])
+            # the ResNet baseline's stem and first stage; flat, so that the keys are full_res_stem.0, .1, ...
+            self.full_res_stem = nn.Sequential(*conv_bn_relu(m.IN_CHANNELS, c_stem, momentum),
+                                               *residual_stage(c_stem, c_stem, m.STEM_BLOCKS, 1, momentum))
+        # flat, as the original's downsample.0 ... downsample.5
         self.downsample = nn.Sequential(
-            nn.Conv2d(c_stem, c0, 3, stride=2 if self.downsample_times >= 1 else 1, padding=1, bias=False),
-            nn.BatchNorm2d(c0, momentum=momentum),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c0, c0, 3, stride=2 if self.downsample_times >= 2 else 1, padding=1, bias=False),
-            nn.BatchNorm2d(c0, momentum=momentum),
-            nn.ReLU(inplace=True),
-        )
+            *conv_bn_relu(c_stem, c0, momentum, stride=2 if self.downsample_times >= 1 else 1),
+            *conv_bn_relu(c0, c0, momentum, stride=2 if self.downsample_times >= 2 else 1))
         # as in the original: with no downsampling and at most 2 streams the stem is the injection
         if self.downsample_times == 0 and self.num_branches <= 2:
             self.stage0 = None

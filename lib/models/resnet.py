@@ -41,6 +41,20 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+def conv_bn_relu(c_in: int, c_out: int, momentum: float, stride: int = 1) -> nn.Sequential:
+    """conv3x3 (no bias)-BN-ReLU: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride). The ResNet's stem,
+    and the MDEQ's (:class:`~mdeq.models.mdeq_core.MDEQNet`: its strided stem, its full-resolution stem)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out, momentum=momentum), nn.ReLU(inplace=True))
+
+
+def residual_stage(c_in: int, c_out: int, blocks: int, stride: int, momentum: float) -> nn.Sequential:
+    """``blocks`` :class:`BasicBlock` s, the first from ``c_in`` channels at ``stride``, the rest at
+    ``c_out`` and stride 1: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)."""
+    return nn.Sequential(*[BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, momentum)
+                           for b in range(blocks)])
+
+
 class ResNetClsNet(nn.Module):
     """Images (N, MODEL.IN_CHANNELS, H, W) -> logits (N, MODEL.NUM_CLASSES); see the module docstring."""
 
@@ -54,15 +68,9 @@ class ResNetClsNet(nn.Module):
         if len(widths) != 3:
             raise ValueError(f"ResNet widths {list(widths)} must have 3 entries, one per stage")
         blocks = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0], momentum=momentum), nn.ReLU(inplace=True))
-        stages, c_in = [], widths[0]
-        for s, width in enumerate(widths):
-            layers = [BasicBlock(c_in if b == 0 else width, width, 2 if (b == 0 and s > 0) else 1, momentum)
-                      for b in range(blocks)]
-            stages.append(nn.Sequential(*layers))
-            c_in = width
-        self.stages = nn.Sequential(*stages)
+        self.stem = conv_bn_relu(in_channels, widths[0], momentum)
+        self.stages = nn.Sequential(*[residual_stage(c_in, width, blocks, 1 if s == 0 else 2, momentum)
+                                      for s, (c_in, width) in enumerate(zip([widths[0], *widths[:-1]], widths))])
         self.classifier = nn.Linear(widths[-1], num_classes)
         self.init_weights()
 
