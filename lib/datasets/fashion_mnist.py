@@ -10,12 +10,12 @@ big-endian uint32 per dimension, then the bytes; images are ``0x00000803`` (N, 2
 Splits (``DATASET.TEST_SET``): ``'val'`` (or ``'valid'``) is a validation split of
 ``DATASET.VAL_SIZE`` images carved from the 60,000 training images by a fixed seeded permutation
 (training then uses the rest) and is what settings are chosen on; ``'test'`` is the 10,000 test
-images, reported and never tuned on; ``''`` (empty) trains without a held-out set (no evaluation during
-training: the final run of a recipe chosen on ``'val'``, on all the training images with ``VAL_SIZE 0``,
-its test set evaluated once afterwards by ``tools/cls_valid.py ... DATASET.TEST_SET test``). Images have one channel (``MODEL.IN_CHANNELS 1``),
-normalised with the training set's mean and std; ``DATASET.AUGMENT`` adds a random crop
-(zero-padded by 2) and a horizontal flip; ``DATASET.RANDOM_ERASING`` > 0 erases a random rectangle of a training image with that
-probability.
+images, reported and never tuned on; ``''`` (empty) trains without a held-out set (no evaluation
+during training: the final run of a recipe chosen on ``'val'``, on all the training images with
+``VAL_SIZE 0``, its test set evaluated once afterwards by ``tools/cls_valid.py ... DATASET.TEST_SET
+test``). Images have one channel (``MODEL.IN_CHANNELS 1``), normalised with the training set's mean
+and std; ``DATASET.AUGMENT`` adds a random crop (zero-padded by 2) and a horizontal flip;
+``DATASET.RANDOM_ERASING`` > 0 erases a random rectangle of a training image with that probability.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ class FashionMNIST(Dataset):
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # (N, 1, 28, 28), a copy
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
         self.augment = augment
-        self.erase = RandomErasing(p=erase, scale=(0.02, 0.4), ratio=(0.3, 3.3), value="random") if erase > 0 else None
+        self.erase = (RandomErasing(p=erase, scale=(0.02, 0.4), ratio=(0.3, 3.3), value="random")
+                      if erase > 0 else None)
         self.classes = list(CLASSES)
 
     def __len__(self) -> int:
@@ -146,6 +147,7 @@ class FashionMNIST(Dataset):
 
 
 def _held_out(cfg, with_train: bool) -> Optional[str]:
+    """The split ``DATASET.TEST_SET`` names: 'val', 'test', or None (empty; training only)."""
     if not str(cfg.DATASET.TEST_SET).strip():
         if not with_train:
             raise ConfigError("DATASET.TEST_SET is empty: name the set to evaluate, 'val' (the validation split of "
@@ -164,8 +166,9 @@ def _held_out(cfg, with_train: bool) -> Optional[str]:
 
 def build_fashion_mnist(cfg, with_train: bool = True) -> Tuple[Optional[Dataset], Optional[Dataset]]:
     """(training set, held-out set): the held-out set is ``DATASET.TEST_SET`` ('val' or 'test'; None
-    for an empty TEST_SET, which only training accepts); the training set lacks the ``DATASET.VAL_SIZE`` validation images whatever the held-out set is,
-    so a run's training data does not depend on what it is evaluated on."""
+    for an empty TEST_SET, which only training accepts); the training set lacks the
+    ``DATASET.VAL_SIZE`` validation images whatever the held-out set is, so a run's training data does
+    not depend on what it is evaluated on."""
     root = cfg.DATASET.ROOT or DEFAULT_ROOT
     held_out = _held_out(cfg, with_train)
     val_size = int(cfg.DATASET.VAL_SIZE)
