@@ -175,6 +175,15 @@ def test_one_training_step_on_the_real_data(tmp_path):
     assert epoch["train"]["steps"] == 2 and "f_rel" in epoch["held_out"] and epoch["eval_time_s"] > 0
 
 
+def _cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (what a release's results.json records), or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 @pytest.mark.skipif(not REAL_DATA, reason=NO_DATA)
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg, name", RELEASES)
@@ -191,9 +200,15 @@ def test_released_checkpoint_reproduces_its_test_top1(cfg, name, tmp_path):
     # a release trained under TRAIN.AMP evaluates in bfloat16 where the CPU has it, else in float32:
     # results.json records both
     expected = {"top1": recorded["test_top1"], "f_steps": recorded["test_f_steps"], "f_rel": recorded["test_f_rel"]}
-    if recorded.get("test_dtype", "float32") == "bfloat16" and not cpu_has_native_bf16():
-        expected = recorded["test_float32"]
-    assert res["top1"] == pytest.approx(expected["top1"], abs=0.011)  # one image is 0.01 points
+    # one image is 0.01 points; bfloat16 results depend on the CPU's kernels (AMX tiles or AVX512-BF16
+    # dot products round differently): on another CPU than the recording one, a few images may flip
+    images = 1
+    if recorded.get("test_dtype", "float32") == "bfloat16":
+        if not cpu_has_native_bf16():
+            expected = recorded["test_float32"]
+        elif not _cpu_model().startswith(recorded.get("cpu_model", "?")):
+            images = 5
+    assert res["top1"] == pytest.approx(expected["top1"], abs=0.01 * images + 0.001)
     assert res["f_steps"] == pytest.approx(expected["f_steps"], abs=0.05)
     assert res["f_rel"] == pytest.approx(expected["f_rel"], rel=0.2)  # float sums differ across CPUs
 
