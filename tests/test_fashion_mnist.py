@@ -29,7 +29,8 @@ RELEASES = [("experiments/fashion_mnist/cls_mdeq_fmnist.yaml", "cls_mdeq_fmnist"
             ("experiments/fashion_mnist/cls_mdeq_fmnist_wide_bf16.yaml", "cls_mdeq_fmnist_wide_bf16"),
             ("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16.yaml", "cls_mdeq_fmnist_stem_bf16"),
             ("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase.yaml", "cls_mdeq_fmnist_stem_bf16_erase"),
-            ("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase_26ep.yaml", "cls_mdeq_fmnist_stem_bf16_erase_26ep")]
+            ("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase_26ep.yaml", "cls_mdeq_fmnist_stem_bf16_erase_26ep"),
+            ("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase_26ep_seed1.yaml", "cls_mdeq_fmnist_stem_bf16_erase_26ep_seed1")]
 REAL_DATA = all(os.path.isfile(os.path.join(DEFAULT_ROOT, f"{s}.gz")) for s in
                 ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
 NO_DATA = f"Fashion-MNIST is not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)"

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 #: the panels of :func:`plot_histories`: (title, [(section, key, line style)], logarithmic y axis)
 PANELS: Tuple[Tuple[str, Sequence[Tuple[str, str, str]], bool], ...] = (
-    ("held-out top-1 (%)", [("held_out", "top1", "-")], False),
+    ("top-1 (%) (train -, held-out --)", [("train", "top1", "-"), ("held_out", "top1", "--")], False),
     ("loss (train -, held-out --)", [("train", "loss", "-"), ("held_out", "loss", "--")], True),
     ("forward rel. residual at the budget (train -, held-out --)",
      [("train", "f_rel", "-"), ("held_out", "f_rel", "--")], True),
