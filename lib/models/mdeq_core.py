@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import ConfigError
+from ..config.validation import apriori_steps
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
-                       fixed_weights, weights_fixed, weights_restored)
+                       fixed_weights, jacobian_operator_norm, lipschitz_budget, weights_fixed, weights_restored)
 from ..solvers import SolverFn
 from .resnet import conv_bn_relu, residual_stage
 
@@ -190,6 +192,39 @@ class EquilibriumProblem:
         return torch.cat([s.flatten(1) for s in states], dim=1)
 
 
+def stream_sizes(cfg) -> List[Tuple[int, int]]:
+    """(H_i, W_i) of each stream of f for images of MODEL.IMAGE_SIZE (H, W): DOWNSAMPLE_TIMES stride-2
+    convolutions, then each stream halves the previous one (rounding up)."""
+    h, w = (int(v) for v in cfg.MODEL.IMAGE_SIZE[:2]) if len(cfg.MODEL.IMAGE_SIZE) >= 2 else (
+        int(cfg.MODEL.IMAGE_SIZE[0]),) * 2
+    sizes = []
+    for _ in range(cfg.MODEL.DOWNSAMPLE_TIMES):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    for _ in range(cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES):
+        sizes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return sizes
+
+
+def lipschitz_stage(cfg) -> nn.Module:
+    """The contractive f of ``cfg.MODEL.LIPSCHITZ`` at the stream sizes of MODEL.IMAGE_SIZE.
+
+    Raises:
+        ConfigError: TARGET cannot be met with the other keys (:func:`~mdeq.modules.lipschitz_budget`).
+    """
+    from .lipschitz_core import LipschitzMDEQModule, LipschitzSettings
+    m, lip, stage = cfg.MODEL, cfg.MODEL.LIPSCHITZ, cfg.MODEL.EXTRA.FULL_STAGE
+    try:
+        budget = lipschitz_budget(lip.TARGET, lip.ALPHA, lip.BETA, lip.RELU_SLOPE, lip.GN_GAMMA_MAX, lip.CERT_MARGIN,
+                                  stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    settings = LipschitzSettings(alpha=lip.ALPHA, beta=lip.BETA, slope=lip.RELU_SLOPE, gamma_max=lip.GN_GAMMA_MAX,
+                                 power_iters=lip.POWER_ITERS, wnorm=bool(m.WNORM), num_groups=m.NUM_GROUPS)
+    return LipschitzMDEQModule(stage.NUM_CHANNELS, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, stream_sizes(cfg), budget,
+                               settings)
+
+
 def _layer_setting(name: str, doc: str) -> property:
     """A read-only model attribute that is the equilibrium layer's (``model.deq``) ``name``."""
     return property(lambda self: getattr(self.deq, name), doc=doc)
@@ -243,8 +278,17 @@ class MDEQNet(nn.Module):
         else:
             self.stage0 = nn.Sequential(nn.Conv2d(c0, c0, 1, bias=False), nn.BatchNorm2d(c0, momentum=momentum),
                                         nn.ReLU())
-        self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
-                                    m.DROPOUT, m.WNORM)
+        #: the contractive f of MODEL.LIPSCHITZ (docs/lipschitz.md) in place of the original's
+        self.lipschitz = bool(m.LIPSCHITZ.ENABLED)
+        if self.lipschitz:
+            self.fullstage = lipschitz_stage(cfg)
+            if m.LIPSCHITZ.APRIORI_STEPS:   # the budgets that the certified contraction implies
+                self.deq.f_thres = apriori_steps(m.LIPSCHITZ.TARGET, m.F_EPS)
+                self.deq.b_thres = apriori_steps(m.LIPSCHITZ.TARGET, m.B_EPS)
+        else:
+            self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
+                                        m.DROPOUT, m.WNORM)
+        self.cert_iters = int(m.LIPSCHITZ.CERT_ITERS)
         self.compiled = bool(m.COMPILE)
         if self.compiled:
             # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which
@@ -298,6 +342,28 @@ class MDEQNet(nn.Module):
     def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
         """See :meth:`mdeq.modules.EquilibriumLayer.call_solvers`."""
         return self.deq.call_solvers(solver)
+
+    # ------------------------------------------------------------------ the Lipschitz MDEQ
+    def lipschitz_certificate(self, iters: Optional[int] = None):
+        """The certified Lipschitz bound of f (a :class:`~mdeq.models.lipschitz_core.LipschitzCertificate`),
+        each conv's norm by ``iters`` power steps (default MODEL.LIPSCHITZ.CERT_ITERS). Lipschitz model only."""
+        if not self.lipschitz:
+            raise ValueError("the certified bound is the Lipschitz MDEQ's (MODEL.LIPSCHITZ.ENABLED)")
+        return self.fullstage.certificate(self.cert_iters if iters is None else int(iters))
+
+    @torch.no_grad()
+    def lipschitz_empirical(self, x: Tensor, iters: int = 20) -> Tensor:
+        """(N,) power-method estimates of ||J_f(z*)||_2 at the equilibrium of each image of ``x`` (N, C, H, W),
+        in the L2 norm of the concatenated state (the norm of the certificate); in evaluation mode."""
+        training = self.training
+        self.eval()
+        try:
+            with weights_fixed(self.fullstage):
+                problem = self.equilibrium_problem(self.injection(x))
+                z, _ = self.deq(problem.f, problem.z0, mode="equilibrium")
+                return jacobian_operator_norm(problem.f, z, iters)
+        finally:
+            self.train(training)
 
     # ------------------------------------------------------------------ forward
     def injection(self, x: Tensor) -> Tensor:
