@@ -73,7 +73,7 @@ def conv_operator_norm(weight: Tensor, in_shape: Sequence[int], stride: int = 1,
         weight: (C_out, C_in, k, k).
         in_shape: (C_in, H, W), the input the convolution runs on.
         iters: power iterations (>= 1).
-        v0: (1, C_in, H, W) start vector (a random one when None).
+        v0: (1, C_in, H, W) start vector (a random one when None, drawn by the CPU ``generator``).
 
     Returns:
         (the estimate, the last unit vector (1, C_in, H, W)).
@@ -84,7 +84,7 @@ def conv_operator_norm(weight: Tensor, in_shape: Sequence[int], stride: int = 1,
         raise ValueError(f"in_shape {tuple(in_shape)} must be (C_in, H, W) with C_in = {weight.shape[1]}")
     w = weight.detach().float()
     if v0 is None:
-        v0 = torch.randn(1, *in_shape, generator=generator, device=w.device)
+        v0 = torch.randn(1, *in_shape, generator=generator).to(w.device)   # a CPU generator on any device
     v = power_step(w, _unit(v0.detach().float()), stride, padding, iters)
     with torch.no_grad():
         sigma = float(F.conv2d(v, w, stride=stride, padding=padding).norm())
@@ -97,7 +97,8 @@ class SpectralCapConv2d(ReparamConv2d):
     ``W`` is the weight-normalised weight (``wnorm``, parameters ``base.weight_g`` / ``base.weight_v``) or a
     plain one (``base.weight``); ``sigma_hat(W) = ||A_W v||`` for the persistent unit vector ``v``
     (buffer, (1, C_in, H, W)), which ``power_iters`` power steps refine at every training-mode
-    evaluation of :attr:`weight` (once per model call, inside :func:`~mdeq.modules.weights_fixed`).
+    evaluation of :attr:`weight` (once per model call, inside :func:`~mdeq.modules.weights_fixed`) and
+    that :meth:`operator_norm` (the certificate) re-seeds from random starts.
     The scale is differentiated through ``sigma_hat`` as in ``torch.nn.utils.spectral_norm``.
 
     Shapes: input (N, C_in, H, W) with (H, W) = ``in_hw`` -> (N, C_out, H', W').
@@ -143,12 +144,22 @@ class SpectralCapConv2d(ReparamConv2d):
                              "to the images' size)")
         return super().forward(x)
 
-    def operator_norm(self, iters: int) -> float:
-        """Power-method estimate of the effective weight's operator norm, ``iters`` steps from the
-        persistent vector (which it leaves as it is)."""
+    def operator_norm(self, iters: int, restarts: int = 1, generator: Optional[torch.Generator] = None) -> float:
+        """Power-method estimate of the effective weight's operator norm: the largest of ``iters`` steps
+        from the persistent vector and from each of ``restarts`` random vectors. An optimiser step can
+        leave the persistent vector in a direction that the step made weak (the cap's sigma_hat is then
+        low); the random starts catch that, and the best vector becomes the persistent one, so that the
+        next training call's cap is taken on it."""
         with torch.no_grad():
             w = self.fixed_weight if self.fixed_weight is not None else self.weight_no_update()
-        return conv_operator_norm(w, self.in_shape, self.stride, self.padding, iters, v0=self.power_v)[0]
+            best, best_v = conv_operator_norm(w, self.in_shape, self.stride, self.padding, iters, v0=self.power_v)
+            for _ in range(restarts):
+                sigma, v = conv_operator_norm(w, self.in_shape, self.stride, self.padding, iters,
+                                              generator=generator)
+                if sigma > best:
+                    best, best_v = sigma, v
+            self.power_v.copy_(best_v)
+        return best
 
     def weight_no_update(self) -> Tensor:
         """The effective weight without a power step (what evaluation uses)."""
