@@ -212,3 +212,18 @@ def test_an_unreachable_target_is_an_error_naming_the_keys():
         _lipschitz_model("MODEL.LIPSCHITZ.TARGET", "0.3")
     with pytest.raises(ValueError, match="got \\(30, 30\\)"):
         _lipschitz_model()[1](torch.zeros(1, 3, 60, 60))
+
+
+def test_the_fashion_mnist_lipschitz_comparison_loads_and_keeps_the_released_schedule(repo):
+    from mdeq.analysis.cost_comparison import BENCHMARKS
+    make_variants, baseline = BENCHMARKS["fashion_mnist_lipschitz"]
+    variants = make_variants(repo)
+    assert variants[0].name == baseline
+    released = load_config("experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase_26ep_seed1.yaml")
+    lipschitz = load_config("experiments/fashion_mnist/cls_mdeq_fmnist_lipschitz.yaml")
+    for key in ("SEED", "TRAIN", "DATASET"):
+        assert lipschitz[key] == released[key], key
+    assert lipschitz.MODEL.LIPSCHITZ.ENABLED and lipschitz.MODEL.LIPSCHITZ.APRIORI_STEPS
+    for v in variants:
+        cfg = load_config(v.cfg, list(v.opts))
+        assert cfg.TRAIN.END_EPOCH == 5 and cfg.MODEL.LIPSCHITZ.ENABLED == ("Lipschitz" in v.name)
