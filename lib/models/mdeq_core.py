@@ -213,16 +213,19 @@ def lipschitz_stage(cfg) -> nn.Module:
         ConfigError: TARGET cannot be met with the other keys (:func:`~mdeq.modules.lipschitz_budget`).
     """
     from .lipschitz_core import LipschitzMDEQModule, LipschitzSettings
-    m, lip, stage = cfg.MODEL, cfg.MODEL.LIPSCHITZ, cfg.MODEL.EXTRA.FULL_STAGE
+    stage = cfg.MODEL.EXTRA.FULL_STAGE
     try:
-        budget = lipschitz_budget(lip.TARGET, lip.ALPHA, lip.BETA, lip.RELU_SLOPE, lip.GN_GAMMA_MAX, lip.CERT_MARGIN,
-                                  stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
+        budget = lipschitz_budget(cfg.MODEL.LIPSCHITZ.TARGET, cfg.MODEL.LIPSCHITZ.ALPHA, cfg.MODEL.LIPSCHITZ.BETA,
+                                  cfg.MODEL.LIPSCHITZ.RELU_SLOPE, cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX,
+                                  cfg.MODEL.LIPSCHITZ.CERT_MARGIN, stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    settings = LipschitzSettings(alpha=lip.ALPHA, beta=lip.BETA, slope=lip.RELU_SLOPE, gamma_max=lip.GN_GAMMA_MAX,
-                                 power_iters=lip.POWER_ITERS, wnorm=bool(m.WNORM), num_groups=m.NUM_GROUPS)
-    return LipschitzMDEQModule(stage.NUM_CHANNELS, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, stream_sizes(cfg), budget,
-                               settings)
+    settings = LipschitzSettings(alpha=cfg.MODEL.LIPSCHITZ.ALPHA, beta=cfg.MODEL.LIPSCHITZ.BETA,
+                                 slope=cfg.MODEL.LIPSCHITZ.RELU_SLOPE, gamma_max=cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX,
+                                 power_iters=cfg.MODEL.LIPSCHITZ.POWER_ITERS, wnorm=bool(cfg.MODEL.WNORM),
+                                 num_groups=cfg.MODEL.NUM_GROUPS)
+    return LipschitzMDEQModule(stage.NUM_CHANNELS, stage.NUM_BLOCKS, cfg.MODEL.EXPANSION_FACTOR, stream_sizes(cfg),
+                               budget, settings)
 
 
 def _layer_setting(name: str, doc: str) -> property:
@@ -279,16 +282,16 @@ class MDEQNet(nn.Module):
             self.stage0 = nn.Sequential(nn.Conv2d(c0, c0, 1, bias=False), nn.BatchNorm2d(c0, momentum=momentum),
                                         nn.ReLU())
         #: the contractive f of MODEL.LIPSCHITZ (docs/lipschitz.md) in place of the original's
-        self.lipschitz = bool(m.LIPSCHITZ.ENABLED)
+        self.lipschitz = bool(cfg.MODEL.LIPSCHITZ.ENABLED)
         if self.lipschitz:
             self.fullstage = lipschitz_stage(cfg)
-            if m.LIPSCHITZ.APRIORI_STEPS:   # the budgets that the certified contraction implies
-                self.deq.f_thres = apriori_steps(m.LIPSCHITZ.TARGET, m.F_EPS)
-                self.deq.b_thres = apriori_steps(m.LIPSCHITZ.TARGET, m.B_EPS)
+            if cfg.MODEL.LIPSCHITZ.APRIORI_STEPS:   # the budgets that the certified contraction implies
+                self.deq.f_thres = apriori_steps(cfg.MODEL.LIPSCHITZ.TARGET, m.F_EPS)
+                self.deq.b_thres = apriori_steps(cfg.MODEL.LIPSCHITZ.TARGET, m.B_EPS)
         else:
             self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                         m.DROPOUT, m.WNORM)
-        self.cert_iters = int(m.LIPSCHITZ.CERT_ITERS)
+        self.cert_iters = int(cfg.MODEL.LIPSCHITZ.CERT_ITERS)
         self.compiled = bool(m.COMPILE)
         if self.compiled:
             # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which

@@ -215,7 +215,9 @@ def nearest_upsample_gain(in_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> fl
     of the largest number of copies of one input pixel (2^k for an exact factor 2^k)."""
     copies = 1
     for n_in, n_out in zip(in_hw, out_hw):
-        src = F.interpolate(torch.arange(n_in, dtype=torch.float32).view(1, 1, -1), size=n_out, mode="nearest")
+        # on the CPU also where a model is built on another device (or the meta device)
+        src = F.interpolate(torch.arange(n_in, dtype=torch.float32, device="cpu").view(1, 1, -1), size=n_out,
+                            mode="nearest")
         copies *= int(torch.bincount(src.long().flatten(), minlength=n_in).max())
     return math.sqrt(copies)
 
