@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import CenteredGroupNorm, LipschitzBudget, SpectralCapConv2d, VariationalDropout2d, nearest_upsample_gain
-from .mdeq_core import Activation
+from ..modules import CenteredGroupNorm, LipschitzBudget, SpectralCapConv2d, nearest_upsample_gain
+from .mdeq_core import Activation, BranchNet
 
 Tensor = torch.Tensor
 HW = Tuple[int, int]
@@ -74,7 +74,6 @@ class LipschitzBlock(nn.Module):
         self.relu = ScaledActivation(s.slope)
         self.conv2 = SpectralCapConv2d(hidden, channels, 3, hw, cap=cap, wnorm=s.wnorm, power_iters=s.power_iters)
         self.gn2 = CenteredGroupNorm(s.num_groups, channels, s.gamma_max)
-        self.drop = VariationalDropout2d(0.0)   # kept for the interface (MDEQModule.reset_dropout); p = 0
 
     def forward(self, x: Tensor, injection: Optional[Tensor] = None) -> Tensor:
         out = self.gn2(self.conv2(self.relu(self.gn1(self.conv1(x)))))
@@ -88,18 +87,8 @@ class LipschitzBlock(nn.Module):
         return (1 - self.alpha) + self.alpha * inner
 
 
-class LipschitzBranch(nn.Module):
+class LipschitzBranch(BranchNet):
     """The blocks of one resolution; the injection enters the first. Gain: the product of the blocks'."""
-
-    def __init__(self, blocks: Sequence[LipschitzBlock]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor, injection: Optional[Tensor] = None) -> Tensor:
-        y = self.blocks[0](x, injection)
-        for block in self.blocks[1:]:
-            y = block(y)
-        return y
 
     def gain(self, conv_norm: Dict[SpectralCapConv2d, float]) -> float:
         return math.prod(block.gain(conv_norm) for block in self.blocks)
@@ -205,7 +194,8 @@ class LipschitzMDEQModule(nn.Module):
         self.fuse_logits = nn.Parameter(torch.zeros(n, n))
 
     def reset_dropout(self, states: Sequence[Tensor]) -> None:
-        """No dropout in the contractive f (its 1 / (1 - p) would scale the bound)."""
+        """Nothing to draw: the contractive f has no dropout (its 1 / (1 - p) would scale the bound;
+        MODEL.DROPOUT must be 0). Called by :meth:`~mdeq.models.mdeq_core.MDEQNet.equilibrium_problem`."""
 
     def fusion_weights(self) -> Tensor:
         """(n, n) rows of softmax weights w_ij."""
