@@ -89,6 +89,11 @@ class Task:
     def build_criterion(self, cfg) -> nn.Module:
         raise NotImplementedError
 
+    def selection_warning(self, cfg) -> Optional[str]:
+        """A warning for the start of training when the held-out set that picks ``model_best`` is a test
+        set (its score then no unbiased estimate); None when it is not."""
+        return None
+
     def prepare_distributed(self, model: nn.Module, info: DistInfo) -> nn.Module:
         """A chance to convert layers before DDP wraps the model (e.g. SyncBatchNorm)."""
         return model
@@ -325,6 +330,9 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: boo
     logger.info("%s: %d training samples (%d steps per epoch, global batch %d), %s held-out", task.name,
                 len(train_set), len(loader), cfg.TRAIN.BATCH_SIZE_PER_GPU * info.world_size,
                 "no" if val_set is None else len(val_set))
+    selection = task.selection_warning(cfg) if val_set is not None else None
+    if selection and info.is_main:
+        logger.warning(selection)
     optimizer = build_optimizer(cfg, model)
     amp_dtype, scaler = amp_setup(bool(cfg.TRAIN.AMP), info.device)
     writer = None
