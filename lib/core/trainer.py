@@ -48,6 +48,7 @@ from ..utils.event_log import ScalarEvents
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
 from ..utils.precision import autocast_dtype
+from ..utils.provenance import run_provenance
 from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .reduce import Reducer
@@ -495,7 +496,7 @@ def _finish(run: Run, manager: CheckpointManager, val: Dict[str, Any], epochs: i
     best = manager.best if math.isfinite(manager.best) else None
     results = {**run.task.scalars(val), f"best_{run.task.best_metric}": best, "epochs": epochs,
                "global_step": run.state.global_step, "skipped_steps": run.state.skipped_steps, "wall_time_s": wall,
-               "world_size": run.info.world_size, "rank_checksums": checksums, **summary}
+               "world_size": run.info.world_size, "rank_checksums": checksums, **summary, **run_provenance()}
     manager.save_final(results)
     logger.info("done: %s; best %s %s; %d steps (%d skipped); wall time %.1fs; files in %s",
                 run.task.describe(val) if val else "no held-out set", run.task.best_metric,
