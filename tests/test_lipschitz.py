@@ -4,7 +4,6 @@ optimiser steps that try to grow the weights, a short training run that logs the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
