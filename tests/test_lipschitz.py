@@ -226,3 +226,13 @@ def test_the_fashion_mnist_lipschitz_comparison_loads_and_keeps_the_released_sch
     for v in variants:
         cfg = load_config(v.cfg, list(v.opts))
         assert cfg.TRAIN.END_EPOCH == 5 and cfg.MODEL.LIPSCHITZ.ENABLED == ("Lipschitz" in v.name)
+
+
+def test_the_lipschitz_f_is_refused_where_it_cannot_be_certified():
+    from mdeq.models import get_seg_net
+    with pytest.raises(ConfigError, match="MODEL.LIPSCHITZ.ENABLED = True does not apply to MODEL.NAME 'resnet'"):
+        get_cls_net(load_config(CFG, ["MODEL.NAME", "resnet"]))
+    with pytest.raises(ConfigError, match="MODEL.LIPSCHITZ.ENABLED applies to classification only"):
+        get_seg_net(load_config(CFG))
+    unrolled = get_cls_net(load_config(CFG, ["MODEL.NAME", "mdeq_unrolled"]))
+    assert unrolled.lipschitz and unrolled.lipschitz_certificate().bound < 0.9
