@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, Variatio
                        weights_fixed, weights_restored)
 from ..solvers import SolverFn
 from .resnet import conv_bn_relu, residual_stage
+
+if TYPE_CHECKING:   # lipschitz_core builds on this module's Activation and BranchNet
+    from .lipschitz_core import LipschitzCertificate
 
 Tensor = torch.Tensor
 
@@ -194,10 +197,10 @@ class EquilibriumProblem:
 
 
 def stream_sizes(cfg) -> List[Tuple[int, int]]:
-    """(H_i, W_i) of each stream of f for images of MODEL.IMAGE_SIZE (H, W): DOWNSAMPLE_TIMES stride-2
-    convolutions, then each stream halves the previous one (rounding up)."""
-    h, w = (int(v) for v in cfg.MODEL.IMAGE_SIZE[:2]) if len(cfg.MODEL.IMAGE_SIZE) >= 2 else (
-        int(cfg.MODEL.IMAGE_SIZE[0]),) * 2
+    """(H_i, W_i) of each stream of f for images of MODEL.IMAGE_SIZE (W, H; one entry: square): DOWNSAMPLE_TIMES
+    stride-2 convolutions, then each stream halves the previous one (rounding up, as :meth:`MDEQNet.state_shapes`)."""
+    size = [int(v) for v in cfg.MODEL.IMAGE_SIZE]
+    w, h = (size[0], size[1]) if len(size) >= 2 else (size[0], size[0])
     sizes = []
     for _ in range(cfg.MODEL.DOWNSAMPLE_TIMES):
         h, w = (h + 1) // 2, (w + 1) // 2
@@ -348,7 +351,7 @@ class MDEQNet(nn.Module):
         return self.deq.call_solvers(solver)
 
     # ------------------------------------------------------------------ the Lipschitz MDEQ
-    def lipschitz_certificate(self, iters: Optional[int] = None):
+    def lipschitz_certificate(self, iters: Optional[int] = None) -> "LipschitzCertificate":
         """The certified Lipschitz bound of f (a :class:`~mdeq.models.lipschitz_core.LipschitzCertificate`),
         each conv's norm by ``iters`` power steps (default MODEL.LIPSCHITZ.CERT_ITERS). Lipschitz model only."""
         if not self.lipschitz:
