@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdeq.analysis.lipschitz_report import lipschitz_report, report_table
 from mdeq.config import ConfigError, load_config
 from mdeq.config.validation import apriori_steps
 from mdeq.datasets.digits import digits_tensors
@@ -16,7 +17,7 @@ from mdeq.models import get_cls_net
 from mdeq.models.mdeq_core import MDEQModule
 from mdeq.modules import (CenteredGroupNorm, SpectralCapConv2d, conv_operator_norm, jacobian_operator_norm,
                           nearest_upsample_gain, weights_fixed)
-from mdeq.modules.lipschitz import conv_adjoint
+from mdeq.modules.lipschitz import conv_adjoint, conv_norm_bound
 from mdeq.solvers import fixed_point
 
 CFG = "experiments/digits/cls_mdeq_digits_lipschitz.yaml"
@@ -43,6 +44,21 @@ def test_conv_operator_norm_is_the_dense_matrix_norm_at_that_resolution(stride, 
     assert float((conv(v) * u).sum()) == pytest.approx(float((v * conv_adjoint(u, w, hw, stride, 1)).sum()), rel=1e-5)
     # and it is not the spectral norm of the reshaped kernel matrix
     assert abs(float(torch.linalg.matrix_norm(w.flatten(1), ord=2)) - exact) > 1e-3 * exact
+    # the certificate's Fourier bound lies above it, within the padding's effect
+    assert exact <= conv_norm_bound(w, hw, stride, 1) <= 1.15 * exact
+
+
+@pytest.mark.parametrize("c_out, c_in, k, stride, hw", [(4, 3, 3, 2, (9, 6)), (5, 2, 1, 1, (4, 7)), (3, 4, 3, 3, (7, 8)),
+                                                       (2, 2, 5, 2, (6, 6))])
+def test_the_fourier_bound_is_above_the_exact_norm_for_any_stride_kernel_and_size(c_out, c_in, k, stride, hw):
+    torch.manual_seed(c_out * 7 + k)
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+    conv = lambda x: F.conv2d(x.double(), w, stride=stride, padding=k // 2)  # noqa: E731
+    exact = float(torch.linalg.matrix_norm(_dense(conv, (c_in, *hw)).double(), ord=2))
+    bound = conv_norm_bound(w, hw, stride, k // 2)
+    assert exact <= bound <= 1.3 * exact
+    if k == 1:                                           # no padding effect: the bound is the norm
+        assert bound == pytest.approx(exact, rel=1e-9)
 
 
 def test_nearest_upsampling_and_centred_groupnorm_gains_are_exact():
@@ -102,6 +118,9 @@ def test_the_cap_holds_after_optimiser_steps_that_grow_the_weights(grown):
     assert all(m.gain() <= cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX for m in f.modules() if isinstance(m, CenteredGroupNorm))
     cert = model.lipschitz_certificate()
     assert 0.8 * cfg.MODEL.LIPSCHITZ.TARGET < cert.bound < cfg.MODEL.LIPSCHITZ.TARGET < 1
+    for name, conv in f.capped_convs():                   # each conv's certified norm: a bound, close to the norm
+        exact = conv_operator_norm(conv.weight_no_update(), conv.in_shape, conv.stride, conv.padding, iters=300)[0]
+        assert exact <= cert.conv_norms[name] <= 1.06 * exact, name
 
 
 def _problem(model, x):
@@ -236,3 +255,19 @@ def test_the_lipschitz_f_is_refused_where_it_cannot_be_certified():
         get_seg_net(load_config(CFG))
     unrolled = get_cls_net(load_config(CFG, ["MODEL.NAME", "mdeq_unrolled"]))
     assert unrolled.lipschitz and unrolled.lipschitz_certificate().bound < 0.9
+
+
+def test_the_report_gives_steps_within_the_apriori_count_of_the_certified_bound(grown):
+    cfg, model, _ = grown
+    x, y = digits_tensors(32)
+    r = lipschitz_report(model, x[:16], y[:16], tols=(1e-3,), empirical_iters=10, batch=8)
+    assert r["empirical_max"] <= r["certified"] < r["target"] == cfg.MODEL.LIPSCHITZ.TARGET
+    s, a = r["steps"][1e-3], r["apriori"][1e-3]
+    assert 1 <= s["f_steps"] <= a["certified"] <= a["target"] and 1 <= s["b_steps"] <= a["certified"]
+    assert s["f_rel"] < 1e-3 and s["b_rel"] < 1e-3
+    ratios = {n: c["certified"] / c["estimate"] for n, c in r["convs"].items()}
+    # (a 1x1 conv has no padding effect: its bound is its norm, the float32 estimate within rounding of it)
+    assert all(1 - 1e-6 <= q <= 1.06 for q in ratios.values()), ratios
+    table = report_table(r)
+    assert f"| certified Lipschitz bound of f (TARGET) | {r['certified']:.3f} (0.9) |" in table
+    assert all(p.grad is None for p in model.parameters())     # the backward's gradients are not left behind

@@ -99,7 +99,7 @@ _C.MODEL.LIPSCHITZ.BETA = 0.3  # the fusion's convex weight: (1 - BETA) u_i + BE
 _C.MODEL.LIPSCHITZ.GN_GAMMA_MAX = 1.0  # |gamma| of the GroupNorm without std is clipped to this
 _C.MODEL.LIPSCHITZ.POWER_ITERS = 1  # power steps per training call on each conv's persistent vector (the cap's sigma)
 _C.MODEL.LIPSCHITZ.CERT_ITERS = 50  # power steps of each conv's norm in the certificate, from that vector
-_C.MODEL.LIPSCHITZ.CERT_MARGIN = 0.05  # the certificate takes each conv's estimate times (1 + CERT_MARGIN)
+_C.MODEL.LIPSCHITZ.CAP_MARGIN = 0.05  # the caps are set 1 + CAP_MARGIN under their share, room for the certified (Fourier) bound over the estimate
 _C.MODEL.LIPSCHITZ.EMPIRICAL_ITERS = 20  # power steps of ||J_f(z*)|| on a held-out batch, each epoch (0: off)
 # forward / backward budgets ceil(log(F_EPS) / log(TARGET)) and ceil(log(B_EPS) / log(TARGET)) in place of F_THRES /
 # B_THRES: plain iteration then reaches ||z_k - z*|| <= EPS ||z_0 - z*|| (F_SOLVER / B_SOLVER fixed_point or anderson)

@@ -285,9 +285,10 @@ def lipschitz_scalars(run: Run, images: Optional[torch.Tensor] = None) -> Dict[s
         return {}
     cert = net.lipschitz_certificate()
     if cert.bound >= cert.target:
-        logger.warning("the certified Lipschitz bound of f, %.4f, is not under MODEL.LIPSCHITZ.TARGET %.4g: the "
-                       "convolutions' power-iteration vectors lagged behind the optimiser (re-seeded now); a-priori "
-                       "step counts do not hold until it is back under", cert.bound, cert.target)
+        logger.warning("the certified Lipschitz bound of f, %.4f, is not under MODEL.LIPSCHITZ.TARGET %.4g: a "
+                       "convolution's power estimate, which sets its cap, lagged behind the optimiser (its vector is "
+                       "re-seeded now), or its certified norm lies more than MODEL.LIPSCHITZ.CAP_MARGIN above the "
+                       "estimate; a-priori step counts do not hold until it is back under", cert.bound, cert.target)
     out = {"certified": float(cert.bound)}
     iters = run.cfg.MODEL.LIPSCHITZ.EMPIRICAL_ITERS
     if images is not None and iters > 0:

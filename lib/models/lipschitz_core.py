@@ -151,7 +151,8 @@ class LipschitzCertificate:
         target: MODEL.LIPSCHITZ.TARGET, which the parametrisation keeps ``bound`` under.
         branch_gains: r_j, the bound of each branch's blocks.
         coupling: the n x n matrix M diag(r) whose largest singular value is ``bound``.
-        conv_norms: each capped convolution's certified operator norm (estimate x (1 + margin)), by name.
+        conv_norms: each capped convolution's certified operator norm (a provable upper bound,
+            :meth:`~mdeq.modules.SpectralCapConv2d.certified_norm`), by name.
     """
 
     bound: float
@@ -222,12 +223,16 @@ class LipschitzMDEQModule(nn.Module):
 
     @torch.no_grad()
     def certificate(self, iters: int = 50, restarts: int = 1) -> LipschitzCertificate:
-        """The certified bound of f: each conv's power-method norm (the largest of ``iters`` steps from its
-        persistent vector and from ``restarts`` random ones, :meth:`SpectralCapConv2d.operator_norm`) times
-        ``1 + margin``, composed with the other parts' exact gains (module docstring)."""
-        margin = 1.0 + self.budget.margin
+        """The certified bound of f: each conv's provable operator-norm bound
+        (:meth:`SpectralCapConv2d.certified_norm`) composed with the other parts' exact gains (module
+        docstring). Each conv's cap is also refreshed on the way: ``iters`` power steps from its persistent
+        vector and from ``restarts`` random ones (:meth:`SpectralCapConv2d.operator_norm`), the best of
+        which becomes the vector that the next training call's cap is taken on."""
         generator = torch.Generator().manual_seed(0)   # the random starts leave the global generator alone
-        norms = {m: m.operator_norm(iters, restarts, generator) * margin for _, m in self.capped_convs()}
+        norms = {}
+        for _, m in self.capped_convs():
+            m.operator_norm(iters, restarts, generator)
+            norms[m] = m.certified_norm()
         r = [branch.gain(norms) for branch in self.branches]
         n = self.num_branches
         g = torch.ones(n, n, dtype=torch.float64)

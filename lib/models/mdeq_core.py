@@ -221,7 +221,7 @@ def lipschitz_stage(cfg) -> nn.Module:
     try:
         budget = lipschitz_budget(cfg.MODEL.LIPSCHITZ.TARGET, cfg.MODEL.LIPSCHITZ.ALPHA, cfg.MODEL.LIPSCHITZ.BETA,
                                   cfg.MODEL.LIPSCHITZ.RELU_SLOPE, cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX,
-                                  cfg.MODEL.LIPSCHITZ.CERT_MARGIN, stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
+                                  cfg.MODEL.LIPSCHITZ.CAP_MARGIN, stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     settings = LipschitzSettings(alpha=cfg.MODEL.LIPSCHITZ.ALPHA, beta=cfg.MODEL.LIPSCHITZ.BETA,
@@ -352,8 +352,9 @@ class MDEQNet(nn.Module):
 
     # ------------------------------------------------------------------ the Lipschitz MDEQ
     def lipschitz_certificate(self, iters: Optional[int] = None) -> "LipschitzCertificate":
-        """The certified Lipschitz bound of f (a :class:`~mdeq.models.lipschitz_core.LipschitzCertificate`),
-        each conv's norm by ``iters`` power steps (default MODEL.LIPSCHITZ.CERT_ITERS). Lipschitz model only."""
+        """The certified Lipschitz bound of f (a :class:`~mdeq.models.lipschitz_core.LipschitzCertificate`):
+        each conv's provable norm bound, its cap's vector refreshed by ``iters`` power steps (default
+        MODEL.LIPSCHITZ.CERT_ITERS). Lipschitz model only."""
         if not self.lipschitz:
             raise ValueError("the certified bound is the Lipschitz MDEQ's (MODEL.LIPSCHITZ.ENABLED)")
         return self.fullstage.certificate(self.cert_iters if iters is None else int(iters))
