@@ -16,6 +16,8 @@ import torch
 
 Tensor = torch.Tensor
 FixedPointFn = Callable[[Tensor], Tensor]
+#: (rows (b,) of the caller's batch) -> f on those samples alone, (b, D) -> (b, D)
+FixedPointFnFactory = Callable[[Tensor], FixedPointFn]
 #: (images f(z) (b, D) of the samples in the solve, their rows (b,) in the caller's batch) -> done (b,) bool
 ExitRule = Callable[[Tensor, Tensor], Tensor]
 
@@ -34,7 +36,7 @@ class SampleExit:
             its state per row of the caller's batch, so it sees the same history either way.
     """
 
-    restrict: Optional[Callable[[Tensor], FixedPointFn]] = None
+    restrict: Optional[FixedPointFnFactory] = None
     rule: Optional[ExitRule] = None
 
 _TINY = 1e-12
