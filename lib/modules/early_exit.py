@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -151,6 +151,11 @@ class ExitSetting:
         param = {"none": "", "residual": f":{self.tol:g}", "prediction": f":{self.patience}",
                  "margin": f":{self.margin:g}"}[self.rule]
         return f"{self.rule}{param}@{self.f_thres}"
+
+    def config_items(self) -> Dict[str, Any]:
+        """``{'TEST.F_THRES': ..., 'TEST.EXIT_RULE': ..., ...}``: the config keys that give this setting."""
+        return {"TEST.F_THRES": self.f_thres, "TEST.EXIT_RULE": self.rule, "TEST.EXIT_TOL": self.tol,
+                "TEST.EXIT_PATIENCE": self.patience, "TEST.EXIT_MARGIN": self.margin}
 
     def sample_exit(self, restrict: FixedPointFnFactory, logits: Optional[LogitsFn], batch: int,
                     device: torch.device) -> SampleExit:

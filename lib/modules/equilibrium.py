@@ -142,6 +142,15 @@ class EquilibriumInfo:
                 out[name] = value
         return out
 
+    def evaluations_per_sample(self, batch: int) -> Optional[Tensor]:
+        """(batch,) long: the evaluations of f that each sample cost: :attr:`f_sample_evals`, or the
+        call's evaluations (``f_evals``, else ``f_steps``: the unrolled depth) for every sample; None for
+        an explicit network's info."""
+        if self.f_sample_evals is not None:
+            return self.f_sample_evals
+        count = self.f_evals if self.f_evals is not None else self.f_steps
+        return None if count is None else torch.full((batch,), int(count), dtype=torch.long)
+
     @property
     def diverged(self) -> bool:
         """Whether the forward solver hit its divergence guard for some sample."""

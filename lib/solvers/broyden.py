@@ -195,6 +195,8 @@ def _broyden_loop(f: FixedPointFn, z0: Tensor, threshold: int, hmat: _CompactBro
         hmat.select(tracker.keep)
         f = sample_exit.restrict(tracker.rows)
     step = hmat.s_row().copy_(tracker.last_g)   # -H g with H = -I: the first step is a plain fixed-point step
+    if not tracker.all_active:                  # samples that stopped at z0 stay there
+        step.masked_fill_(~tracker.active[:, None], 0.0)
     while steps < threshold:
         z_new = z + step                              # step is zero for samples that stopped
         fz_new = f(z_new)
