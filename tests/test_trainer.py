@@ -3,6 +3,7 @@ check, the checkpoint files. End-to-end runs of the tools are in test_cls_pipeli
 test_seg_pipeline.py and test_reliability.py."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from mdeq.models import get_cls_net
 from mdeq.modules import EquilibriumInfo
 from mdeq.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdeq.utils.distributed import DistInfo
+from mdeq.utils.provenance import cpu_bf16_features, cpu_model, git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CFG = str(REPO / "experiments/digits/cls_mdeq_digits.yaml")
@@ -305,6 +307,9 @@ def test_fit_keeps_the_lowest_error_in_model_best_across_epochs_and_a_resume(tmp
                   str(tmp_path / "tb"))
     best = load_checkpoint(tmp_path / BEST)
     assert results["best_error"] == 10.0 and best["error"] == 10.0 and best["epoch"] == 2
+    written = json.loads((tmp_path / "results.json").read_text())   # the code and the machine it ran on
+    assert written["commit"] == git_commit() and written["cpu_bf16"] == cpu_bf16_features()
+    assert written["threads"] == torch.get_num_threads() and written["cpu_model"] == cpu_model()
     assert load_checkpoint(tmp_path / "checkpoint_ep0001.pth.tar")["best"] == 30.0
     best_file = (tmp_path / BEST).read_bytes()
     cfg = load_config(DIGITS_CFG, opts + ["TRAIN.RESUME", True,

@@ -1,2 +1,3 @@
 """Measurements around a model: the solver benchmark, convergence traces, forward-budget sweeps,
-training curves and the training-cost comparison, and the sample images the solver tools use."""
+training curves and the training-cost comparison, the sample images the solver tools use, and the
+model zoo's tables written from the released models' results."""

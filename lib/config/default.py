@@ -62,7 +62,7 @@ _C.MODEL.ANDERSON_LAM = 1e-4  # new: Anderson Tikhonov regularisation
 # Its F_THRES counts coupled steps (2 evaluations of f each) and F_EPS stops them early (0: all F_THRES steps)
 _C.MODEL.REV_BETA = 0.8
 # new: the reversible solver keeps y and z in float64 (f stays in float32): the backward's rebuilt states then drift
-# at float64's rate, which lets N grow in float32 training (docs/reversible.md)
+# at float64's rate, which lets N grow in float32 training; always on under TRAIN.AMP (docs/reversible.md)
 _C.MODEL.REV_FLOAT64_STATES = False
 # new: torch.compile f_theta (the module MODEL.EXTRA.FULL_STAGE builds), in place: the same parameter names
 # and results within float tolerance, fewer kernel launches per f evaluation; the first calls compile (minutes)

@@ -10,7 +10,8 @@
                                the weights of the best held-out score (the highest, or with
                                ``best_mode`` ``"min"`` the lowest); never replaced by a worse one
 ``final_state.pth``            the final weights as a bare state dict (as the original MDEQ / HRNet)
-``results.json``               the final held-out metrics, counters, wall time
+``results.json``               the final held-out metrics, counters, wall time; the code's commit
+                               and the machine (:mod:`mdeq.utils.provenance`)
 ``history.jsonl``              one line per finished epoch: its training means (loss, metrics,
                                solver statistics), held-out scalars, step and time (what
                                ``tools/plot_training.py`` draws); a resumed run drops the lines

@@ -48,6 +48,7 @@ from ..utils.event_log import ScalarEvents
 from ..utils.logger import progress_bar
 from ..utils.optim import build_optimizer, build_scheduler, current_lr
 from ..utils.precision import autocast_dtype
+from ..utils.provenance import run_provenance
 from .checkpoint_manager import CheckpointManager, check_best_mode, resume_checkpoint
 from .health import ADVICE, HealthMonitor
 from .reduce import Reducer
@@ -88,6 +89,11 @@ class Task:
 
     def build_criterion(self, cfg) -> nn.Module:
         raise NotImplementedError
+
+    def selection_warning(self, cfg) -> Optional[str]:
+        """A warning for the start of training when the held-out set that picks ``model_best`` is a test
+        set (its score then no unbiased estimate); None when it is not."""
+        return None
 
     def prepare_distributed(self, model: nn.Module, info: DistInfo) -> nn.Module:
         """A chance to convert layers before DDP wraps the model (e.g. SyncBatchNorm)."""
@@ -325,6 +331,9 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: boo
     logger.info("%s: %d training samples (%d steps per epoch, global batch %d), %s held-out", task.name,
                 len(train_set), len(loader), cfg.TRAIN.BATCH_SIZE_PER_GPU * info.world_size,
                 "no" if val_set is None else len(val_set))
+    selection = task.selection_warning(cfg) if val_set is not None else None
+    if selection and info.is_main:
+        logger.warning(selection)
     optimizer = build_optimizer(cfg, model)
     amp_dtype, scaler = amp_setup(bool(cfg.TRAIN.AMP), info.device)
     writer = None
@@ -487,7 +496,7 @@ def _finish(run: Run, manager: CheckpointManager, val: Dict[str, Any], epochs: i
     best = manager.best if math.isfinite(manager.best) else None
     results = {**run.task.scalars(val), f"best_{run.task.best_metric}": best, "epochs": epochs,
                "global_step": run.state.global_step, "skipped_steps": run.state.skipped_steps, "wall_time_s": wall,
-               "world_size": run.info.world_size, "rank_checksums": checksums, **summary}
+               "world_size": run.info.world_size, "rank_checksums": checksums, **summary, **run_provenance()}
     manager.save_final(results)
     logger.info("done: %s; best %s %s; %d steps (%d skipped); wall time %.1fs; files in %s",
                 run.task.describe(val) if val else "no held-out set", run.task.best_metric,

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, conv2d,
-                       fixed_weights, weights_fixed, weights_restored)
+from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, call_state,
+                       call_state_restored, conv2d, fixed_weights, weights_fixed, weights_restored)
 from ..modules.early_exit import ExitSetting
 from ..solvers import SolverFn, option_names
 from .resnet import conv_bn_relu, residual_stage
@@ -337,18 +337,22 @@ class MDEQNet(nn.Module):
         # f keeps the caller's autocast setting; the solvers' own linear algebra runs without it
         device = inj.device.type
         amp, amp_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        # the call's weights (inside weights_fixed), set again when f runs after the call (the reversible backward)
-        weights = fixed_weights(self.fullstage)
+        # the call's weights (inside weights_fixed), dropout masks and train/eval flags, set again when f runs
+        # after the call (the reversible backward): f stays the function that the forward solve iterated
+        weights, state = fixed_weights(self.fullstage), call_state(self.fullstage)
 
         def f_of(injection: Tensor) -> Callable[[Tensor], Tensor]:
             def f(z: Tensor) -> Tensor:
-                with weights_restored(weights), torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                # autocast's weight cache off: a cast made under the solve's no_grad must not be reused without
+                # its history by the differentiable application of f (pytorch issues 112583, 158232)
+                with weights_restored(weights), call_state_restored(state), \
+                        torch.autocast(device, dtype=amp_dtype, enabled=amp, cache_enabled=False):
                     return problem.flatten(self.fullstage(problem.unflatten(z), injection)).to(dtype)
             return f
 
         def restrict(rows: Tensor) -> Callable[[Tensor], Tensor]:
             # per sample, f holds only the injection: dropout masks exist in training, where no sample leaves
-            if any(m.mask is not None for m in self.fullstage.modules() if isinstance(m, VariationalDropout2d)):
+            if any(mask is not None for _, mask in state.masks):
                 raise RuntimeError("a per-sample exit runs in evaluation: variational dropout masks are drawn")
             return f_of(inj[rows])
 

@@ -179,7 +179,8 @@ class EquilibriumLayer(nn.Module):
         memory, beta, lam: the limited-memory solvers' m, Anderson's mixing and regularisation; with the
             ``reversible`` forward solver and no ``rev_beta``, ``beta`` is its relaxation.
         rev_beta: the reversible solver's relaxation, in (0, 2), not 1 (default: ``beta`` when the forward
-            solver is reversible, else 0.8); float64_states: it keeps its states in float64.
+            solver is reversible, else 0.8); float64_states: it keeps its states in float64 (always when the
+            layer is called under autocast, see :meth:`_reversible`).
         workspace: the solvers' reusable scratch memory (a fresh :class:`SolverWorkspace` by default).
         grad: the backward, one of :data:`GRAD_MODES`; phantom_steps, phantom_tau: its k and tau.
             ``'reversible'`` needs the ``reversible`` forward solver (f_thres: its coupled steps).
@@ -223,6 +224,7 @@ class EquilibriumLayer(nn.Module):
         self.depth, self.warmup_steps = int(depth), int(warmup_steps)
         self.jac_probes, self.spectral_radius_iters = int(jac_probes), int(spectral_radius_iters)
         self.drift_warning = DriftWarning()   # the reversible backward's reconstruction-error warnings
+        self._autocast_f64_said = False       # the reversible solver's float64 states under autocast, logged once
 
     @classmethod
     def from_config(cls, cfg, default_mode: str = "equilibrium") -> "EquilibriumLayer":
@@ -378,8 +380,18 @@ class EquilibriumLayer(nn.Module):
         through those steps; it fills ``b_steps`` and ``b_rev_error`` in); the Jacobian term, when
         asked for, at one more differentiable application of f at z_N."""
         self._check_reversible(f_solver)
+        options = self.solver_kwargs("f", f_solver, **tol)
+        if torch.is_autocast_enabled(z0.device.type) and options.get("float64_states") is False:
+            # f rounds its inputs to half precision, so a rounding difference of a rebuilt state flips
+            # roundings and the backward's states drift within a few steps; in float64 they give f the
+            # forward's float32 inputs again (docs/reversible.md, "Under autocast")
+            options["float64_states"] = True
+            if not self._autocast_f64_said:
+                logger.info("reversible solver under autocast: its states are kept in float64 "
+                            "(MODEL.REV_FLOAT64_STATES), so that the backward rebuilds the forward's states")
+                self._autocast_f64_said = True
         with torch.autocast(z0.device.type, enabled=False):
-            result, captured = solve_reversible(f_solver, f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
+            result, reads = solve_reversible(f_solver, f, z0, f_thres, **options)
         info = EquilibriumInfo.from_forward(result)
         if result.diverged:
             logger.warning("reversible solver: non-finite states after %d steps", result.steps)
@@ -392,7 +404,7 @@ class EquilibriumLayer(nn.Module):
             info.record_reversible(steps, error)
             self.drift_warning(steps, beta, error)
 
-        return attach_reversible_backward(f, z0, result, captured, on_backward=on_backward), info
+        return attach_reversible_backward(f, z0, result, reads, on_backward=on_backward), info
 
     def _differentiable_output(self, f: FixedPointMap, z_star: Tensor, b_solver: SolverFn, b_thres: int,
                                info: EquilibriumInfo, want_jac: bool, tol: Dict[str, float]) -> Tensor:

@@ -20,9 +20,11 @@ input injection, weights computed before the call) are found by :class:`Captured
 forward solve makes its first evaluation, and become inputs of the autograd function, whose backward
 returns their gradients; autograd carries those further up (to the stem, to weight-norm's g and v).
 The backward evaluates f again, so f must then be the same function as in the forward (the same
-weights, dropout masks); a backward whose f reads other tensors needing a gradient is an error, and
-the reconstruction error (how far the rebuilt start lies from z0) tells a changed f, or rounding
-grown too large, apart from an exact inversion.
+weights, dropout masks, train/eval flags): the backward's first evaluation is checked against what the
+forward's first one read (:func:`_check_reads`), an f that changes tensors in place when it runs
+(normalisation statistics) is refused, and a captured tensor left without a gradient is an error. The
+reconstruction error (how far the rebuilt start lies from z0) tells rounding grown too large apart
+from an exact inversion.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -46,35 +49,77 @@ DRIFT_WARNING = 1e-3
 
 
 class CapturedTensors(TorchFunctionMode):
-    """Within the block, records every tensor that needs a gradient and that a torch operation reads
-    without the block having made it: the tensors a function closes over (parameters, an input
-    injection), as opposed to its own intermediates. ``tensors`` keeps them in the order first read."""
+    """Within the block, records every tensor that a torch operation reads without the block having made
+    it (nor being one of ``inputs``): the tensors a function closes over (parameters, an input injection,
+    dropout masks, normalisation statistics), as opposed to its own intermediates.
 
-    def __init__(self) -> None:
+    Attributes:
+        tensors: those that need a gradient, in the order first read.
+        read: all of them, each with its version counter when first read (``Tensor._version``, which
+            every in-place change raises).
+    """
+
+    def __init__(self, inputs: Sequence[Tensor] = ()) -> None:
         super().__init__()
         self.tensors: List[Tensor] = []
-        self._seen: Dict[int, Tensor] = {}
+        self.read: List[Tuple[Tensor, int]] = []
+        self._seen: Dict[int, Tensor] = {id(t): t for t in inputs}
         self._made: Dict[int, Tensor] = {}   # kept alive, so that an id is not reused within the block
+        self._updated: List[Tensor] = []      # running statistics that a normalisation in training mode updates
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.batch_norm or func is F.instance_norm:
+            self._updated.extend(_running_statistics(func, args, kwargs))
         for t in tree_leaves((args, kwargs)):
-            if isinstance(t, Tensor) and t.requires_grad and id(t) not in self._made and id(t) not in self._seen:
+            if isinstance(t, Tensor) and id(t) not in self._made and id(t) not in self._seen:
                 self._seen[id(t)] = t
-                self.tensors.append(t)
+                self.read.append((t, t._version))
+                if t.requires_grad:
+                    self.tensors.append(t)
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, Tensor):
                 self._made[id(t)] = t
         return out
 
+    def modified(self) -> List[Tensor]:
+        """The read tensors changed in place since they were first read (by the function itself, when
+        called at the block's end): those whose version counter moved, and the running statistics that a
+        batch or instance normalisation in training mode updated (its kernel leaves their counters)."""
+        updated = {id(t) for t in self._updated}
+        return [t for t, version in self.read if t._version != version or id(t) in updated]
 
-def captured_tensors(f: FixedPointMap, z: Tensor) -> Tuple[Tensor, List[Tensor]]:
-    """``(f(z), the tensors f reads that need a gradient)`` (see :class:`CapturedTensors`); ``z`` is
-    passed detached, so it is not one of them. A compiled f runs eagerly here, so that its reads are seen."""
-    with torch.compiler.set_stance("force_eager"), CapturedTensors() as mode:
-        out = f(z.detach())
-    return out, mode.tensors
+
+def _running_statistics(func: Callable, args: tuple, kwargs: dict) -> List[Tensor]:
+    """The running mean and variance that ``F.batch_norm`` / ``F.instance_norm`` called with ``args`` and
+    ``kwargs`` update: those it is given, when it normalises by the batch's statistics."""
+    names = (["input", "running_mean", "running_var", "weight", "bias", "training"] if func is F.batch_norm else
+             ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats"])
+    bound = {**dict(zip(names, args)), **kwargs}
+    by_batch = bound.get(names[-1], func is F.instance_norm)   # instance_norm's use_input_stats defaults to True
+    stats = [bound.get("running_mean"), bound.get("running_var")]
+    return [t for t in stats if isinstance(t, Tensor)] if by_batch else []
+
+
+def captured_tensors(f: FixedPointMap, z: Tensor) -> Tuple[Tensor, CapturedTensors]:
+    """``(f(z), what f read)``: the tensors it closes over, those needing a gradient among them (see
+    :class:`CapturedTensors`); ``z`` itself is not one of them. A compiled f runs eagerly here, so that its
+    reads are seen. An f that changes a tensor in place when it runs (BatchNorm's running statistics in
+    training mode) is refused: the backward evaluates it 2N more times, changing it again each time."""
+    with torch.compiler.set_stance("force_eager"), CapturedTensors([z]) as mode:
+        out = f(z)
+    changed = mode.modified()
+    if changed:
+        raise ValueError(f"reversible backward: f changes {len(changed)} tensor(s) in place when it runs (shapes "
+                         f"{_shapes(changed)}), e.g. BatchNorm's running statistics in training mode; the backward "
+                         "evaluates f again, 2 times per step, and would change them again: use a normalisation "
+                         "without running statistics (GroupNorm), BatchNorm in eval mode, or another MODEL.GRAD")
+    return out, mode
+
+
+def _shapes(tensors: Sequence[Tensor]) -> List[Tuple[int, ...]]:
+    return [tuple(t.shape) for t in tensors[:4]]
 
 
 def reconstruction_error(y0: Tensor, z0_rebuilt: Tensor, z0: Tensor, z_final: Tensor) -> float:
@@ -85,17 +130,17 @@ def reconstruction_error(y0: Tensor, z0_rebuilt: Tensor, z0: Tensor, z_final: Te
 
 
 def _vjp(f: FixedPointMap, state: Tensor, cotangent: Tensor, captured: Sequence[Tensor], f_dtype: torch.dtype,
-         check: bool = False) -> Tuple[Tensor, Tensor, List[Optional[Tensor]]]:
+         forward_reads: Optional[Sequence[Tuple[Tensor, int]]] = None) -> Tuple[Tensor, Tensor, List[Optional[Tensor]]]:
     """(f(state) detached, J_f(state)^T cotangent, [cotangent^T df/dc for c in captured]) by one
     evaluation of f, on ``state`` cast to ``f_dtype``, with autograd (the first two in the state's dtype);
-    ``check``: first make sure that f reads no tensor needing a gradient beyond ``captured`` (see
-    :func:`_check_reads`)."""
+    with ``forward_reads`` (what f read in the forward, :attr:`CapturedTensors.read`), first make sure
+    that f is still the forward's function (see :func:`_check_reads`)."""
     with torch.enable_grad():
         leaf = state.detach().to(f_dtype).requires_grad_(True)
-        if check:
-            with torch.compiler.set_stance("force_eager"), CapturedTensors() as mode:
+        if forward_reads is not None:
+            with torch.compiler.set_stance("force_eager"), CapturedTensors([leaf]) as mode:
                 out = f(leaf)
-            _check_reads(mode.tensors, [leaf, *captured])
+            _check_reads(mode, forward_reads, captured)
         else:
             out = f(leaf)
         grads = torch.autograd.grad(out, [leaf, *captured], cotangent.to(out.dtype), allow_unused=True)
@@ -103,16 +148,32 @@ def _vjp(f: FixedPointMap, state: Tensor, cotangent: Tensor, captured: Sequence[
     return out.detach().to(state.dtype), d_state.to(state.dtype), list(grads[1:])
 
 
-def _check_reads(read: Sequence[Tensor], known: Sequence[Tensor]) -> None:
-    """Raise when f read tensors needing a gradient (``read``) beyond ``known``: in the backward, a
-    tensor it did not read in the forward (e.g. weights recomputed after the context that fixed them for
-    the call has ended), whose gradient would be lost."""
-    ids = {id(t) for t in known}
-    new = [tuple(t.shape) for t in read if id(t) not in ids]
+def _check_reads(backward: CapturedTensors, forward_reads: Sequence[Tuple[Tensor, int]],
+                 captured: Sequence[Tensor]) -> None:
+    """Raise when f, evaluated again in the backward (what it read: ``backward``), is not the function the
+    forward solve iterated (what it read then: ``forward_reads``): it reads a tensor needing a gradient
+    that the forward did not (weights recomputed after the context that fixed them for the call ended:
+    their gradient would be lost), no longer reads one the forward did (a dropout mask drawn again by
+    another call, dropout off after ``model.eval()``), or reads one changed in place since the forward."""
+    known = {id(t) for t in captured}
+    new = [t for t in backward.tensors if id(t) not in known]
     if new:
-        raise RuntimeError(f"reversible backward: f reads {len(new)} tensor(s) needing a gradient (shapes {new[:4]}) "
-                           "that it did not read in the forward pass; f must be the same function in the backward "
-                           "(it is evaluated again there), e.g. weights fixed for the call must stay fixed")
+        raise RuntimeError(f"reversible backward: f reads {len(new)} tensor(s) needing a gradient (shapes "
+                           f"{_shapes(new)}) that it did not read in the forward pass; f must be the same function "
+                           "in the backward (it is evaluated again there), e.g. weights fixed for the call must "
+                           "stay fixed")
+    now = {id(t) for t, _ in backward.read}
+    gone = [t for t, _ in forward_reads if id(t) not in now]
+    if gone:
+        raise RuntimeError(f"reversible backward: f no longer reads {len(gone)} tensor(s) that it read in the "
+                           f"forward pass (shapes {_shapes(gone)}): it changed between the forward and the "
+                           "backward, e.g. another call drew new dropout masks or model.eval() turned dropout off; "
+                           "run the backward before the model is called again or switched to eval mode")
+    changed = [t for t, version in forward_reads if t._version != version]
+    if changed:
+        raise RuntimeError(f"reversible backward: {len(changed)} tensor(s) that f reads (shapes {_shapes(changed)}) "
+                           "were changed in place after the forward pass (e.g. by an optimizer step); the backward "
+                           "must run before f's tensors change")
 
 
 def _accumulate(total: List[Optional[Tensor]], grads: Sequence[Optional[Tensor]]) -> None:
@@ -122,21 +183,29 @@ def _accumulate(total: List[Optional[Tensor]], grads: Sequence[Optional[Tensor]]
 
 
 def reversible_backward(f: FixedPointMap, y_n: Tensor, z_n: Tensor, z0: Tensor, steps: int, beta: float,
-                        grad_z: Tensor, captured: Sequence[Tensor]
-                        ) -> Tuple[Tensor, List[Optional[Tensor]], Tensor, Tensor]:
+                        grad_z: Tensor, captured: Sequence[Tensor],
+                        forward_reads: Optional[Sequence[Tuple[Tensor, int]]] = None
+                        ) -> Tuple[Tensor, List[Tensor], Tensor, Tensor]:
     """Backpropagate ``grad_z`` = dl/dz_N (B, D) through ``steps`` coupled steps from ``z0`` that ended at
-    (``y_n``, ``z_n``, in the state dtype; f runs in z0's), rebuilding the states on the way. The first step's second evaluation, f(z_0), is
-    differentiated at the true ``z0``, not at the rebuilt z_0' (the rebuilt states drift most there).
+    (``y_n``, ``z_n``, in the state dtype; f runs in z0's), rebuilding the states on the way. The first
+    step's second evaluation, f(z_0), is differentiated at the true ``z0``, not at the rebuilt z_0' (the
+    rebuilt states drift most there). ``forward_reads``: what f read in the forward
+    (:attr:`CapturedTensors.read`), checked against the backward's first evaluation (:func:`_check_reads`).
 
     Returns:
-        (dl/dz0 (B, D), [dl/dc for c in ``captured``] (None: no gradient), y_0', z_0' the rebuilt start).
+        (dl/dz0 (B, D), [dl/dc for c in ``captured``], y_0', z_0' the rebuilt start).
+
+    Raises:
+        RuntimeError: f is not the forward's function (:func:`_check_reads`), or a captured tensor got no
+            gradient at any evaluation: f read it in the forward but does not differentiate through it now.
     """
     y, z = y_n, z_n
     a_z = grad_z.to(z.dtype)
     a_y = torch.zeros_like(a_z)
     totals: List[Optional[Tensor]] = [None] * len(captured)
     for n in range(steps):
-        fy, jt, grads = _vjp(f, y, beta * a_z, captured, z0.dtype, check=n == 0)  # z_{n+1} = (1-b) z_n + b f(y_{n+1})
+        reads = (forward_reads or ()) if n == 0 else None                  # checked at the first evaluation
+        fy, jt, grads = _vjp(f, y, beta * a_z, captured, z0.dtype, reads)  # z_{n+1} = (1-b) z_n + b f(y_{n+1})
         a_y = a_y + jt
         _accumulate(totals, grads)
         z = (z - beta * fy) / (1 - beta)
@@ -147,16 +216,24 @@ def reversible_backward(f: FixedPointMap, y_n: Tensor, z_n: Tensor, z0: Tensor, 
         _accumulate(totals, grads)
         y = (y - beta * fz) / (1 - beta)
         a_y = (1 - beta) * a_y
-    return a_y + a_z, totals, y, z
+    unused = [c for c, g in zip(captured, totals) if g is None]
+    if unused:
+        raise RuntimeError(f"reversible backward: {len(unused)} tensor(s) that f read in the forward pass (shapes "
+                           f"{_shapes(unused)}) received no gradient: f does not differentiate through them when it "
+                           "is evaluated again (it changed, or reads them only in a non-differentiable way: detach "
+                           "them inside f if they are not to be trained)")
+    return a_y + a_z, totals, y, z  # type: ignore[return-value]
 
 
 class ReversibleRun:
-    """What one forward solve leaves its backward besides the saved states: f, the captured tensors, the
-    steps and beta, and ``on_backward(steps, error)``, called with the reconstruction error."""
+    """What one forward solve leaves its backward besides the saved states: f, what f read in the forward
+    (:class:`CapturedTensors`: the captured tensors needing a gradient, and all it read), the steps and
+    beta, and ``on_backward(steps, error)``, called with the reconstruction error."""
 
-    def __init__(self, f: FixedPointMap, captured: Sequence[Tensor], steps: int, beta: float,
+    def __init__(self, f: FixedPointMap, reads: CapturedTensors, steps: int, beta: float,
                  on_backward: Optional[Callable[[int, float], None]] = None) -> None:
-        self.f, self.captured, self.steps, self.beta = f, list(captured), int(steps), check_beta(beta)
+        self.f, self.steps, self.beta = f, int(steps), check_beta(beta)
+        self.captured, self.forward_reads = list(reads.tensors), list(reads.read)
         self.on_backward = on_backward
 
 
@@ -194,24 +271,24 @@ class _Reversible(torch.autograd.Function):
         run: ReversibleRun = ctx.run
         y_n, z_n, z0 = ctx.saved_tensors
         d_z0, d_captured, y0, z0_rebuilt = reversible_backward(run.f, y_n, z_n, z0, run.steps, run.beta, grad_z,
-                                                               run.captured)
+                                                               run.captured, run.forward_reads)
         if run.on_backward is not None:
             run.on_backward(run.steps, reconstruction_error(y0, z0_rebuilt, z0, z_n))
         return (None, None, None, d_z0.to(z0.dtype),
-                *[None if g is None else g.to(c.dtype) for g, c in zip(d_captured, run.captured)])
+                *[g.to(c.dtype) for g, c in zip(d_captured, run.captured)])
 
 
 def solve_reversible(solver: Callable[..., ReversibleResult], f: FixedPointMap, z0: Tensor, threshold: int,
-                     **solver_kwargs) -> Tuple[ReversibleResult, List[Tensor]]:
-    """Run the reversible ``solver`` without autograd and find the tensors f reads that need a gradient
-    (during its first evaluation, at no extra cost)."""
-    found: List[List[Tensor]] = []
+                     **solver_kwargs) -> Tuple[ReversibleResult, CapturedTensors]:
+    """Run the reversible ``solver`` without autograd and record what f reads (:func:`captured_tensors`,
+    during its first evaluation, at no extra cost)."""
+    found: List[CapturedTensors] = []
 
     def first_recorded(z: Tensor) -> Tensor:
         if found:
             return f(z)
-        out, tensors = captured_tensors(f, z)
-        found.append(tensors)
+        out, reads = captured_tensors(f, z)
+        found.append(reads)
         return out
 
     with torch.no_grad():
@@ -222,11 +299,12 @@ def solve_reversible(solver: Callable[..., ReversibleResult], f: FixedPointMap, 
     return result, found[0]
 
 
-def attach_reversible_backward(f: FixedPointMap, z0: Tensor, result: ReversibleResult, captured: Sequence[Tensor],
+def attach_reversible_backward(f: FixedPointMap, z0: Tensor, result: ReversibleResult, reads: CapturedTensors,
                                on_backward: Optional[Callable[[int, float], None]] = None) -> Tensor:
-    """(B, D) z_N of ``result`` connected to z0 and ``captured`` by the reversible backward."""
-    run = ReversibleRun(f, captured, result.steps, result.beta, on_backward)
-    return _Reversible.apply(run, result.y, result.z_state, z0, *captured)
+    """(B, D) z_N of ``result`` connected to z0 and the captured tensors (``reads.tensors``) by the
+    reversible backward."""
+    run = ReversibleRun(f, reads, result.steps, result.beta, on_backward)
+    return _Reversible.apply(run, result.y, result.z_state, z0, *run.captured)
 
 
 def coupled_steps(f: FixedPointMap, z0: Tensor, steps: int, beta: float, float64_states: bool = False) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from ..datasets import build_cls_datasets
+from ..datasets import build_cls_datasets, selection_on_test_set
 from ..models import count_parameters, forward_kind, get_cls_net
 from ..models.flops import f_flops, forward_flops
 from ..utils.checkpoint import load_weights
@@ -121,6 +121,9 @@ class ClassificationTask(Task):
         train_set, val_set = build_cls_datasets(cfg)
         check_classes(val_set, cfg)
         return train_set, val_set
+
+    def selection_warning(self, cfg) -> Optional[str]:
+        return selection_on_test_set(cfg)
 
     def build_criterion(self, cfg) -> nn.Module:
         # the training loss only: held-out losses stay the plain cross-entropy, comparable across runs

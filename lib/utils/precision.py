@@ -12,11 +12,12 @@ from typing import Optional
 
 import torch
 
+from .provenance import cpu_bf16_features
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return bool(cpu_bf16_features())
 
 
 def autocast_dtype(enabled: bool, device: torch.device) -> Optional[torch.dtype]:
