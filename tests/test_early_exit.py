@@ -216,3 +216,27 @@ def test_settings_the_model_cannot_run_are_named():
         ExitSetting.parse("prediction:x@4")
     with pytest.raises(ConfigError, match="write RULE"):
         ExitSetting.parse("fixed@4")
+
+
+def test_cls_valid_exit_sweep_names_the_best_setting_at_the_fewest_evaluations(tmp_path):
+    """``tools/cls_valid.py --exit-sweep``'s part of the program (the process setup left out)."""
+    import argparse
+
+    from mdeq.programs.classification import PROGRAM
+    from mdeq.utils.distributed import DistInfo
+    parser = argparse.ArgumentParser()
+    PROGRAM.add_options(parser, test=True)
+    args = parser.parse_args(["--exit-sweep", "none@2,none@1,prediction:2@3"])
+    cfg = load_config(DIGITS_CFG, ["WORKERS", 0, "TEST.BATCH_SIZE_PER_GPU", 150])
+    out = PROGRAM.exit_sweep(_digits_net(), "random.pth", args, cfg, DistInfo(), str(tmp_path))
+    rows = {r["setting"]: r for r in out["rows"]}
+    assert list(rows) == ["none@2", "none@1", "prediction:2@3"] and rows["none@1"]["f_evals_mean"] == 1.0
+    assert rows["prediction:2@3"]["f_evals_p90"] <= 3
+    best = max(r["top1"] for r in out["rows"])
+    fewest = min(r["f_evals_mean"] for r in out["rows"] if r["top1"] == best)
+    assert out["chosen"]["top1"] == best and out["chosen"]["f_evals_mean"] == fewest
+    assert out["config"]["TEST.F_THRES"] == int(out["chosen"]["setting"].rsplit("@", 1)[1])
+    assert (tmp_path / "exit_sweep.json").is_file()
+    with pytest.raises(ConfigError, match="--exit-sweep varies the forward solve"):
+        PROGRAM.exit_sweep(get_cls_net(load_config(DIGITS_CFG, ["MODEL.NAME", "mdeq_unrolled"])), "x.pth", args,
+                           cfg, DistInfo(), str(tmp_path))
