@@ -101,7 +101,8 @@ def test_the_layer_takes_an_exit_in_evaluation_only_and_with_a_solver_that_has_o
     with pytest.raises(ValueError, match="evaluation only"):
         layer(p.f_of(torch.arange(10)), z0.requires_grad_(), sample_exit=exit_)
     with torch.no_grad(), pytest.raises(ValueError, match="sample_exit.*not taken by 'reversible'"):
-        EquilibriumLayer("reversible", f_thres=5, rev_beta=0.8)(p.f_of(torch.arange(10)), z0.detach(), sample_exit=exit_)
+        reversible = EquilibriumLayer("reversible", f_thres=5, rev_beta=0.8)
+        reversible(p.f_of(torch.arange(10)), z0.detach(), sample_exit=exit_)
 
 
 def _digits_net(*opts):

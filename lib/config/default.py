@@ -164,7 +164,7 @@ _C.TEST.FLIP_TEST = False
 _C.TEST.MULTI_SCALE = False
 _C.TEST.SCALE_LIST = [1.0]
 _C.TEST.MODEL_FILE = ""
-# new: the evaluation's forward solve (docs/configuration.md, "Evaluation: per-sample exit"); training is unaffected
+# new: the evaluation's forward solve (docs/performance.md, "Per-sample early exit"); training is unaffected
 _C.TEST.F_THRES = -1  # the evaluation budget (< 0: MODEL.F_THRES)
 _C.TEST.EXIT_RULE = "none"  # per-sample exit: 'none', 'residual', 'prediction', 'margin'
 _C.TEST.EXIT_TOL = 1e-3  # the residual tolerance (MODEL.STOP_MODE) of every rule but 'none'

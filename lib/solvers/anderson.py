@@ -15,9 +15,9 @@ weights do not depend on the order of the slots, so no reordering is needed.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .residuals import FixedPointFn, IterateTracker, SampleExit, SolverResult, solver_memory
 

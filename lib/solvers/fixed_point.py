@@ -1,9 +1,9 @@
 """Plain fixed-point iteration z <- f(z): the baseline the paper compares Broyden against."""
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .residuals import FixedPointFn, IterateTracker, SampleExit, SolverResult
 

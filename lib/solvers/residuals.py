@@ -201,15 +201,11 @@ class IterateTracker:
     _PER_SAMPLE = ("best_z", "best_fz", "best_res", "best_abs", "best_fnorm", "min_abs", "diverged", "active",
                    "improved_after_start", "lost", "last_g", "last_res", "last_abs")
 
-    def _finished(self) -> "_Finished":
-        if self._out is None:
-            self._out = _Finished.like(self.z0, self.best_z.dtype)
-        return self._out
-
     def _leave(self) -> None:
         """Store the result of the samples that stopped, keep the others (:attr:`keep`, :attr:`rows`)."""
-        done = ~self.active
-        self._finished().store(self, done, self.updates)
+        if self._out is None:
+            self._out = _Finished.like(self.z0, self.best_z.dtype)
+        self._out.store(self, ~self.active, self.updates)
         self.keep = self.active.nonzero().squeeze(1)
         for name in self._PER_SAMPLE:
             setattr(self, name, getattr(self, name)[self.keep])

@@ -68,7 +68,9 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    reducer = Reducer(sums=("loss", "top1", "top5", "images", "counted"), means=EVAL_KEYS)   # the solver statistics: means over the images that reported them
+    # the solver statistics: means over the images that reported them; "counted": the images with a count of
+    # f evaluations (none for an explicit network), "evals" the histogram of those counts
+    reducer = Reducer(sums=("loss", "top1", "top5", "images", "counted"), means=EVAL_KEYS)
     reducer.add({"evals": torch.zeros(EVAL_BINS, dtype=torch.long)})    # every process reduces the same vector
     bar = progress_bar(loader, enabled=is_main, desc="valid")
     t0 = time.perf_counter()
@@ -141,8 +143,9 @@ class ClassificationTask(Task):
         reports its depth as its f steps and has no residual, an explicit one has neither)."""
         rho = f", spectral radius {result['spectral_radius']:.3f}" if "spectral_radius" in result else ""
         if "f_rel" in result:
-            solver = (f", f steps {result.get('f_steps', float('nan')):.1f}, f evaluations per image mean "
-                      f"{result.get('f_evals_mean', float('nan')):.2f} p90 {result.get('f_evals_p90', float('nan')):.0f}, "
+            nan = float("nan")
+            solver = (f", f steps {result.get('f_steps', nan):.1f}, f evaluations per image mean "
+                      f"{result.get('f_evals_mean', nan):.2f} p90 {result.get('f_evals_p90', nan):.0f}, "
                       f"rel residual {result['f_rel']:.3g}{rho}")
         elif "f_steps" in result:
             solver = f", unrolled: {result['f_steps']:.0f} applications of f, no residual"
