@@ -141,15 +141,17 @@ def released_net():
     return net, images
 
 
-@pytest.mark.parametrize("rule", ["residual:0.01@10", "prediction:2@10", "margin:0.9@10"])
-def test_the_model_gives_each_sample_the_whole_batch_result(released_net, rule):
+@pytest.mark.parametrize("rule, solver", [("residual:0.01@10", "broyden"), ("prediction:2@10", "broyden"),
+                                          ("margin:0.9@10", "broyden"), ("residual:0.01@10", "anderson"),
+                                          ("prediction:3@10", "fixed_point")])
+def test_the_model_gives_each_sample_the_whole_batch_result(released_net, rule, solver):
     net, x = released_net
     setting = ExitSetting.parse(rule)
     with torch.no_grad():
         net.set_exit(setting)
-        left, info = net(x, return_info=True)
+        left, info = net(x, return_info=True, solver=solver)
         net.set_exit(dataclasses.replace(setting, leave=False))
-        frozen, info_frozen = net(x, return_info=True)
+        frozen, info_frozen = net(x, return_info=True, solver=solver)
     net.set_exit(ExitSetting())
     torch.testing.assert_close(left, frozen, rtol=1e-4, atol=1e-4)
     assert torch.equal(left.argmax(1), frozen.argmax(1))
