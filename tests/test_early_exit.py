@@ -215,7 +215,11 @@ def test_settings_the_model_cannot_run_are_named():
     with pytest.raises(ConfigError, match="MODEL.F_SOLVER = 'reversible' has no per-sample exit"):
         _digits_net("TEST.EXIT_RULE", "residual", "MODEL.F_SOLVER", "reversible", "MODEL.B_SOLVER", "broyden",
                     "MODEL.REV_BETA", "0.8")
-    with pytest.raises(ConfigError, match=r"exit setting 'prediction:x@4'.*not a number|prediction:x@4"):
+    from conftest import SEG_CFG, SEG_TINY
+    from mdeq.models import get_seg_net
+    with pytest.raises(ConfigError, match="'prediction' reads class logits, which the head of MDEQSegNet does not"):
+        get_seg_net(load_config(SEG_CFG, SEG_TINY + ["TEST.EXIT_RULE", "prediction"]))
+    with pytest.raises(ConfigError, match=r"exit setting 'prediction:x@4'.*not a number"):
         ExitSetting.parse("prediction:x@4")
     with pytest.raises(ConfigError, match="write RULE"):
         ExitSetting.parse("fixed@4")
