@@ -50,7 +50,7 @@ class MixedBatch:
         return SOLVERS[solver](self.f_of(rows), torch.zeros_like(self.x), threshold, eps=eps, **kw)
 
 
-def _first_coordinate_sign_rule(patience: int, batch: int) -> PredictionRule:
+def _class_held_rule(patience: int, batch: int) -> PredictionRule:
     """A stateful rule: the 'class' argmax of the first 3 coordinates held for ``patience`` evaluations."""
     return PredictionRule(lambda fz: fz[:, :3], patience, batch, torch.device("cpu"))
 
@@ -77,10 +77,10 @@ def _every_third_row_at_once(fz: torch.Tensor, rows: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
-@pytest.mark.parametrize("rule, least", [("class held 3 times", 3), ("every third row at once", 1)])
-def test_a_rule_gives_the_same_results_whether_samples_leave_or_stay_frozen(solver, rule, least):
+@pytest.mark.parametrize("make, least", [(lambda: _class_held_rule(3, 10), 3), (lambda: _every_third_row_at_once, 1)],
+                         ids=["class-held-3-times", "every-third-row-at-once"])
+def test_a_rule_gives_the_same_results_whether_samples_leave_or_stay_frozen(solver, make, least):
     p = MixedBatch()
-    make = (lambda: _first_coordinate_sign_rule(3, 10)) if least == 3 else (lambda: _every_third_row_at_once)
     frozen = p.solve(solver, SampleExit(rule=make()))
     left = p.solve(solver, SampleExit(restrict=p.f_of, rule=make()))
     torch.testing.assert_close(left.z, frozen.z, rtol=0, atol=1e-12)
