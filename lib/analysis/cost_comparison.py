@@ -1,5 +1,6 @@
 """Compare the training cost of gradient modes and regularisers on one machine, several seeds: on the
-embedded digits (issue 14) or on Fashion-MNIST (issue 19), :data:`BENCHMARKS`.
+embedded digits (issue 14) or on Fashion-MNIST (issue 19; the reversible equilibrium, the Lipschitz MDEQ),
+:data:`BENCHMARKS`.
 
 Each variant is an experiment file plus config overrides; every (variant, seed) pair is one
 ``tools/cls_train.py`` run in a fresh process, its ``results.json`` (held-out top-1, mean forward
@@ -32,6 +33,9 @@ METRICS = (("top1", "held-out top-1 (%)", "{:.2f}"), ("f_steps", "mean f steps (
 HISTORY_METRICS = (("train_f_steps", "train f steps (last epoch)", "{:.2f}"),
                    ("train_f_rel", "train rel. residual (last epoch)", "{:.2e}"),
                    ("train_b_rel", "train backward rel. residual (last epoch)", "{:.2e}"),
+                   ("train_b_steps", "train b steps (last epoch)", "{:.2f}"),
+                   ("train_lipschitz_certified", "certified Lipschitz bound of f (last epoch)", "{:.3f}"),
+                   ("train_lipschitz_empirical", "empirical ||J_f(z*)|| (last epoch)", "{:.3f}"),
                    ("train_f_evals", "train f evaluations, reversible (last epoch)", "{:.1f}"),
                    ("train_b_rev_error", "train reconstruction error, reversible (last epoch)", "{:.1e}"),
                    ("train_time_s", "training time (s, no evaluation)", "{:.1f}"))
@@ -108,10 +112,25 @@ def fashion_mnist_reversible_variants(repo: Path) -> List[Variant]:
     )]
 
 
+def fashion_mnist_lipschitz_variants(repo: Path) -> List[Variant]:
+    """The Lipschitz MDEQ on Fashion-MNIST (issue 43; :data:`FASHION_SCHEDULE` added to each): the released
+    recipe (L-Broyden, 10 steps) against the contractive f with plain iteration under the a-priori budgets
+    (the config), with Anderson under the same budgets, and at a lower target (fewer a-priori steps)."""
+    main = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_stem_bf16_erase_26ep_seed1.yaml")
+    lip = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_lipschitz.yaml")
+    return [Variant(name, cfg, opts + FASHION_SCHEDULE) for name, cfg, opts in (
+        ("released recipe (main config)", main, []),
+        ("Lipschitz, plain iteration (config)", lip, []),
+        ("Lipschitz, Anderson", lip, ["MODEL.F_SOLVER", "anderson", "MODEL.B_SOLVER", "anderson"]),
+        ("Lipschitz, TARGET 0.7", lip, ["MODEL.LIPSCHITZ.TARGET", "0.7"]),
+    )]
+
+
 #: ``--benchmark`` name -> (its variants, the baseline row's name)
 BENCHMARKS = {"digits": (digits_variants, "implicit (quickstart)"),
               "fashion_mnist": (fashion_mnist_variants, "implicit (main config)"),
-              "fashion_mnist_reversible": (fashion_mnist_reversible_variants, "implicit (main config)")}
+              "fashion_mnist_reversible": (fashion_mnist_reversible_variants, "implicit (main config)"),
+              "fashion_mnist_lipschitz": (fashion_mnist_lipschitz_variants, "released recipe (main config)")}
 
 
 def history_metrics(run_dir: Path) -> Dict[str, float]:
@@ -123,7 +142,8 @@ def history_metrics(run_dir: Path) -> Dict[str, float]:
         return {}
     epochs = read_history(found[0])
     last = epochs[-1]["train"]
-    out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel", "f_evals", "b_rev_error") if k in last}
+    out = {f"train_{k}": last[k] for k in ("f_steps", "f_rel", "b_rel", "b_steps", "f_evals", "b_rev_error",
+                                           "lipschitz_certified", "lipschitz_empirical") if k in last}
     if all("time" in e for e in epochs):
         out["train_time_s"] = sum(e["time"]["train_s"] for e in epochs)
     return out

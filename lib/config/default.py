@@ -88,6 +88,22 @@ _C.MODEL.SPECTRAL_RADIUS_ITERS = 0  # new: power iterations for a spectral-radiu
 _C.MODEL.RESNET = CN()
 _C.MODEL.RESNET.DEPTH = 20
 _C.MODEL.RESNET.WIDTHS = [16, 32, 64]
+# new: the contractive (Lipschitz) MDEQ (Sato & Iiduka, AISTATS 2026; docs/lipschitz.md): f built from parts with a
+# computed Lipschitz constant, its certified bound kept under TARGET by the parametrisation itself
+_C.MODEL.LIPSCHITZ = CN()
+_C.MODEL.LIPSCHITZ.ENABLED = False  # the contractive f in place of the original's (same stem, head and solvers)
+_C.MODEL.LIPSCHITZ.TARGET = 0.9  # L < 1: the certified bound of f (L2 norm of the concatenated state) stays under it
+_C.MODEL.LIPSCHITZ.RELU_SLOPE = 0.4  # the scaled ReLU s * relu(x), gain s
+_C.MODEL.LIPSCHITZ.ALPHA = 0.5  # the residual block's convex weight: (1 - ALPHA) x + ALPHA block(x)
+_C.MODEL.LIPSCHITZ.BETA = 0.3  # the fusion's convex weight: (1 - BETA) u_i + BETA sum_j w_ij F_ij(u_j)
+_C.MODEL.LIPSCHITZ.GN_GAMMA_MAX = 1.0  # |gamma| of the GroupNorm without std is clipped to this
+_C.MODEL.LIPSCHITZ.POWER_ITERS = 1  # power steps per training call on each conv's persistent vector (the cap's sigma)
+_C.MODEL.LIPSCHITZ.CERT_ITERS = 50  # power steps of each conv's norm in the certificate, from that vector
+_C.MODEL.LIPSCHITZ.CERT_MARGIN = 0.05  # the certificate takes each conv's estimate times (1 + CERT_MARGIN)
+_C.MODEL.LIPSCHITZ.EMPIRICAL_ITERS = 20  # power steps of ||J_f(z*)|| on a held-out batch, each epoch (0: off)
+# forward / backward budgets ceil(log(F_EPS) / log(TARGET)) and ceil(log(B_EPS) / log(TARGET)) in place of F_THRES /
+# B_THRES: plain iteration then reaches ||z_k - z*|| <= EPS ||z_0 - z*|| (F_SOLVER / B_SOLVER fixed_point or anderson)
+_C.MODEL.LIPSCHITZ.APRIORI_STEPS = False
 _C.MODEL.EXTRA = CN()
 _C.MODEL.EXTRA.FINAL_CONV_KERNEL = 1
 _C.MODEL.EXTRA.FULL_STAGE = CN()

@@ -138,6 +138,15 @@ RANGES: Dict[str, Range] = {
     "MODEL.JAC_INCREMENTAL": AT_LEAST_0,
     "MODEL.JAC_PROBES": AT_LEAST_1,
     "MODEL.SPECTRAL_RADIUS_ITERS": AT_LEAST_0,
+    "MODEL.LIPSCHITZ.TARGET": Range(0, 1, low_open=True, high_open=True),
+    "MODEL.LIPSCHITZ.RELU_SLOPE": Range(0, 1, low_open=True),
+    "MODEL.LIPSCHITZ.ALPHA": Range(0, 1, low_open=True),
+    "MODEL.LIPSCHITZ.BETA": Range(0, 1),
+    "MODEL.LIPSCHITZ.GN_GAMMA_MAX": POSITIVE,
+    "MODEL.LIPSCHITZ.POWER_ITERS": AT_LEAST_1,
+    "MODEL.LIPSCHITZ.CERT_ITERS": AT_LEAST_1,
+    "MODEL.LIPSCHITZ.CERT_MARGIN": AT_LEAST_0,
+    "MODEL.LIPSCHITZ.EMPIRICAL_ITERS": AT_LEAST_0,
     "MODEL.RESNET.DEPTH": Range(8),
     "MODEL.RESNET.WIDTHS": AT_LEAST_1,
 }
@@ -232,6 +241,44 @@ def check_reversible(cfg: CN, source: str) -> None:
                           "differ from 1 (its inverse divides by 1 - beta)")
 
 
+def apriori_steps(lipschitz: float, tol: float) -> int:
+    """ceil(log(tol) / log(L)): the plain-iteration steps after which ||z_k - z*|| <= tol ||z_0 - z*|| for an
+    L-contraction (at least 1). The one statement of the rule (MODEL.LIPSCHITZ.APRIORI_STEPS)."""
+    if not 0 < lipschitz < 1:
+        raise ValueError(f"the Lipschitz constant {lipschitz} must lie in (0, 1)")
+    if not 0 < tol < 1:
+        raise ValueError(f"the tolerance {tol} must lie in (0, 1)")
+    return max(1, math.ceil(math.log(tol) / math.log(lipschitz)))
+
+
+def check_lipschitz(cfg: CN, source: str) -> None:
+    """``MODEL.LIPSCHITZ.ENABLED``: no dropout in f (its 1 / (1 - p) scales the bound); with ``APRIORI_STEPS``
+    the solvers that the count holds for (fixed_point, anderson) and tolerances in (0, 1).
+
+    Raises:
+        ConfigError: naming the key, its value and the rule.
+    """
+    m, lip = cfg.MODEL, cfg.MODEL.LIPSCHITZ
+    if not lip.ENABLED:
+        return
+    if m.DROPOUT > 0:
+        raise ConfigError(f"{source}: MODEL.DROPOUT = {m.DROPOUT} with MODEL.LIPSCHITZ.ENABLED: the contractive f has "
+                          "no dropout (its 1 / (1 - p) would scale the certified bound); set it to 0")
+    if lip.APRIORI_STEPS:
+        for key in ("F_SOLVER", "B_SOLVER"):
+            if m[key] not in ("fixed_point", "anderson"):
+                raise ConfigError(f"{source}: MODEL.{key} = {m[key]!r} with MODEL.LIPSCHITZ.APRIORI_STEPS: the "
+                                  "a-priori step count is for plain iteration ('fixed_point') or 'anderson'")
+        for key in ("F_EPS", "B_EPS"):
+            if not 0 < m[key] < 1:
+                raise ConfigError(f"{source}: MODEL.{key} = {m[key]!r} with MODEL.LIPSCHITZ.APRIORI_STEPS: the "
+                                  "tolerance of the a-priori step count must lie in (0, 1)")
+            steps = apriori_steps(lip.TARGET, m[key])
+            if steps > RANGES["MODEL.F_THRES"].high:
+                raise ConfigError(f"{source}: MODEL.{key} = {m[key]!r} and MODEL.LIPSCHITZ.TARGET = {lip.TARGET} give "
+                                  f"{steps} a-priori steps, more than {_num(RANGES['MODEL.F_THRES'].high)}")
+
+
 def validate_config(cfg: CN, source: str) -> None:
     """Ranges and choices (:func:`check_ranges`), then the checks across keys that they cannot make."""
     check_ranges(cfg, source)
@@ -252,6 +299,7 @@ def validate_config(cfg: CN, source: str) -> None:
                           f"MODEL.RESNET.WIDTHS = {list(resnet.WIDTHS)} must have 3 entries (one per stage)")
     check_jac_loss_freq(cfg.MODEL.JAC_LOSS_FREQ, source)
     check_reversible(cfg, source)
+    check_lipschitz(cfg, source)
     if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
         raise ConfigError(f"{source}: TRAIN.END_EPOCH = {cfg.TRAIN.END_EPOCH} must be greater than "
                           f"TRAIN.BEGIN_EPOCH = {cfg.TRAIN.BEGIN_EPOCH}")

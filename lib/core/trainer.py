@@ -26,7 +26,9 @@ and whether it is maximised or minimised). Everything else is decided here, once
 * **Signals, checkpoints, resume**: :mod:`mdeq.core.signals`, :mod:`mdeq.core.checkpoint_manager`.
 * **Logs.** A line every ``PRINT_FREQ`` steps (``epoch E [i/n] step S loss L ...``) and per epoch;
   TensorBoard scalars at the step that produced them (``train/*``, ``solver/*``, ``valid/*``); a
-  progress bar on a terminal only.
+  progress bar on a terminal only. The Lipschitz MDEQ's certified bound at every logged step
+  (``lipschitz/certified``) and, per epoch, with its empirical estimate (``lipschitz_certified``,
+  ``lipschitz_empirical`` in the epoch line, ``history.jsonl`` and ``train_epoch/*``).
 """
 from __future__ import annotations
 
@@ -158,6 +160,7 @@ class Run:
     writer: Any = None
     amp_dtype: Optional[torch.dtype] = None  # autocast's dtype; None: float32
     last_mode: Optional[str] = None           # the mode ('unrolled' / 'equilibrium') of the last step
+    last_images: Optional[torch.Tensor] = None  # the last training batch (the Lipschitz MDEQ's empirical probe)
 
     @property
     def net(self) -> nn.Module:
@@ -267,6 +270,42 @@ def _report_step(run: Run, epoch: int, i: int, total: int, step: int, r: StepRes
             w.add_scalar(f"train/{k}", v / max(1, r.samples), step)
         for k, v in scalars.items():
             w.add_scalar(f"solver/{k}", v, step)
+    for k, v in lipschitz_scalars(run).items():
+        logger.info("step %d lipschitz_%s %.4f", step, k, v)
+        if w is not None:
+            w.add_scalar(f"lipschitz/{k}", v, step)
+
+
+def lipschitz_scalars(run: Run, images: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """The Lipschitz MDEQ's ``certified`` bound of f and, given ``images`` (and MODEL.LIPSCHITZ.EMPIRICAL_ITERS
+    > 0), the ``empirical`` one: the largest power-method estimate of ||J_f(z*)|| over them (docs/lipschitz.md).
+    ``{}`` for any other model."""
+    net = run.net
+    if not getattr(net, "lipschitz", False):
+        return {}
+    cert = net.lipschitz_certificate()
+    if cert.bound >= cert.target:
+        logger.warning("the certified Lipschitz bound of f, %.4f, is not under MODEL.LIPSCHITZ.TARGET %.4g: the "
+                       "convolutions' power-iteration vectors lagged behind the optimiser (re-seeded now); a-priori "
+                       "step counts do not hold until it is back under", cert.bound, cert.target)
+    out = {"certified": float(cert.bound)}
+    iters = run.cfg.MODEL.LIPSCHITZ.EMPIRICAL_ITERS
+    if images is not None and iters > 0:
+        out["empirical"] = float(net.lipschitz_empirical(images, iters).max())
+    return out
+
+
+#: images of the empirical Lipschitz estimate per epoch
+PROBE_IMAGES = 32
+
+
+def _probe_images(run: Run) -> Optional[torch.Tensor]:
+    """The images of the empirical Lipschitz estimate: the first :data:`PROBE_IMAGES` of the first held-out
+    batch, else of the last training batch."""
+    if run.val_loader is not None:
+        images, _ = run.task.unpack(next(iter(run.val_loader)))
+        return images[:PROBE_IMAGES].to(run.info.device)
+    return None if run.last_images is None else run.last_images[:PROBE_IMAGES]
 
 
 def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optional[GracefulStop] = None
@@ -301,6 +340,7 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int = 0, stopper: Optiona
         images, target = (t.to(device, non_blocking=True) for t in run.task.unpack(batch))
         step = state.global_step
         result = train_step(run, images, target, epoch, guard)
+        run.last_images = images
         state.batch_in_epoch = i + 1
         meter.update(result)
         _report_step(run, epoch, i, total, step, result, bar)
@@ -410,6 +450,8 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
     t_eval = time.time()
     val = _evaluate(run, epoch)
     t_eval = time.time() - t_eval
+    # the Lipschitz MDEQ's bounds, logged with the epoch's training figures (and in history.jsonl)
+    tr.update({f"lipschitz_{k}": v for k, v in lipschitz_scalars(run, _probe_images(run)).items()})
     train_metrics = " ".join(f"{k} {tr[k]:.4g}" for k in tr if k not in ("loss", "steps", "lr") + LOGGED_KEYS)
     solver = " ".join(f"{k} {tr[k]:.3g}" for k in LOGGED_KEYS if k in tr)
     logger.info("epoch %d (%s%s, %.0fs): train loss %.4f %s| %s | %s, lr %.3g, skipped steps %d", epoch,
@@ -419,6 +461,9 @@ def _run_epoch(run: Run, manager: CheckpointManager, epoch: int, start_batch: in
                 solver or "no solver statistics", tr["lr"], run.state.skipped_steps)
     if run.writer is not None:
         run.writer.add_scalar("train_epoch/loss", tr["loss"], epoch)
+        for k in ("lipschitz_certified", "lipschitz_empirical"):
+            if k in tr:
+                run.writer.add_scalar(f"train_epoch/{k}", tr[k], epoch)
         run.writer.flush()
     healthy = _judge_health(run, manager, epoch, tr, val)
     # the best first, so that the epoch's checkpoint records a best that includes this epoch; an

@@ -10,12 +10,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..modules import WeightNormConv2d
+from ..modules import ReparamConv2d, WeightNormConv2d
 from ..utils.distributed import unwrap
 
 logger = logging.getLogger(__name__)
 
-_COUNTED = (nn.Conv2d, WeightNormConv2d, nn.Linear)
+_COUNTED = (nn.Conv2d, ReparamConv2d, nn.Linear)   # ReparamConv2d: weight-normed, capped (Lipschitz)
 
 
 def layer_flops(hooked: nn.Module, run: Callable[[], Any]) -> int:
@@ -23,6 +23,7 @@ def layer_flops(hooked: nn.Module, run: Callable[[], Any]) -> int:
     total = [0]
 
     def count(mod: nn.Module, inputs, out: torch.Tensor) -> None:
+        # the shape is what counts: a weight-normed conv's v has it without computing w
         weight = mod.weight_v if isinstance(mod, WeightNormConv2d) else mod.weight
         total[0] += 2 * out.numel() * weight[0].numel()
 

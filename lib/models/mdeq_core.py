@@ -15,18 +15,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..config.validation import apriori_steps
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, call_state,
-                       call_state_restored, conv2d, fixed_weights, weights_fixed, weights_restored)
+                       call_state_restored, conv2d, fixed_weights, jacobian_operator_norm, lipschitz_budget,
+                       weights_fixed, weights_restored)
 from ..modules.early_exit import ExitSetting
 from ..solvers import SolverFn, option_names
 from .resnet import conv_bn_relu, residual_stage
+
+if TYPE_CHECKING:   # lipschitz_core builds on this module's Activation and BranchNet
+    from .lipschitz_core import LipschitzCertificate
 
 Tensor = torch.Tensor
 
@@ -195,6 +200,42 @@ class EquilibriumProblem:
         return torch.cat([s.flatten(1) for s in states], dim=1)
 
 
+def stream_sizes(cfg) -> List[Tuple[int, int]]:
+    """(H_i, W_i) of each stream of f for images of MODEL.IMAGE_SIZE (W, H; one entry: square): DOWNSAMPLE_TIMES
+    stride-2 convolutions, then each stream halves the previous one (rounding up, as :meth:`MDEQNet.state_shapes`)."""
+    size = [int(v) for v in cfg.MODEL.IMAGE_SIZE]
+    w, h = (size[0], size[1]) if len(size) >= 2 else (size[0], size[0])
+    sizes = []
+    for _ in range(cfg.MODEL.DOWNSAMPLE_TIMES):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    for _ in range(cfg.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES):
+        sizes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return sizes
+
+
+def lipschitz_stage(cfg) -> nn.Module:
+    """The contractive f of ``cfg.MODEL.LIPSCHITZ`` at the stream sizes of MODEL.IMAGE_SIZE.
+
+    Raises:
+        ConfigError: TARGET cannot be met with the other keys (:func:`~mdeq.modules.lipschitz_budget`).
+    """
+    from .lipschitz_core import LipschitzMDEQModule, LipschitzSettings
+    stage = cfg.MODEL.EXTRA.FULL_STAGE
+    try:
+        budget = lipschitz_budget(cfg.MODEL.LIPSCHITZ.TARGET, cfg.MODEL.LIPSCHITZ.ALPHA, cfg.MODEL.LIPSCHITZ.BETA,
+                                  cfg.MODEL.LIPSCHITZ.RELU_SLOPE, cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX,
+                                  cfg.MODEL.LIPSCHITZ.CERT_MARGIN, stage.NUM_BRANCHES, max(stage.NUM_BLOCKS))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    settings = LipschitzSettings(alpha=cfg.MODEL.LIPSCHITZ.ALPHA, beta=cfg.MODEL.LIPSCHITZ.BETA,
+                                 slope=cfg.MODEL.LIPSCHITZ.RELU_SLOPE, gamma_max=cfg.MODEL.LIPSCHITZ.GN_GAMMA_MAX,
+                                 power_iters=cfg.MODEL.LIPSCHITZ.POWER_ITERS, wnorm=bool(cfg.MODEL.WNORM),
+                                 num_groups=cfg.MODEL.NUM_GROUPS)
+    return LipschitzMDEQModule(stage.NUM_CHANNELS, stage.NUM_BLOCKS, cfg.MODEL.EXPANSION_FACTOR, stream_sizes(cfg),
+                               budget, settings)
+
+
 def _layer_setting(name: str, doc: str) -> property:
     """A read-only model attribute that is the equilibrium layer's (``model.deq``) ``name``."""
     return property(lambda self: getattr(self.deq, name), doc=doc)
@@ -248,8 +289,17 @@ class MDEQNet(nn.Module):
         else:
             self.stage0 = nn.Sequential(nn.Conv2d(c0, c0, 1, bias=False), nn.BatchNorm2d(c0, momentum=momentum),
                                         nn.ReLU())
-        self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
-                                    m.DROPOUT, m.WNORM)
+        #: the contractive f of MODEL.LIPSCHITZ (docs/lipschitz.md) in place of the original's
+        self.lipschitz = bool(cfg.MODEL.LIPSCHITZ.ENABLED)
+        if self.lipschitz:
+            self.fullstage = lipschitz_stage(cfg)
+            if cfg.MODEL.LIPSCHITZ.APRIORI_STEPS:   # the budgets that the certified contraction implies
+                self.deq.f_thres = apriori_steps(cfg.MODEL.LIPSCHITZ.TARGET, m.F_EPS)
+                self.deq.b_thres = apriori_steps(cfg.MODEL.LIPSCHITZ.TARGET, m.B_EPS)
+        else:
+            self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
+                                        m.DROPOUT, m.WNORM)
+        self.cert_iters = int(cfg.MODEL.LIPSCHITZ.CERT_ITERS)
         self.set_exit(ExitSetting.from_config(cfg))
         self.compiled = bool(m.COMPILE)
         if self.compiled:
@@ -304,6 +354,28 @@ class MDEQNet(nn.Module):
     def call_solvers(self, solver: Optional[SolverChoice] = None) -> Tuple[SolverFn, SolverFn]:
         """See :meth:`mdeq.modules.EquilibriumLayer.call_solvers`."""
         return self.deq.call_solvers(solver)
+
+    # ------------------------------------------------------------------ the Lipschitz MDEQ
+    def lipschitz_certificate(self, iters: Optional[int] = None) -> "LipschitzCertificate":
+        """The certified Lipschitz bound of f (a :class:`~mdeq.models.lipschitz_core.LipschitzCertificate`),
+        each conv's norm by ``iters`` power steps (default MODEL.LIPSCHITZ.CERT_ITERS). Lipschitz model only."""
+        if not self.lipschitz:
+            raise ValueError("the certified bound is the Lipschitz MDEQ's (MODEL.LIPSCHITZ.ENABLED)")
+        return self.fullstage.certificate(self.cert_iters if iters is None else int(iters))
+
+    @torch.no_grad()
+    def lipschitz_empirical(self, x: Tensor, iters: int = 20) -> Tensor:
+        """(N,) power-method estimates of ||J_f(z*)||_2 at the equilibrium of each image of ``x`` (N, C, H, W),
+        in the L2 norm of the concatenated state (the norm of the certificate); in evaluation mode."""
+        training = self.training
+        self.eval()
+        try:
+            with weights_fixed(self.fullstage):
+                problem = self.equilibrium_problem(self.injection(x))
+                z, _ = self.deq(problem.f, problem.z0, mode="equilibrium")
+                return jacobian_operator_norm(problem.f, z, iters)
+        finally:
+            self.train(training)
 
     # ------------------------------------------------------------------ forward
     def injection(self, x: Tensor) -> Tensor:

@@ -30,9 +30,10 @@ from .seg_net import MDEQSegNet
 _F_ONLY_SETTINGS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
     ("MODEL.JAC_LOSS_WEIGHT", lambda v: v == 0), ("MODEL.JAC_INCREMENTAL", lambda v: v == 0),
     ("MODEL.SOFTPLUS_WARMUP", lambda v: not v), ("MODEL.COMPILE", lambda v: not v),
-    ("MODEL.SPECTRAL_RADIUS_ITERS", lambda v: v == 0))
+    ("MODEL.SPECTRAL_RADIUS_ITERS", lambda v: v == 0), ("MODEL.LIPSCHITZ.ENABLED", lambda v: not v))
 #: of those, the ones that the unrolled stack honours (it has f, but no equilibrium)
-_UNROLLED_HONOURS = ("MODEL.JAC_LOSS_WEIGHT", "MODEL.JAC_INCREMENTAL", "MODEL.SOFTPLUS_WARMUP", "MODEL.COMPILE")
+_UNROLLED_HONOURS = ("MODEL.JAC_LOSS_WEIGHT", "MODEL.JAC_INCREMENTAL", "MODEL.SOFTPLUS_WARMUP", "MODEL.COMPILE",
+                     "MODEL.LIPSCHITZ.ENABLED")
 
 
 def _setting(cfg, key: str):
@@ -76,6 +77,9 @@ def _cls_resnet(cfg) -> nn.Module:
 
 
 def _seg_mdeq(cfg) -> nn.Module:
+    if cfg.MODEL.LIPSCHITZ.ENABLED:   # its caps are certified at one resolution; segmentation crops vary
+        raise ConfigError("MODEL.LIPSCHITZ.ENABLED applies to classification only: the contractive f certifies its "
+                          "convolutions at the one resolution of MODEL.IMAGE_SIZE")
     model = MDEQSegNet(cfg, bn_momentum=0.01)
     model.init_weights()
     return model

@@ -75,3 +75,43 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, iters: int = 10,
             growth = norm / v.float().flatten(1).norm(dim=1).clamp_min(1e-30)
             v = (vj / norm.clamp_min(1e-30).view(-1, *([1] * (vj.dim() - 1))).to(vj.dtype)).detach()
     return growth.detach()
+
+
+def jacobian_operator_norm(f: Callable[[Tensor], Tensor], z: Tensor, iters: int = 20,
+                           generator: Optional[torch.Generator] = None) -> Tensor:
+    """Power-method estimate of ||J_f(z)||_2 (the largest singular value), one per sample.
+
+    Iterates ``v <- J^T J v / ||J^T J v||``: ``J v`` by the double-VJP trick (the VJP ``u -> J^T u``
+    is linear in ``u``, so differentiating ``<J^T u, v>`` in ``u`` gives ``J v``), ``J^T (J v)`` by a
+    VJP, all through one application of f at ``z``. The estimate ``||J v|| / ||v||`` is at most the
+    norm and approaches it from below: an empirical figure, not a bound (compare
+    :func:`spectral_radius`, the largest |eigenvalue|, which can be smaller).
+
+    Args:
+        f: the map, (B, D) -> (B, D), block-diagonal over the batch.
+        z: (B, D) the point (e.g. the equilibrium z*); not modified.
+        iters: power iterations (each: two VJPs and one double-backward).
+        generator: draws the start vector.
+
+    Returns:
+        (B,) float32 estimates, without a graph.
+    """
+    if iters < 1:
+        raise ValueError(f"iters = {iters} must be >= 1")
+
+    def unit(x: Tensor) -> Tensor:
+        return x / x.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (x.dim() - 1)))
+
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        z_out = f(z_in)
+        u = torch.zeros_like(z_out, requires_grad=True)
+        (jtu,) = torch.autograd.grad(z_out, z_in, u, create_graph=True)   # J^T u, linear in u
+        v = unit(torch.randn(z.shape, generator=generator, device=z.device, dtype=z_out.dtype))
+        norm = z.new_zeros(z.shape[0], dtype=torch.float32)
+        for _ in range(iters):
+            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
+            norm = jv.float().flatten(1).norm(dim=1)
+            (jtjv,) = torch.autograd.grad(z_out, z_in, jv.detach(), retain_graph=True)
+            v = unit(jtjv.detach())
+    return norm.detach()

@@ -20,7 +20,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class WeightNormConv2d(nn.Module):
+class ReparamConv2d(nn.Module):
+    """A bias-optional ``Conv2d`` whose weight is a function of parameters (:attr:`weight`, a property
+    of the subclass), computed once per model call inside :func:`weights_fixed`.
+
+    Shapes: input (N, C_in, H, W) -> output (N, C_out, H', W').
+    """
+
+    def __init__(self, stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.stride = stride
+        self.padding = padding
+        self.bias: Optional[nn.Parameter] = None
+        self.fixed_weight: Optional[torch.Tensor] = None   # set by weights_fixed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fixed_weight if self.fixed_weight is not None else self.weight
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class WeightNormConv2d(ReparamConv2d):
     """A ``Conv2d`` whose weight is parametrised as ``weight_g * weight_v / ||weight_v||``.
 
     Shapes: input (N, C_in, H, W) -> output (N, C_out, H', W').
@@ -28,13 +51,10 @@ class WeightNormConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = False) -> None:
-        super().__init__()
-        self.stride = stride
-        self.padding = padding
+        super().__init__(stride, padding)
         self.weight_v = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.weight_g = nn.Parameter(torch.empty(out_channels, 1, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.fixed_weight: Optional[torch.Tensor] = None   # set by weights_fixed
         nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)
         self.reset_g()
 
@@ -48,10 +68,6 @@ class WeightNormConv2d(nn.Module):
         v = self.weight_v
         return v * (self.weight_g / v.flatten(1).norm(dim=1).view_as(self.weight_g))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fixed_weight if self.fixed_weight is not None else self.weight
-        return F.conv2d(x, w, self.bias, self.stride, self.padding)
-
     def extra_repr(self) -> str:
         out_c, in_c, k, _ = self.weight_v.shape
         return f"{in_c}, {out_c}, kernel_size={k}, stride={self.stride}, padding={self.padding}, weight_norm=True"
@@ -59,12 +75,12 @@ class WeightNormConv2d(nn.Module):
 
 @contextlib.contextmanager
 def weights_fixed(module: nn.Module) -> Iterator[None]:
-    """Within the block, every :class:`WeightNormConv2d` in ``module`` uses one ``w`` computed on entry
+    """Within the block, every :class:`ReparamConv2d` (e.g. :class:`WeightNormConv2d`) in ``module`` uses one ``w`` computed on entry
     (with autograd if it is on there). The graphs recorded inside keep that ``w``: a backward pass
     after the block (the implicit backward's adjoint solve) still reaches ``g`` and ``v``."""
     # not those that an outer block has fixed
-    convs: List[WeightNormConv2d] = [m for m in module.modules()
-                                     if isinstance(m, WeightNormConv2d) and m.fixed_weight is None]
+    convs: List[ReparamConv2d] = [m for m in module.modules()
+                                  if isinstance(m, ReparamConv2d) and m.fixed_weight is None]
     for m in convs:
         m.fixed_weight = m.weight
     try:
@@ -74,15 +90,15 @@ def weights_fixed(module: nn.Module) -> Iterator[None]:
             m.fixed_weight = None
 
 
-def fixed_weights(module: nn.Module) -> List[Tuple[WeightNormConv2d, torch.Tensor]]:
-    """The ``(conv, w)`` pairs of the :class:`WeightNormConv2d` in ``module`` whose weight a
+def fixed_weights(module: nn.Module) -> List[Tuple[ReparamConv2d, torch.Tensor]]:
+    """The ``(conv, w)`` pairs of the :class:`ReparamConv2d` in ``module`` whose weight a
     :func:`weights_fixed` block has fixed now (what :func:`weights_restored` sets again later)."""
     return [(m, m.fixed_weight) for m in module.modules()
-            if isinstance(m, WeightNormConv2d) and m.fixed_weight is not None]
+            if isinstance(m, ReparamConv2d) and m.fixed_weight is not None]
 
 
 @contextlib.contextmanager
-def weights_restored(fixed: Sequence[Tuple[WeightNormConv2d, torch.Tensor]]) -> Iterator[None]:
+def weights_restored(fixed: Sequence[Tuple[ReparamConv2d, torch.Tensor]]) -> Iterator[None]:
     """Within the block, each conv of ``fixed`` (from :func:`fixed_weights`) uses its ``w`` again, unless a
     block has fixed it already: a function of the call's weights (f of an MDEQ call) stays that function
     when it is evaluated after the call (the reversible backward evaluates f again)."""
