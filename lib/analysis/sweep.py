@@ -1,4 +1,6 @@
-"""Accuracy against the forward solver's budget: evaluate a model at several ``F_THRES`` values.
+"""Accuracy against the forward solver's budget: evaluate a model at several ``F_THRES`` values, or at
+several evaluation settings (budget and per-sample exit rule, :class:`~mdeq.modules.early_exit.ExitSetting`)
+to choose the one that reaches the best held-out top-1 at the fewest evaluations of f (:func:`choose_setting`).
 
 Training and the original evaluate at one fixed threshold; this sweep shows what fewer solver
 steps cost (and what more buy). It is generic in the evaluation: give it a callable
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..config import ConfigError
+from ..modules.early_exit import ExitSetting
 from ..utils.output_files import replace_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,64 @@ def sweep_models(model_files: Sequence[str], load: Callable[[str], None], evalua
                    {p: [r.as_dict() for r in rows] for p, rows in by_file.items()}, indent=2)
         logger.info("sweep plot %s, rows %s", png, os.path.join(out_dir, f"{stem}.json"))
     return by_file
+
+
+@dataclass
+class ExitSweepRow:
+    """One evaluation setting: held-out top-1 (%), evaluations of f per image (mean, 90th percentile),
+    images/s and the mean relative residual."""
+
+    setting: str
+    top1: float
+    f_evals_mean: float
+    f_evals_p90: float
+    images_per_s: float
+    f_rel: float
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def parse_exit_settings(text: str, base: ExitSetting) -> List[ExitSetting]:
+    """``"none@4,prediction:2@10"`` -> the settings (:meth:`ExitSetting.parse`; unset fields from ``base``)."""
+    settings = [ExitSetting.parse(t, base) for t in text.split(",") if t.strip()]
+    if not settings:
+        raise ConfigError(f"--exit-sweep {text!r}: give at least one setting, e.g. none@4,prediction:2@10")
+    return settings
+
+
+def run_exit_sweep(evaluate: Callable[[ExitSetting], Mapping[str, float]], settings: Sequence[ExitSetting]
+                   ) -> List[ExitSweepRow]:
+    """``evaluate(setting)`` for each setting (a result with ``top1``, ``f_evals_mean``, ``f_evals_p90``,
+    ``images_per_s``, ``f_rel``; missing ones NaN); one row each."""
+    rows = []
+    for setting in settings:
+        res = evaluate(setting)
+        row = ExitSweepRow(setting.label(), *(float(res.get(k, math.nan)) for k in
+                                              ("top1", "f_evals_mean", "f_evals_p90", "images_per_s", "f_rel")))
+        logger.info("%s: top-1 %.2f%%, f evaluations per image mean %.2f p90 %.0f, %.1f images/s", row.setting,
+                    row.top1, row.f_evals_mean, row.f_evals_p90, row.images_per_s)
+        rows.append(row)
+    return rows
+
+
+def choose_setting(rows: Sequence[ExitSweepRow], slack: float = 0.0) -> ExitSweepRow:
+    """The row with the fewest mean evaluations of f among those whose top-1 is within ``slack`` points
+    of the best (``0``: the best itself); ties go to the higher top-1, then to the earlier row."""
+    if not rows:
+        raise ValueError("choose_setting: no rows")
+    best = max(r.top1 for r in rows)
+    near = [(r.f_evals_mean, -r.top1, i) for i, r in enumerate(rows) if r.top1 >= best - slack - 1e-9]
+    return rows[min(near)[2]]
+
+
+def format_exit_table(rows: Sequence[ExitSweepRow], chosen: Optional[ExitSweepRow] = None) -> str:
+    """A markdown table, one line per setting; the chosen one in bold."""
+    lines = ["| setting | top-1 (%) | mean f evals / image | p90 f evals / image | images/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r.setting}**" if r is chosen else r.setting
+        lines.append(f"| {name} | {r.top1:.2f} | {r.f_evals_mean:.2f} | {r.f_evals_p90:.0f} | {r.images_per_s:.1f} |")
+    return "\n".join(lines)
 
 
 def _short_labels(paths: List[str]) -> Dict[str, str]:

@@ -180,6 +180,12 @@ _C.TEST.FLIP_TEST = False
 _C.TEST.MULTI_SCALE = False
 _C.TEST.SCALE_LIST = [1.0]
 _C.TEST.MODEL_FILE = ""
+# new: the evaluation's forward solve (docs/performance.md, "Per-sample early exit"); training is unaffected
+_C.TEST.F_THRES = -1  # the evaluation budget (< 0: MODEL.F_THRES)
+_C.TEST.EXIT_RULE = "none"  # per-sample exit: 'none', 'residual', 'prediction', 'margin'
+_C.TEST.EXIT_TOL = 1e-3  # the residual tolerance (MODEL.STOP_MODE) of every rule but 'none'
+_C.TEST.EXIT_PATIENCE = 2  # 'prediction': the class the same at this many consecutive evaluations of f
+_C.TEST.EXIT_MARGIN = 0.9  # 'margin': softmax top-1 minus top-2 probability
 
 
 def get_default_config() -> CN:

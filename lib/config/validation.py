@@ -127,6 +127,10 @@ RANGES: Dict[str, Range] = {
     "TRAIN.MAX_ITERS": Range(1, negative_means="no limit"),
     "TEST.BATCH_SIZE_PER_GPU": AT_LEAST_1,
     "TEST.SCALE_LIST": POSITIVE,
+    "TEST.F_THRES": Range(1, 10000, negative_means="MODEL.F_THRES"),
+    "TEST.EXIT_TOL": POSITIVE,
+    "TEST.EXIT_PATIENCE": Range(2),
+    "TEST.EXIT_MARGIN": Range(0, 1, low_open=True),
     "MODEL.PHANTOM_STEPS": AT_LEAST_1,
     "MODEL.PHANTOM_TAU": Range(0, 1, low_open=True),
     "MODEL.JAC_LOSS_WEIGHT": AT_LEAST_0,
@@ -153,6 +157,7 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
     "MODEL.STATE_LAYOUT": ("nchw", "channels_last"),
     "MODEL.GRAD": ("implicit", "phantom", "jfb", "reversible"),
     "MODEL.DOWNSAMPLE_TIMES": (0, 1, 2),
+    "TEST.EXIT_RULE": ("none", "residual", "prediction", "margin"),
     # the original's architecture keys: only what this implementation builds
     "MODEL.EXTRA.FULL_STAGE.NUM_MODULES": (1,),
     "MODEL.EXTRA.FULL_STAGE.BLOCK": ("BASIC",),

@@ -71,6 +71,8 @@ class MDEQClsNet(MDEQNet):
                                          nn.ReLU(inplace=True))
         self.classifier = nn.Linear(stage.FINAL_CHANSIZE, cfg.MODEL.NUM_CLASSES)
 
+    head_gives_classes = True
+
     def head(self, states: List[Tensor]) -> Tensor:
         """Per-resolution states -> logits (N, NUM_CLASSES)."""
         y = self.incre_modules[0](states[0])

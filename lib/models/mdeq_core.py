@@ -26,7 +26,8 @@ from ..config.validation import apriori_steps
 from ..modules import (EquilibriumInfo, EquilibriumLayer, SolverChoice, VariationalDropout2d, call_state,
                        call_state_restored, conv2d, fixed_weights, jacobian_operator_norm, lipschitz_budget,
                        weights_fixed, weights_restored)
-from ..solvers import SolverFn
+from ..modules.early_exit import ExitSetting
+from ..solvers import SolverFn, option_names
 from .resnet import conv_bn_relu, residual_stage
 
 if TYPE_CHECKING:   # lipschitz_core builds on this module's Activation and BranchNet
@@ -172,6 +173,8 @@ class MDEQModule(nn.Module):
 class EquilibriumProblem:
     """z = f(z) on flattened states: ``f`` maps (B, D) -> (B, D), ``z0`` is the start, and
     ``unflatten`` turns (B, D) back into the list of per-resolution states (N, C_i, H_i, W_i).
+    ``restrict(rows)`` is f of the samples ``rows`` (b,) alone, (b, D) -> (b, D): what a solve
+    whose samples leave when they are done evaluates (:class:`~mdeq.solvers.SampleExit`).
 
     With ``channels_last`` (MODEL.STATE_LAYOUT) each stream's block of z holds its state in
     (H, W, C) order, so that the unflattened states are channels-last views (no copies) and the
@@ -182,6 +185,7 @@ class EquilibriumProblem:
     z0: Tensor
     shapes: List[Tuple[int, ...]]
     channels_last: bool = False
+    restrict: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None
 
     def unflatten(self, z: Tensor) -> List[Tensor]:
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -296,6 +300,7 @@ class MDEQNet(nn.Module):
             self.fullstage = MDEQModule(self.num_channels, stage.NUM_BLOCKS, m.EXPANSION_FACTOR, m.NUM_GROUPS,
                                         m.DROPOUT, m.WNORM)
         self.cert_iters = int(cfg.MODEL.LIPSCHITZ.CERT_ITERS)
+        self.set_exit(ExitSetting.from_config(cfg))
         self.compiled = bool(m.COMPILE)
         if self.compiled:
             # f runs T_f + T_b + 1 times per step: on a GPU a small f is bound by kernel launches, which
@@ -409,14 +414,22 @@ class MDEQNet(nn.Module):
         # after the call (the reversible backward): f stays the function that the forward solve iterated
         weights, state = fixed_weights(self.fullstage), call_state(self.fullstage)
 
-        def f(z: Tensor) -> Tensor:
-            # autocast's weight cache off: a cast made under the solve's no_grad must not be reused without
-            # its history by the differentiable application of f (pytorch issues 112583, 158232)
-            with weights_restored(weights), call_state_restored(state), \
-                    torch.autocast(device, dtype=amp_dtype, enabled=amp, cache_enabled=False):
-                return problem.flatten(self.fullstage(problem.unflatten(z), inj)).to(dtype)
+        def f_of(injection: Tensor) -> Callable[[Tensor], Tensor]:
+            def f(z: Tensor) -> Tensor:
+                # autocast's weight cache off: a cast made under the solve's no_grad must not be reused without
+                # its history by the differentiable application of f (pytorch issues 112583, 158232)
+                with weights_restored(weights), call_state_restored(state), \
+                        torch.autocast(device, dtype=amp_dtype, enabled=amp, cache_enabled=False):
+                    return problem.flatten(self.fullstage(problem.unflatten(z), injection)).to(dtype)
+            return f
 
-        problem.f = f
+        def restrict(rows: Tensor) -> Callable[[Tensor], Tensor]:
+            # per sample, f holds only the injection: dropout masks exist in training, where no sample leaves
+            if any(mask is not None for _, mask in state.masks):
+                raise RuntimeError("a per-sample exit runs in evaluation: variational dropout masks are drawn")
+            return f_of(inj[rows])
+
+        problem.f, problem.restrict = f_of(inj), restrict
         return problem
 
     def equilibrium_states(self, x: Tensor, **call: Any) -> Tuple[List[Tensor], EquilibriumInfo]:
@@ -432,8 +445,56 @@ class MDEQNet(nn.Module):
         """
         with weights_fixed(self.fullstage):  # one w per call, see weights_fixed
             problem = self.equilibrium_problem(self.injection(x))
-            z, info = self.deq(problem.f, problem.z0, **call)
+            z, info = self.deq(problem.f, problem.z0, **self.evaluation_call(problem, call))
         return problem.unflatten(z), info
+
+    # ------------------------------------------------------------------ evaluation: budget and per-sample exit
+    #: whether :meth:`head` gives class logits (N, classes), which the rules 'prediction' and 'margin' read
+    head_gives_classes = False
+
+    def set_exit(self, setting: ExitSetting) -> None:
+        """Make ``setting`` the evaluation's budget and per-sample exit (TEST.F_THRES, TEST.EXIT_*).
+
+        Raises:
+            ConfigError: the rule needs what this net or its forward solver (MODEL.F_SOLVER) lacks.
+        """
+        if setting.exits and "sample_exit" not in option_names(self.deq.f_solver):
+            raise ConfigError(f"TEST.EXIT_RULE = {setting.rule!r}: the forward solver MODEL.F_SOLVER = "
+                              f"{getattr(self.deq.f_solver, '__name__', self.deq.f_solver)!r} has no per-sample "
+                              "exit (broyden, anderson and fixed_point have)")
+        if setting.reads_head and not self.head_gives_classes:
+            raise ConfigError(f"TEST.EXIT_RULE = {setting.rule!r} reads class logits, which the head of "
+                              f"{type(self).__name__} does not give; use 'residual' or 'none'")
+        self.exit_setting = setting
+
+    def evaluation_call(self, problem: EquilibriumProblem, call: Dict[str, Any]) -> Dict[str, Any]:
+        """The keywords of the layer call: ``call``, and, in an evaluation solve (eval mode, no autograd,
+        the equilibrium), the budget TEST.F_THRES and the per-sample exit of :attr:`exit_setting` where
+        ``call`` does not set them (``f_thres``, ``eps``)."""
+        setting: ExitSetting = self.exit_setting
+        mode = self.deq.resolve_mode(call.get("mode"), call.get("train_step"))
+        if self.training or torch.is_grad_enabled() or mode != "equilibrium":
+            return call
+        call = dict(call)
+        if call.get("f_thres") is None:
+            call["f_thres"] = setting.budget(self.deq.f_thres)
+        if setting.exits:
+            if call.get("eps") is None:
+                call["eps"] = setting.tol
+            logits = self._exit_logits(problem) if setting.reads_head else None
+            call["sample_exit"] = setting.sample_exit(problem.restrict, logits, problem.z0.shape[0],
+                                                      problem.z0.device)
+        return call
+
+    def _exit_logits(self, problem: EquilibriumProblem) -> Callable[[Tensor], Tensor]:
+        """(b, D) images f(z) -> (b, classes) logits of the head, under the caller's autocast (as the output's)."""
+        device = problem.z0.device.type
+        amp, amp_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+        def logits(fz: Tensor) -> Tensor:
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                return self.head(problem.unflatten(fz))
+        return logits
 
     def head(self, states: List[Tensor]) -> Tensor:
         """Per-resolution states -> the task's output (classification / segmentation logits)."""

@@ -27,8 +27,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..solvers import (SOLVER_KEYS, ReversibleResult, SolverFn, SolverResult, SolverWorkspace, check_beta, get_solver,
-                       option_names, resolve_solver, reversible, solver_options)
+from ..solvers import (SOLVER_KEYS, ReversibleResult, SampleExit, SolverFn, SolverResult, SolverWorkspace, check_beta,
+                       get_solver, option_names, resolve_solver, reversible, solver_options)
 from .implicit import attach_implicit_backward, attach_phantom_backward
 from .reversible import DriftWarning, attach_reversible_backward, solve_reversible
 from .jacobian import hutchinson_jac_loss, spectral_radius
@@ -73,6 +73,8 @@ class EquilibriumInfo:
         b_fallback: the adjoint solve did not improve on dl/dz, whose one-step gradient was used.
         f_evals: the reversible solver's evaluations of f (2 per coupled step + 1; ``f_steps`` counts
             the coupled steps there); None for the other solvers, whose steps are their evaluations.
+        f_sample_evals: (B,) long, the forward solve's evaluations of f per sample (fewer than
+            ``f_steps`` for the samples that left a solve with a per-sample exit); None when unrolled.
         b_rev_error: the reversible backward's reconstruction error, set when it has run:
             max(||y_0' - z0||, ||z_0' - z0||) / max(||z0||, ||z_N||) for the start (y_0', z_0') it
             rebuilt (see :func:`mdeq.modules.reversible.reconstruction_error`).
@@ -94,6 +96,7 @@ class EquilibriumInfo:
     b_trace: Optional[List[float]] = None
     f_evals: Optional[int] = None
     b_rev_error: Optional[float] = None
+    f_sample_evals: Optional[Tensor] = None
 
     LOGGED_KEYS: ClassVar[Tuple[str, ...]] = LOGGED_KEYS
 
@@ -102,7 +105,8 @@ class EquilibriumInfo:
         """The info of an equilibrium call whose forward solve gave ``result``."""
         forward = {k: v for k, v in result.stats("f").items() if k in cls._names()}   # f_steps, f_abs ...
         evals = result.evaluations if isinstance(result, ReversibleResult) else None
-        return cls(mode="equilibrium", f_trace=result.trace, f_evals=evals, **forward)
+        return cls(mode="equilibrium", f_trace=result.trace, f_evals=evals, f_sample_evals=result.sample_evals,
+                   **forward)
 
     def record_backward(self, result: SolverResult, fallback: bool) -> None:
         """Fill in the adjoint solve's ``result``; ``fallback``: its start dl/dz was used instead."""
@@ -128,13 +132,24 @@ class EquilibriumInfo:
         return {k: v for k, v in ((k, self.get(k)) for k in LOGGED_KEYS) if v is not None}
 
     def stats(self) -> Dict[str, Any]:
-        """The entries that are set, traces left out, ``jac_loss`` as a float (for reports and JSON)."""
+        """The entries that are set, traces left out, tensors (``jac_loss``, ``f_sample_evals``) as their
+        mean (for reports and JSON)."""
         out: Dict[str, Any] = {}
         for name in self._names():
-            value = self.get(name) if name == "jac_loss" else getattr(self, name)
+            value = getattr(self, name)
+            value = self.get(name) if isinstance(value, Tensor) else value
             if value is not None and not name.endswith("trace"):
                 out[name] = value
         return out
+
+    def evaluations_per_sample(self, batch: int) -> Optional[Tensor]:
+        """(batch,) long: the evaluations of f that each sample cost: :attr:`f_sample_evals`, or the
+        call's evaluations (``f_evals``, else ``f_steps``: the unrolled depth) for every sample; None for
+        an explicit network's info."""
+        if self.f_sample_evals is not None:
+            return self.f_sample_evals
+        count = self.f_evals if self.f_evals is not None else self.f_steps
+        return None if count is None else torch.full((batch,), int(count), dtype=torch.long)
 
     @property
     def diverged(self) -> bool:
@@ -280,8 +295,8 @@ class EquilibriumLayer(nn.Module):
     # ------------------------------------------------------------------ the call
     def forward(self, f: FixedPointMap, z0: Tensor, *, mode: Optional[str] = None, train_step: Optional[int] = None,
                 f_thres: Optional[int] = None, b_thres: Optional[int] = None, solver: Optional[SolverChoice] = None,
-                depth: Optional[int] = None, eps: Optional[float] = None, jac_loss: bool = False
-                ) -> Tuple[Tensor, EquilibriumInfo]:
+                depth: Optional[int] = None, eps: Optional[float] = None, jac_loss: bool = False,
+                sample_exit: Optional[SampleExit] = None) -> Tuple[Tensor, EquilibriumInfo]:
         """Solve z = f(z) from ``z0``; every keyword holds for this call only.
 
         Args:
@@ -298,16 +313,22 @@ class EquilibriumLayer(nn.Module):
             jac_loss: with autograd on, ``info.jac_loss`` = the Hutchinson estimate of ||J_f||_F^2
                 at the one differentiable application of f the backward builds anyway (the last
                 one when unrolled, the one at z* otherwise).
+            sample_exit: per-sample exit of the forward solve (:class:`~mdeq.solvers.SampleExit`):
+                samples that stop leave it; without autograd, in equilibrium mode, with a solver that
+                takes it (L-Broyden, Anderson, plain iteration), else a ValueError.
 
         Returns:
             ``(z, info)``: (B, D) ``f(z*)`` (or the last unrolled iterate) and the call's :class:`EquilibriumInfo`.
         """
         mode = self.resolve_mode(mode, train_step)
         want_jac = bool(jac_loss) and torch.is_grad_enabled()
+        if sample_exit is not None and (mode != "equilibrium" or torch.is_grad_enabled()):
+            raise ValueError(f"sample_exit: samples leave the forward solve in evaluation only (under "
+                             f"torch.no_grad(), mode 'equilibrium'), not with autograd on or mode {mode!r}")
         if mode == "unrolled":
             return self._unrolled(f, z0, self.depth if depth is None else int(depth), want_jac)
         return self._solved(f, z0, self.f_thres if f_thres is None else int(f_thres),
-                            self.b_thres if b_thres is None else int(b_thres), solver, eps, want_jac)
+                            self.b_thres if b_thres is None else int(b_thres), solver, eps, want_jac, sample_exit)
 
     def _jac_recorder(self, info: EquilibriumInfo) -> Callable[[Tensor, Tensor], None]:
         def record(z_in: Tensor, z_out: Tensor) -> None:
@@ -330,16 +351,18 @@ class EquilibriumLayer(nn.Module):
         return z, info
 
     def _solved(self, f: FixedPointMap, z0: Tensor, f_thres: int, b_thres: int, solver: Optional[SolverChoice],
-                eps: Optional[float], want_jac: bool) -> Tuple[Tensor, EquilibriumInfo]:
+                eps: Optional[float], want_jac: bool, sample_exit: Optional[SampleExit] = None
+                ) -> Tuple[Tensor, EquilibriumInfo]:
         """(B, D) the forward solver's equilibrium; with autograd on, connected to the graph by the
         configured backward (:meth:`_differentiable_output`)."""
         f_solver, b_solver = self.call_solvers(solver)
         tol = {} if eps is None else {"eps": eps}
+        forward_only = {} if sample_exit is None else {"sample_exit": sample_exit}
         if self.grad == "reversible" and torch.is_grad_enabled():
             return self._reversible(f, z0, f_solver, f_thres, tol, want_jac)
         # the solvers' own linear algebra runs without autocast; f keeps whatever it chooses
         with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
-            result = f_solver(f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol))
+            result = f_solver(f, z0, f_thres, **self.solver_kwargs("f", f_solver, **tol, **forward_only))
         info = EquilibriumInfo.from_forward(result)
         if result.diverged:
             logger.warning("forward solver diverged for some samples (rel residual %.3g after %d steps)",

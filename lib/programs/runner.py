@@ -99,6 +99,8 @@ def run_test(program: TaskProgram, argv: Optional[Sequence[str]] = None) -> Dict
     """Evaluate a checkpoint from the command line ``argv``; with ``--f-thres-sweep``, every checkpoint
     at every budget (returns the rows per checkpoint)."""
     args = parse_args(program, argv, test=True)
+    if args.f_thres_sweep and getattr(args, "exit_sweep", ""):
+        raise ConfigError("give --f-thres-sweep or --exit-sweep, not both (--exit-sweep takes budgets too: none@4)")
     cfg, info, out_dir, _ = _setup(program, args, program.test_phase)
     with process_group_closed():
         if not args.f_thres_sweep:

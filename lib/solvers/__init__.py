@@ -19,7 +19,8 @@ from .broyden import history_rows as broyden_history_rows
 from .fixed_point import fixed_point
 from .registry import (SolverEntry, SolverFn, get_solver, history_rows, register_solver, registry_entry,
                        resolve_solver, solver_names)
-from .residuals import SOLVER_KEYS, IterateTracker, SolverResult, solver_memory
+from .residuals import (SOLVER_KEYS, ExitRule, FixedPointFnFactory, IterateTracker, SampleExit, SolverResult,
+                        solver_memory)
 from .reversible import ReversibleResult, check_beta, reversible
 from .workspace import SolverWorkspace
 
@@ -56,4 +57,5 @@ def solver_options(solver: SolverFn, settings: Mapping[str, Any]) -> Dict[str, A
 __all__ = ["anderson", "broyden", "fixed_point", "reversible", "ReversibleResult", "check_beta", "get_solver",
            "history_rows", "register_solver", "registry_entry",
            "resolve_solver", "solver_names", "solver_options", "option_names", "SolverEntry", "SOLVER_KEYS",
-           "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory"]
+           "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory", "SampleExit", "ExitRule",
+           "FixedPointFnFactory"]

@@ -15,9 +15,11 @@ weights do not depend on the order of the slots, so no reordering is needed.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .residuals import FixedPointFn, IterateTracker, SolverResult, solver_memory
+from .residuals import FixedPointFn, IterateTracker, SampleExit, SolverResult, solver_memory
 
 Tensor = torch.Tensor
 
@@ -35,7 +37,8 @@ def history_rows(threshold: int, memory: int) -> int:
 
 @torch.no_grad()
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
-             memory: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:
+             memory: int = 5, beta: float = 1.0, lam: float = 1e-4, sample_exit: Optional[SampleExit] = None
+             ) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
 
     Args:
@@ -48,6 +51,8 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
             m = threshold). The history holds 2 (B, D) rows per iterate.
         beta: the mixing (damping) parameter; 1 mixes the images f_i only.
         lam: Tikhonov regularisation of the Gram matrix G G^T.
+        sample_exit: per-sample exit (:class:`~mdeq.solvers.residuals.SampleExit`): an extra stopping
+            rule, and samples that stop leave the solve (the history of the others is kept).
 
     Returns:
         :class:`SolverResult` with the lowest-residual iterate of each sample.
@@ -57,7 +62,7 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
     fs = z0.new_empty(bsz, m, dim)         # images f_i; only filled slots are read
     gs = z0.new_empty(bsz, m, dim)         # residuals g_i = f_i - x_i
     gram = z0.new_zeros(bsz, m, m)         # g_i . g_j, slot order
-    tracker = IterateTracker(z0, eps, stop_mode)
+    tracker = IterateTracker(z0, eps, stop_mode, sample_exit=sample_exit)
     # the bordered system, (B, m+1, m+1): row/column 0 carry the constraint sum(alpha) = 1
     border = z0.new_zeros(m + 1, m + 1)
     border[0, 1:] = border[1:, 0] = 1
@@ -72,6 +77,9 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
         steps += 1
         if not tracker.update(x, fx) or steps >= threshold:
             break
+        if tracker.keep is not None:      # samples left the solve: go on with the others alone
+            x, fx, fs, gs, gram, rhs = tracker.select(x, fx, fs, gs, gram, rhs)
+            f = sample_exit.restrict(tracker.rows)
         slot = (steps - 1) % m
         n = min(steps, m)
         g = tracker.last_g

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .residuals import FixedPointFn, IterateTracker, SolverResult, solver_memory
+from .residuals import FixedPointFn, IterateTracker, SampleExit, SolverResult, solver_memory
 from .workspace import SolverWorkspace, take
 
 Tensor = torch.Tensor
@@ -83,6 +83,12 @@ class _CompactBroyden:
     def g_row(self) -> Tensor:
         """(B, D) where the caller writes the residual g of the new iterate."""
         return self.rows[2 * self.slot + 2]
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the samples ``keep`` (b,) only (the others left the solve); the buffer lent by the
+        workspace stays :attr:`buffer`, the history moves to a (rows, b, D) copy."""
+        self.rows = self.rows[:, keep]
+        self.sts, self.stu = self.sts[keep], self.stu[keep]
 
     def step(self) -> Tensor:
         """Fold the pair (s, u) of the current slot into H and return the next step ``-H g`` for
@@ -140,7 +146,7 @@ def history_rows(threshold: int, memory: int) -> int:
 @torch.no_grad()
 def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
             memory: int = 12, restart: float = 10.0, max_step: float = 3.0,
-            workspace: Optional[SolverWorkspace] = None) -> SolverResult:
+            workspace: Optional[SolverWorkspace] = None, sample_exit: Optional[SampleExit] = None) -> SolverResult:
     """Solve ``z = f(z)`` from ``z0`` (B, D) with at most ``threshold`` evaluations of f.
 
     Args:
@@ -161,6 +167,8 @@ def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop
             10-100 fold (seen on the reference CIFAR model); at 3, 60 steps reach a 2-6x lower
             residual there, reproducibly, where the uncapped run varies 10-fold with 1e-6 noise in z0.
         workspace: a :class:`SolverWorkspace` to reuse the history buffer from call to call.
+        sample_exit: per-sample exit (:class:`~mdeq.solvers.residuals.SampleExit`): an extra stopping
+            rule, and samples that stop leave the solve (the others keep their pairs).
 
     Returns:
         :class:`SolverResult` with the lowest-residual iterate of each sample.
@@ -168,27 +176,38 @@ def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop
     memory = solver_memory(memory, threshold)
     hmat = _CompactBroyden(z0, memory, history_slots(threshold, memory), workspace)
     try:
-        return _broyden_loop(f, z0, threshold, hmat, IterateTracker(z0, eps, stop_mode, restart=restart),
-                             float(max_step))
+        tracker = IterateTracker(z0, eps, stop_mode, restart=restart, sample_exit=sample_exit)
+        return _broyden_loop(f, z0, threshold, hmat, tracker, float(max_step), sample_exit)
     finally:
         if workspace is not None:
             workspace.give(hmat.buffer)
 
 
 def _broyden_loop(f: FixedPointFn, z0: Tensor, threshold: int, hmat: _CompactBroyden,
-                  tracker: IterateTracker, max_step: float) -> SolverResult:
+                  tracker: IterateTracker, max_step: float, sample_exit: Optional[SampleExit]) -> SolverResult:
     z = z0
     fz = f(z)
     steps = 1
     if not tracker.update(z, fz):
         return tracker.result(steps)
+    if tracker.keep is not None:      # samples left the solve: go on with the others alone
+        z, fz = tracker.select(z, fz)
+        hmat.select(tracker.keep)
+        f = sample_exit.restrict(tracker.rows)
     step = hmat.s_row().copy_(tracker.last_g)   # -H g with H = -I: the first step is a plain fixed-point step
+    if not tracker.all_active:                  # samples that stopped at z0 stay there
+        step.masked_fill_(~tracker.active[:, None], 0.0)
     while steps < threshold:
         z_new = z + step                              # step is zero for samples that stopped
         fz_new = f(z_new)
         steps += 1
         if not tracker.update(z_new, fz_new, g_out=hmat.g_row()) or steps >= threshold:
             break
+        if tracker.keep is not None:
+            z, fz, z_new, fz_new = tracker.select(z, fz, z_new, fz_new)
+            hmat.select(tracker.keep)
+            step = hmat.s_row()
+            f = sample_exit.restrict(tracker.rows)
         u = torch.sub(fz_new, fz, out=hmat.u_row())   # u = y + s = (g_new - g) + (z_new - z); s = step
         if not tracker.all_active:
             # samples that stopped push zero pairs (removed from their system, see _CompactBroyden)

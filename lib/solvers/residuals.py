@@ -10,12 +10,34 @@ returns, per sample, the iterate with the lowest residual seen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 FixedPointFn = Callable[[Tensor], Tensor]
+#: (rows (b,) of the caller's batch) -> f on those samples alone, (b, D) -> (b, D)
+FixedPointFnFactory = Callable[[Tensor], FixedPointFn]
+#: (images f(z) (b, D) of the samples in the solve, their rows (b,) in the caller's batch) -> done (b,) bool
+ExitRule = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SampleExit:
+    """How samples stop and leave a solve before the others (evaluation only, no autograd).
+
+    Attributes:
+        restrict: ``rows -> f`` on those rows: given the (b,) indices, into the caller's batch, of the
+            samples still in the solve, the map (b, D) -> (b, D) for them alone (their input injection,
+            masks ...). ``None``: samples that stop are frozen in the whole batch, as without an exit.
+        rule: an extra stopping test, called after each evaluation of f with the lowest-residual
+            iterate's image of each sample in the solve (b, D) and the samples' rows (b,); a sample is
+            done where it returns True (besides the residual tolerance ``eps``). A stateful rule keeps
+            its state per row of the caller's batch, so it sees the same history either way.
+    """
+
+    restrict: Optional[FixedPointFnFactory] = None
+    rule: Optional[ExitRule] = None
 
 _TINY = 1e-12
 
@@ -48,6 +70,8 @@ class SolverResult:
         converged: every sample reached its tolerance.
         diverged: some sample was stopped by the divergence guard.
         improved: some sample improved on the starting point.
+        sample_evals: (B,) long, the evaluations of f paid for each sample: ``steps`` for every one
+            of them, unless a :class:`SampleExit` with ``restrict`` let samples leave the solve earlier.
     """
 
     z: Tensor
@@ -60,6 +84,7 @@ class SolverResult:
     converged: bool = False
     diverged: bool = False
     improved: bool = True
+    sample_evals: Optional[Tensor] = None
 
     def stats(self, prefix: str) -> dict:
         """A flat dict for logging, keys prefixed (e.g. ``f_steps``, ``f_rel``)."""
@@ -78,6 +103,10 @@ class IterateTracker:
         div_factor: a sample whose residual exceeds ``div_factor`` times its best is stopped.
         restart: if > 0, :attr:`lost` marks the active samples whose residual exceeds ``restart``
             times their best, and the diverged ones (a solver puts them back at their best iterate).
+        sample_exit: per-sample exit (:class:`SampleExit`); with its ``restrict``, the samples that
+            stop leave: after an :meth:`update` that removed some, :attr:`keep` (b,) indexes the
+            samples that stay among those the update saw, :attr:`rows` their rows in the caller's
+            batch, and the solver narrows its own per-sample state with :meth:`select`.
 
     After each :meth:`update`: ``last_g`` (B, D) is ``f(z) - z`` in z's dtype, ``last_abs`` (B,) its
     per-sample norm (float32), ``any_lost`` and
@@ -86,7 +115,7 @@ class IterateTracker:
     """
 
     def __init__(self, z0: Tensor, eps: float, stop_mode: str = "rel", div_factor: float = 1e3,
-                 restart: float = 0.0) -> None:
+                 restart: float = 0.0, sample_exit: Optional[SampleExit] = None) -> None:
         if stop_mode not in ("rel", "abs"):
             raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
         bsz = z0.shape[0]
@@ -108,6 +137,11 @@ class IterateTracker:
         self.any_lost = self.any_diverged = False
         self.all_active = True
         self.last_g = z0
+        self.exit_rule = sample_exit.rule if sample_exit is not None else None
+        self.leaving = sample_exit is not None and sample_exit.restrict is not None
+        self.rows = torch.arange(bsz, device=z0.device)    # the caller's rows of the samples in the solve
+        self.keep: Optional[Tensor] = None
+        self._out: Optional[_Finished] = None
 
     def update(self, z: Tensor, fz: Tensor, g_out: Optional[Tensor] = None) -> bool:
         """Record the residual of ``z`` (with ``fz = f(z)``); returns True while some sample is active.
@@ -134,6 +168,10 @@ class IterateTracker:
         blown = ~finite | (res_b > self.div_factor * self.best_res) | (abs_b > self.div_factor * self.min_abs)
         self.diverged |= blown & self.active
         self.active = self.active & ~blown & (self.best_res >= self.eps)
+        if self.exit_rule is not None:
+            # the rule reads the image that the solve would return now: the lowest-residual one's
+            self.best_fz = torch.where(better[:, None], fz.detach(), self.best_fz)
+            self.active = self.active & ~self.exit_rule(self.best_fz, self.rows)
         self.updates += 1
         cur_abs = torch.nan_to_num(abs_b, nan=float("inf")).square().sum().sqrt()
         cur_rel = cur_abs / (torch.nan_to_num(fnorm_b).square().sum().sqrt() + _TINY)
@@ -150,10 +188,33 @@ class IterateTracker:
             self.best_z, self.best_fz = z.detach(), fz.detach()
         elif any_better:
             self.best_z = torch.where(better[:, None], z.detach(), self.best_z)
-            self.best_fz = torch.where(better[:, None], fz.detach(), self.best_fz)
+            if self.exit_rule is None:      # else already taken above
+                self.best_fz = torch.where(better[:, None], fz.detach(), self.best_fz)
         self.abs_trace.append(cur_abs)
         self.trace.append(cur_rel)
+        self.keep = None
+        if self.leaving and any_active and not self.all_active:
+            self._leave()
         return bool(any_active)
+
+    # ------------------------------------------------------------------ samples leaving the solve
+    _PER_SAMPLE = ("best_z", "best_fz", "best_res", "best_abs", "best_fnorm", "min_abs", "diverged", "active",
+                   "improved_after_start", "lost", "last_g", "last_res", "last_abs")
+
+    def _leave(self) -> None:
+        """Store the result of the samples that stopped, keep the others (:attr:`keep`, :attr:`rows`)."""
+        if self._out is None:
+            self._out = _Finished.like(self.z0, self.best_z.dtype)
+        self._out.store(self, ~self.active, self.updates)
+        self.keep = self.active.nonzero().squeeze(1)
+        for name in self._PER_SAMPLE:
+            setattr(self, name, getattr(self, name)[self.keep])
+        self.rows = self.rows[self.keep]
+        self.all_active, self.any_diverged = True, False    # the diverged ones have left
+
+    def select(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
+        """The rows :attr:`keep` of each (B, ...) tensor (the samples that stay after the last update)."""
+        return tuple(t[self.keep] for t in tensors)
 
     def restore_diverged(self, z: Tensor) -> Tensor:
         """Put diverged samples back at their best iterate (so that they stay finite and frozen)."""
@@ -162,6 +223,16 @@ class IterateTracker:
         return torch.where(self.diverged[:, None], self.best_z.to(z.dtype), z)
 
     def result(self, steps: int) -> SolverResult:
+        """The solve's :class:`SolverResult` after ``steps`` evaluations of f (every sample's, also of
+        those that left)."""
+        if self._out is not None:        # some samples left: the rest finish now, at ``steps``
+            out = self._out
+            out.store(self, torch.ones_like(self.active), steps)
+            self.best_z, self.best_fz, self.best_res, self.best_abs = out.z, out.fz, out.res, out.abs
+            self.best_fnorm, self.diverged, self.improved_after_start = out.fnorm, out.diverged, out.improved
+            sample_evals = out.evals
+        else:
+            sample_evals = torch.full((self.z0.shape[0],), steps, dtype=torch.long, device=self.z0.device)
         abs_all = self.best_abs.square().sum().sqrt()
         rel_all = abs_all / (self.best_fnorm.square().sum().sqrt() + _TINY)
         abs_all, rel_all, conv, div, imp = torch.stack([
@@ -172,4 +243,39 @@ class IterateTracker:
         best_fz = self.best_fz.clone() if self.best_fz.data_ptr() == self.z0.data_ptr() else self.best_fz
         return SolverResult(z=best_z, fz=best_fz, steps=steps, abs_residual=abs_all, rel_residual=rel_all,
                             trace=self.trace, abs_trace=self.abs_trace, converged=bool(conv),
-                            diverged=bool(div), improved=bool(imp))
+                            diverged=bool(div), improved=bool(imp), sample_evals=sample_evals)
+
+
+@dataclass
+class _Finished:
+    """The results of the samples that have left a solve, in the caller's rows (see :class:`SampleExit`)."""
+
+    z: Tensor
+    fz: Tensor
+    res: Tensor
+    abs: Tensor
+    fnorm: Tensor
+    diverged: Tensor
+    improved: Tensor
+    evals: Tensor
+
+    @classmethod
+    def like(cls, z0: Tensor, dtype: torch.dtype) -> "_Finished":
+        bsz = z0.shape[0]
+        vec = z0.new_empty(bsz, dtype=torch.float32)
+        flag = torch.zeros(bsz, dtype=torch.bool, device=z0.device)
+        return cls(z=z0.new_empty(z0.shape, dtype=dtype), fz=z0.new_empty(z0.shape, dtype=dtype), res=vec,
+                   abs=vec.clone(), fnorm=vec.clone(), diverged=flag, improved=flag.clone(),
+                   evals=torch.zeros(bsz, dtype=torch.long, device=z0.device))
+
+    def store(self, tracker: IterateTracker, which: Tensor, evals: int) -> None:
+        """Copy the samples ``which`` (b,) bool of ``tracker`` (its current rows) in, having paid ``evals``."""
+        rows = tracker.rows[which]
+        self.z[rows] = tracker.best_z[which].to(self.z.dtype)
+        self.fz[rows] = tracker.best_fz[which].to(self.fz.dtype)
+        self.res[rows] = tracker.best_res[which]
+        self.abs[rows] = tracker.best_abs[which]
+        self.fnorm[rows] = tracker.best_fnorm[which]
+        self.diverged[rows] = tracker.diverged[which]
+        self.improved[rows] = tracker.improved_after_start[which]
+        self.evals[rows] = evals

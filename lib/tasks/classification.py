@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -23,7 +24,8 @@ from ..models.flops import f_flops, forward_flops
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, unwrap
 from ..utils.logger import progress_bar
-from ..core.metrics import topk_correct
+from ..config import RANGES
+from ..core.metrics import count_histogram, histogram_stats, topk_correct
 from ..core.reduce import Reducer
 from ..core.trainer import Task
 from ..utils.precision import autocast_dtype
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: the model's statistics that an evaluation averages (spectral_radius with MODEL.SPECTRAL_RADIUS_ITERS > 0)
 EVAL_KEYS = ("f_steps", "f_abs", "f_rel", "spectral_radius")
+#: bins of the histogram of evaluations of f per image: every count of two solves (TEST.FLIP_TEST) of
+#: the largest budget, a reversible solve's 2 per step + 1 included
+EVAL_BINS = 2 * (2 * int(RANGES["MODEL.F_THRES"].high) + 1) + 1
 
 
 def check_classes(ds: Dataset, cfg) -> None:
@@ -50,35 +55,55 @@ def validate(model: nn.Module, loader: DataLoader, cfg, device: torch.device, is
              **model_kwargs: Any) -> Dict[str, float]:
     """Held-out loss, top-1 / top-5 (%) and the forward solver's statistics, each rank its shard of
     ``loader`` (:class:`~mdeq.utils.distributed.ShardSampler`), sums reduced: exact for the whole set.
-    ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium). ``TEST.FLIP_TEST``
-    averages each image's logits with its horizontal mirror's (two forward passes)."""
+    ``model_kwargs`` go to the model call (``f_thres=...``; default: the equilibrium, at the evaluation
+    setting TEST.F_THRES / TEST.EXIT_*). ``TEST.FLIP_TEST`` averages each image's logits with its
+    horizontal mirror's (two forward passes).
+
+    Besides the means of :data:`EVAL_KEYS`: ``f_evals_mean`` and ``f_evals_p90``, the mean and 90th
+    percentile of the evaluations of f per image (both passes with FLIP_TEST; fewer than ``f_steps``
+    where samples left the solve), and ``images_per_s`` (the whole loop, data loading included).
+    """
     net = unwrap(model)
     flip = bool(cfg.TEST.FLIP_TEST)
     net.eval()
     amp_dtype = autocast_dtype(bool(cfg.TRAIN.AMP), device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    reducer = Reducer(sums=("loss", "top1", "top5", "images"), means=EVAL_KEYS)   # the solver statistics: means over the images that reported them
+    # the solver statistics: means over the images that reported them; "counted": the images with a count of
+    # f evaluations (none for an explicit network), "evals" the histogram of those counts
+    reducer = Reducer(sums=("loss", "top1", "top5", "images", "counted"), means=EVAL_KEYS)
+    reducer.add({"evals": torch.zeros(EVAL_BINS, dtype=torch.long)})    # every process reduces the same vector
     bar = progress_bar(loader, enabled=is_main, desc="valid")
+    t0 = time.perf_counter()
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, info = net(images, return_info=True, **model_kwargs)
             logits = logits.float()
             stats = {k: info.get(k) for k in EVAL_KEYS}
+            evals = info.evaluations_per_sample(images.shape[0])
             if flip:
                 # the mirror image's logits averaged in; its own equilibrium solve, its statistics averaged too
                 mirrored, info = net(images.flip(-1), return_info=True, **model_kwargs)
                 logits = 0.5 * (logits + mirrored.float())
                 stats = {k: None if v is None else 0.5 * (v + info.get(k)) for k, v in stats.items()}
+                mirror_evals = info.evaluations_per_sample(images.shape[0])
+                evals = None if evals is None else evals + mirror_evals
         n = target.shape[0]
         c1, c5 = topk_correct(logits, target, (1, 5))
-        reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n}, stats, weight=n)
+        counted = {} if evals is None else {"evals": count_histogram(evals, EVAL_BINS), "counted": n}
+        reducer.add({"loss": criterion(logits, target).item(), "top1": c1, "top5": c5, "images": n, **counted},
+                    stats, weight=n)
         bar.set_postfix({"acc": f"{100.0 * reducer.sums['top1'] / max(1.0, reducer.sums['images']):.1f}"},
                         refresh=False)
+    elapsed = time.perf_counter() - t0
     tot = reducer.reduce(device)
-    return {"loss": tot.ratio("loss", "images"), "top1": tot.ratio("top1", "images", 100.0, empty=0.0),
-            "top5": tot.ratio("top5", "images", 100.0, empty=0.0), "num_samples": int(tot.sums["images"]),
-            **tot.means}
+    out = {"loss": tot.ratio("loss", "images"), "top1": tot.ratio("top1", "images", 100.0, empty=0.0),
+           "top5": tot.ratio("top5", "images", 100.0, empty=0.0), "num_samples": int(tot.sums["images"]),
+           "images_per_s": tot.sums["images"] / elapsed if elapsed > 0 else float("nan"), **tot.means}
+    if tot.sums.get("counted", 0.0) > 0:     # an explicit network evaluates no f
+        evals = histogram_stats(tot.sums["evals"], 0.9)
+        out.update(f_evals_mean=evals["mean"], f_evals_p90=evals["quantile"])
+    return out
 
 
 class ClassificationTask(Task):
@@ -118,7 +143,10 @@ class ClassificationTask(Task):
         reports its depth as its f steps and has no residual, an explicit one has neither)."""
         rho = f", spectral radius {result['spectral_radius']:.3f}" if "spectral_radius" in result else ""
         if "f_rel" in result:
-            solver = f", f steps {result.get('f_steps', float('nan')):.1f}, rel residual {result['f_rel']:.3g}{rho}"
+            nan = float("nan")
+            solver = (f", f steps {result.get('f_steps', nan):.1f}, f evaluations per image mean "
+                      f"{result.get('f_evals_mean', nan):.2f} p90 {result.get('f_evals_p90', nan):.0f}, "
+                      f"rel residual {result['f_rel']:.3g}{rho}")
         elif "f_steps" in result:
             solver = f", unrolled: {result['f_steps']:.0f} applications of f, no residual"
         else:
