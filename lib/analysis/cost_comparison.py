@@ -120,9 +120,9 @@ def fashion_mnist_lipschitz_variants(repo: Path) -> List[Variant]:
     lip = str(repo / "experiments/fashion_mnist/cls_mdeq_fmnist_lipschitz.yaml")
     return [Variant(name, cfg, opts + FASHION_SCHEDULE) for name, cfg, opts in (
         ("released recipe (main config)", main, []),
-        ("Lipschitz, plain iteration (config)", lip, []),
-        ("Lipschitz, Anderson", lip, ["MODEL.F_SOLVER", "anderson", "MODEL.B_SOLVER", "anderson"]),
-        ("Lipschitz, TARGET 0.7", lip, ["MODEL.LIPSCHITZ.TARGET", "0.7"]),
+        ("Lipschitz plain iteration (config)", lip, []),
+        ("Lipschitz Anderson", lip, ["MODEL.F_SOLVER", "anderson", "MODEL.B_SOLVER", "anderson"]),
+        ("Lipschitz TARGET 0.7", lip, ["MODEL.LIPSCHITZ.TARGET", "0.7"]),
     )]
 
 
