@@ -73,7 +73,7 @@ def test_a_results_json_without_a_field_is_refused(tmp_path):
     with pytest.raises(ZooError, match=r"wrong type of threads \(str\)"):
         render(repo)
     path.write_text(json.dumps({**record, "eval": {"images_per_s": 300.0}}))
-    with pytest.raises(ZooError, match=r"\(eval\) lacks eval_setting, mean_f_evals"):
+    with pytest.raises(ZooError, match=r"\(eval\) lacks eval_setting, mean_f_evals, test_top1"):
         render(repo)
 
 
@@ -97,13 +97,14 @@ def test_an_eval_block_adds_the_inference_columns(tmp_path):
     [path] = (repo / "pretrained_models").glob("*.results.json")
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "eval": {"eval_setting": "batch 500, F_THRES 10, 2 threads",
-                                                   "images_per_s": 512.4, "mean_f_evals": 11.0}}))
+                                                   "images_per_s": 512.4, "mean_f_evals": 11.0,
+                                                   "test_top1": 93.61}}))
     pages = render(repo)
     full = pages[repo / "pretrained_models" / "README.md"]
-    assert "| inference (images/s) | f evaluations per image | inference setting |" in full
-    assert "| 512 | 11.0 | batch 500, F_THRES 10, 2 threads |" in full
+    assert "| inference (images/s) | f evaluations per image | test top-1 at it | inference setting |" in full
+    assert "| 512 | 11.0 | 93.61 % | batch 500, F_THRES 10, 2 threads |" in full
     short = pages[repo / "README.md"]
-    assert "| inference (images/s) |" in short and "| 512 |" in short
+    assert "| inference: images/s, f evaluations, top-1 |" in short and "| 512, 11.0, 93.61 % |" in short
     assert "inference" not in (REPO / "pretrained_models" / "README.md").read_text().split("end model_zoo full")[0] \
         .split("begin model_zoo full")[1]   # without a block, no such column
 

@@ -16,21 +16,26 @@ from typing import Optional, Sequence
 import torch
 
 from mdeq.analysis.lipschitz_report import lipschitz_report, report_table
-from mdeq.config import load_config
 from mdeq.datasets import build_cls_val_dataset
 from mdeq.models import get_cls_net
 from mdeq.programs.cli import tool_main
+from mdeq.programs.launch import config_from_args, int_at_least
 from mdeq.utils.checkpoint import load_weights
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="the Lipschitz MDEQ's experiment file")
     p.add_argument("--testModel", required=True, help="its trained weights")
-    p.add_argument("--images", type=int, default=300, help="held-out images to measure on (default 300)")
+    p.add_argument("--images", type=int_at_least(1), default=300, help="held-out images to measure on (default 300)")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
-    cfg = load_config(args.cfg, args.opts)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Measure the model of the command line ``argv`` (default ``sys.argv[1:]``) and print the table."""
+    args = parse_args(argv)
+    cfg = config_from_args(args)
     model = get_cls_net(cfg)
     load_weights(model, args.testModel)
     data = build_cls_val_dataset(cfg)

@@ -14,8 +14,9 @@ writes three tables between marker comments (``<!-- begin model_zoo NAME ... -->
 * ``short`` (``README.md``): one row per model, ours and the authors', figures only, the evaluate
   commands below the table.
 
-A results.json may carry an ``eval`` block (``eval_setting``, ``images_per_s``, ``mean_f_evals``):
-an inference measurement at a named setting, shown in its own columns where any model has one.
+A results.json may carry an ``eval`` block (``eval_setting``, ``images_per_s``, ``mean_f_evals``,
+``test_top1``): the test evaluation at the inference setting that the model's config carries (chosen on
+the validation split), with its speed, shown in its own columns where any model has one.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ REQUIRED: Dict[str, Tuple[type, ...]] = {
     "threads": (int,), "torch": (str,), "commit": (str,)}
 #: the keys of the optional ``eval`` block
 EVAL_KEYS: Dict[str, Tuple[type, ...]] = {"eval_setting": (str,), "images_per_s": (int, float),
-                                          "mean_f_evals": (int, float)}
+                                          "mean_f_evals": (int, float), "test_top1": (int, float)}
 #: the keys every entry of authors_release.json must have
 AUTHORS_REQUIRED: Dict[str, Tuple[type, ...]] = {
     "file": (str,), "model": (str,), "config": (str,), "dataset": (str,), "parameters": (int,),
@@ -144,7 +145,7 @@ def full_table(records: Sequence[Dict[str, Any]]) -> str:
               "forward steps / rel. residual (test)", "training wall time", "CPU (bfloat16 hardware)", "threads",
               "commit"]
     if _has_eval(records):
-        header += ["inference (images/s)", "f evaluations per image", "inference setting"]
+        header += ["inference (images/s)", "f evaluations per image", "test top-1 at it", "inference setting"]
     header.append("evaluate")
     rows = []
     for r in records:
@@ -155,8 +156,8 @@ def full_table(records: Sequence[Dict[str, Any]]) -> str:
                cpu_name(r), str(r["threads"]), r["commit"]]
         if _has_eval(records):
             e = r.get("eval")
-            row += ([f"{e['images_per_s']:,.0f}", f"{e['mean_f_evals']:.1f}", e["eval_setting"]] if e
-                    else ["-", "-", "-"])
+            row += ([f"{e['images_per_s']:,.0f}", f"{e['mean_f_evals']:.1f}", f"{e['test_top1']:.2f} %",
+                     e["eval_setting"]] if e else ["-", "-", "-", "-"])
         row.append(f"`{evaluate_command(r)}`")
         rows.append(row)
     return "\n".join(_table(header, rows, right=(3,)))
@@ -176,14 +177,15 @@ def short_table(records: Sequence[Dict[str, Any]], entries: Sequence[Dict[str, A
     """README.md's table: one row per model, its figures only; the evaluate commands below it."""
     header = ["model", "dataset", "parameters", "accuracy (95 % interval)", "forward steps", "training"]
     if _has_eval(records):
-        header.append("inference (images/s)")
+        header.append("inference: images/s, f evaluations, top-1")
     rows = []
     for r in records:
         row = [f"`{r['name']}` (in the clone)", r["dataset"], f"{r['parameters']:,}",
                f"{top1_with_interval(r)} top-1", f"{r['test_f_steps']:.2f}",
                f"{training_time(r)}, {r['threads']} CPU threads"]
         if _has_eval(records):
-            row.append(f"{r['eval']['images_per_s']:,.0f}" if "eval" in r else "-")
+            e = r.get("eval")
+            row.append(f"{e['images_per_s']:,.0f}, {e['mean_f_evals']:.1f}, {e['test_top1']:.2f} %" if e else "-")
         rows.append(row)
     for e in entries:
         row = [f"{e['model']}, [the authors']({AUTHORS_RELEASE})", e["dataset"], f"{e['parameters']:,}",

@@ -80,25 +80,28 @@ def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, sto
         if tracker.keep is not None:      # samples left the solve: go on with the others alone
             x, fx, fs, gs, gram, rhs = tracker.select(x, fx, fs, gs, gram, rhs)
             f = sample_exit.restrict(tracker.rows)
-        slot = (steps - 1) % m
-        n = min(steps, m)
-        g = tracker.last_g
-        fs[:, slot] = fx
-        gs[:, slot] = g
-        row = torch.bmm(g.unsqueeze(1), gs[:, :n].transpose(1, 2)).squeeze(1)   # (B, n): g_new . g_i
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
-        if n == 1:
-            x_next = fx - (1 - beta) * g
-        else:
-            h = border[: n + 1, : n + 1] + torch.nn.functional.pad(gram[:, :n, :n], (1, 0, 1, 0))
-            sol, info = torch.linalg.solve_ex(h, rhs[:, : n + 1])
-            alpha = sol[:, 1:].transpose(1, 2)                              # (B, 1, n)
-            x_next = torch.bmm(alpha, fs[:, :n]).squeeze(1)
-            if beta != 1:
-                x_next = x_next - (1 - beta) * torch.bmm(alpha, gs[:, :n]).squeeze(1)
-            ok = (info == 0)[:, None] & torch.isfinite(x_next).all(dim=1, keepdim=True)
-            x_next = torch.where(ok, x_next, fx)
+        x_next = _mix(fs, gs, gram, border, rhs, (steps - 1) % m, min(steps, m), fx, tracker.last_g, beta)
         x = x_next if tracker.all_active else torch.where(tracker.active[:, None], x_next,
                                                               tracker.restore_diverged(x))
     return tracker.result(steps)
+
+
+def _mix(fs: Tensor, gs: Tensor, gram: Tensor, border: Tensor, rhs: Tensor, slot: int, n: int, fx: Tensor,
+         g: Tensor, beta: float) -> Tensor:
+    """Store (f(x), g) in the history's ``slot``, update the Gram matrix by its row, and return the next
+    iterate (B, D), mixing the ``n`` filled slots (f(x) itself for a sample whose system is singular)."""
+    fs[:, slot] = fx
+    gs[:, slot] = g
+    row = torch.bmm(g.unsqueeze(1), gs[:, :n].transpose(1, 2)).squeeze(1)   # (B, n): g_new . g_i
+    gram[:, slot, :n] = row
+    gram[:, :n, slot] = row
+    if n == 1:
+        return fx - (1 - beta) * g
+    h = border[: n + 1, : n + 1] + torch.nn.functional.pad(gram[:, :n, :n], (1, 0, 1, 0))
+    sol, info = torch.linalg.solve_ex(h, rhs[:, : n + 1])
+    alpha = sol[:, 1:].transpose(1, 2)                              # (B, 1, n)
+    x_next = torch.bmm(alpha, fs[:, :n]).squeeze(1)
+    if beta != 1:
+        x_next = x_next - (1 - beta) * torch.bmm(alpha, gs[:, :n]).squeeze(1)
+    ok = (info == 0)[:, None] & torch.isfinite(x_next).all(dim=1, keepdim=True)
+    return torch.where(ok, x_next, fx)
