@@ -496,7 +496,8 @@ def fit(task: Task, cfg, info: DistInfo, out_dir: str, tb_dir: str) -> Dict[str,
                                 steps_per_epoch=len(run.loader), best_mode=task.best_mode)
     begin, start_batch = (cfg.TRAIN.BEGIN_EPOCH, 0) if ckpt is None else manager.restore(ckpt, cfg.SEED, info.rank)
     del ckpt
-    summary = task.summary(run.model, cfg)
+    # the code and machine as the run starts (the checkout may change while it trains)
+    summary = {**task.summary(run.model, cfg), **run_provenance()}
     if info.distributed:
         model = task.prepare_distributed(run.model, info)
         run.model = nn.parallel.DistributedDataParallel(
@@ -542,7 +543,7 @@ def _finish(run: Run, manager: CheckpointManager, val: Dict[str, Any], epochs: i
     best = manager.best if math.isfinite(manager.best) else None
     results = {**run.task.scalars(val), f"best_{run.task.best_metric}": best, "epochs": epochs,
                "global_step": run.state.global_step, "skipped_steps": run.state.skipped_steps, "wall_time_s": wall,
-               "world_size": run.info.world_size, "rank_checksums": checksums, **summary, **run_provenance()}
+               "world_size": run.info.world_size, "rank_checksums": checksums, **summary}
     manager.save_final(results)
     logger.info("done: %s; best %s %s; %d steps (%d skipped); wall time %.1fs; files in %s",
                 run.task.describe(val) if val else "no held-out set", run.task.best_metric,
