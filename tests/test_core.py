@@ -150,12 +150,12 @@ def _problem(model, x):
 def test_solvers_reject_unknown_options_and_get_only_their_own_from_the_model(repo):
     f = lambda z: 0.5 * z + 1.0  # noqa: E731
     z0 = torch.zeros(2, 4)
-    for solver, bad in ((broyden, "beta"), (anderson, "workspace"), (fixed_point, "memory"), (broyden, "memroy")):
+    for solver, bad in ((broyden, "beta"), (anderson, "restart"), (fixed_point, "memory"), (broyden, "memroy")):
         with pytest.raises(TypeError, match=bad):
             solver(f, z0, 5, **{bad: 1})
     model, _ = _build(repo, "cifar_small_paper", ["MODEL.ANDERSON_BETA", "0.7", "MODEL.SOLVER_MEMORY", "4"])
     assert set(model.solver_kwargs("f", fixed_point)) == {"eps", "stop_mode"}
-    assert model.solver_kwargs("b", anderson)["beta"] == 0.7 and "workspace" not in model.solver_kwargs("b", anderson)
+    assert model.solver_kwargs("b", anderson)["beta"] == 0.7 and "restart" not in model.solver_kwargs("b", anderson)
     assert model.solver_kwargs("f", broyden)["memory"] == 4 and "beta" not in model.solver_kwargs("f", broyden)
     with pytest.raises(ValueError, match=r"\['memroy'\] not taken by 'broyden'"):
         model.solver_kwargs("f", broyden, memroy=3)

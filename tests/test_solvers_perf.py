@@ -100,6 +100,23 @@ def test_anderson_matches_a_dense_reference_step():
         assert torch.allclose(seen[3][b], expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_anderson_takes_the_plain_step_where_its_system_is_singular(beta):
+    """f(z) = z + d: every residual is d, so G G^T has rank one and, unregularised, the bordered system is
+    singular from the 2nd step on; each sample then takes the n = 1 step f(x) - (1 - beta) g = x + beta d."""
+    d = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return z + d
+
+    res = anderson(f, torch.zeros(2, 3), 5, eps=0.0, memory=4, beta=beta, lam=0.0)
+    assert len(seen) == 5 and torch.isfinite(res.z).all()
+    for k, z in enumerate(seen):
+        assert torch.allclose(z, k * beta * d), (k, z)
+
+
 def test_solvers_selectable_by_config_forward_and_backward(repo):
     cfg = load_config(repo / "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
                       ["MODEL.F_SOLVER", "anderson", "MODEL.B_SOLVER", "anderson", "MODEL.SOLVER_MEMORY", 4,
@@ -147,13 +164,18 @@ def test_plot_convergence_writes_valid_pngs(repo, tmp_path):
 def test_a_reused_workspace_gives_the_same_solutions_and_never_hands_back_the_start(tiny_problem):
     from mdeq.solvers import SolverWorkspace
     model, problem = tiny_problem
-    kw = {k: v for k, v in model.solver_kwargs("f").items() if k not in ("workspace", "eps")}
     ws = SolverWorkspace()
     with torch.no_grad():
-        fresh = {t: broyden(problem.f, problem.z0, t, eps=0.0, **kw) for t in (12, 6)}
-        for t in (12, 6, 12):     # a smaller solve reuses the larger buffer, and back
-            again = broyden(problem.f, problem.z0, t, eps=0.0, workspace=ws, **kw)
-            assert torch.equal(again.z, fresh[t].z) and again.trace == fresh[t].trace
+        for solver in (broyden, anderson):
+            own = {k: v for k, v in model.solver_kwargs("f", solver).items() if k not in ("workspace", "eps")}
+            fresh = {t: solver(problem.f, problem.z0, t, eps=0.0, **own) for t in (12, 6)}
+            for t in (12, 6, 12):     # a smaller solve reuses the larger buffer, and back
+                again = solver(problem.f, problem.z0, t, eps=0.0, workspace=ws, **own)
+                assert torch.equal(again.z, fresh[t].z) and again.trace == fresh[t].trace
+        held = list(ws._free.values())
+        assert len(held) == 1       # both solvers' rows are (B, D): one buffer serves them in turn
+        anderson(problem.f, problem.z0, 12, eps=0.0, workspace=ws, **own)
+        assert ws._free[next(iter(ws._free))].data_ptr() == held[0].data_ptr()
     # a solve that cannot improve on its start returns a copy of it, not the caller's tensor
     z0 = torch.zeros(2, 5)
     res = broyden(lambda z: z * float("nan"), z0, 5, workspace=ws)
@@ -229,4 +251,4 @@ def test_benchmark_runs_only_the_parts_asked_for_and_a_wrapped_solver_gets_its_o
         run_benchmark(spec, 3, 3, ["broyden"], 1, parts=["trian"])
     # the model hands a timing wrapper the options of the solver it wraps, and only those
     model = get_cls_net(load_config(spec.cfg, spec.opts))
-    assert model.solver_kwargs("f", TimedSolver(anderson, "cpu")).keys() == {"eps", "stop_mode", "memory", "beta", "lam"}
+    assert model.solver_kwargs("f", TimedSolver(anderson, "cpu")).keys() == {"eps", "stop_mode", "memory", "beta", "lam", "workspace"}
