@@ -103,40 +103,64 @@ def format_frontier_table(points: Sequence[FrontierPoint]) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(points: Sequence[FrontierPoint], path: str, title: str = "") -> str:
+def _label(p: FrontierPoint) -> str:
+    """The short label of a point in the picture: the budget or depth, or the rule."""
+    if p.setting.startswith("none@"):
+        return p.setting[len("none@"):]
+    if p.setting.startswith("depth "):
+        return p.setting[len("depth "):]
+    return p.setting
+
+
+def plot_frontier(points: Sequence[FrontierPoint], path: str, title: str = "", band: float = 1.0) -> str:
     """PNG at ``path``, two panels: top-1 against mean evaluations of f per image (the explicit networks
-    as horizontal lines), and top-1 against images/s (the points that have a measured rate)."""
+    as horizontal lines), and top-1 against images/s (the points that have a measured rate). Fixed
+    budgets and depths are joined by lines and labelled by their number; per-sample rules are
+    triangles. The y axis spans ``band`` points under the best top-1; the points below it are named
+    in a note, not drawn."""
     import matplotlib
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    style = {"equilibrium": ("o", "C0"), "unrolled": ("s", "C1"), "explicit": ("*", "C3")}
-    fig, (ax_e, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
+    best = max((p.top1 for p in points if not math.isnan(p.top1)), default=100.0)
+    low = best - band
+    series = {"equilibrium, fixed budget": ([p for p in points if p.setting.startswith("none@")], "o", "C0"),
+              "equilibrium, per-sample rule": ([p for p in points if p.forward == "equilibrium"
+                                                and not p.setting.startswith("none@")], "^", "C2"),
+              "unrolled stack, depth": ([p for p in points if p.forward == "unrolled"], "s", "C1")}
+    fig, (ax_e, ax_r) = plt.subplots(1, 2, figsize=(11, 4.4))
     try:
-        for kind in FORWARDS:
-            pts = [p for p in points if p.forward == kind]
-            marker, color = style[kind]
-            for p in pts:
-                if kind == "explicit":
-                    ax_e.axhline(p.top1, color=color, linestyle="--", linewidth=1, label=f"{p.setting} (explicit)")
-                else:
-                    ax_e.scatter(p.f_evals_mean, p.top1, marker=marker, color=color)
-                    ax_e.annotate(p.setting, (p.f_evals_mean, p.top1), fontsize=7, xytext=(3, -9),
-                                  textcoords="offset points")
-                if p.images_per_s is not None:
-                    ax_r.scatter(p.images_per_s, p.top1, marker=marker, color=color, s=80 if kind == "explicit" else 30)
-                    ax_r.annotate(p.setting, (p.images_per_s, p.top1), fontsize=7, xytext=(3, -9),
-                                  textcoords="offset points")
-            if kind != "explicit" and pts:
-                ax_e.scatter([], [], marker=marker, color=color, label=kind)
-        tops = [p.top1 for p in points if not math.isnan(p.top1)]
-        low = max(min(tops), max(tops) - 8.0) if tops else 0.0   # keep the interesting band readable
+        for name, (pts, marker, color) in series.items():
+            shown = [p for p in pts if p.top1 >= low]
+            joined = not name.endswith("rule")
+            for ax, key in ((ax_e, "f_evals_mean"), (ax_r, "images_per_s")):
+                xy = sorted((getattr(p, key), p.top1, p) for p in shown if getattr(p, key) is not None)
+                if not xy:
+                    continue
+                ax.plot([v[0] for v in xy], [v[1] for v in xy], marker=marker, color=color,
+                        linestyle="-" if joined and ax is ax_e else "none", label=name if ax is ax_e else None)
+                if joined:
+                    for x, y, p in xy:
+                        ax.annotate(_label(p), (x, y), fontsize=8, color=color, xytext=(4, 3),
+                                    textcoords="offset points")
+        for p in points:
+            if p.forward != "explicit":
+                continue
+            ax_e.axhline(p.top1, color="C3", linestyle="--", linewidth=1, label=f"{p.setting} (explicit)")
+            if p.images_per_s is not None:
+                ax_r.scatter(p.images_per_s, p.top1, marker="*", color="C3", s=120, zorder=3)
+                ax_r.annotate(p.setting, (p.images_per_s, p.top1), fontsize=8, color="C3", xytext=(4, -11),
+                              textcoords="offset points")
+        below = [f"{p.setting} {p.top1:.1f}" for p in points if p.top1 < low]
+        if below:
+            ax_e.text(0.01, 0.99, "below the axis: " + ", ".join(below), transform=ax_e.transAxes, fontsize=7,
+                      va="top")
         for ax in (ax_e, ax_r):
-            ax.set_ylim(low - 0.5, max(tops, default=100.0) + 0.5)
+            ax.set_ylim(low, best + 0.25 * band)
             ax.set_ylabel("test top-1 (%)")
             ax.grid(True, alpha=0.3)
         ax_e.set_xlabel("mean evaluations of f per image")
-        ax_r.set_xlabel("inference images/s")
+        ax_r.set_xlabel("inference images/s (fixed budgets and depths)")
         ax_e.legend(fontsize="small", loc="lower right")
         if title:
             fig.suptitle(title, fontsize="medium")

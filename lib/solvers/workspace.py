@@ -1,9 +1,9 @@
 """Scratch buffers that a solver keeps from one call to the next.
 
 A limited-memory solver needs O(m D) scratch memory per call. Fresh memory from the operating
-system costs a page fault per 4 KiB on first touch, a visible share of a CPU Broyden step (docs/performance.md:
-"Where the time goes"). A :class:`SolverWorkspace`, owned by the model and handed to
-its solvers, lends the same buffer back on the next call instead. (The process-wide
+system costs a page fault per 4 KiB on first touch, a visible share of a CPU solver step (docs/performance.md:
+"Where the solver's time goes"). A :class:`SolverWorkspace`, owned by the model and handed to
+its solvers (L-Broyden and Anderson), lends the same buffer back on the next call instead. (The process-wide
 :func:`mdeq.utils.cpu_allocator.retain_freed_memory` does not cover it: glibc always maps blocks
 above 32 MiB afresh, and a solver's history is usually larger.)
 
