@@ -395,15 +395,11 @@ def fixed_point_check(model: nn.Module, x: Tensor, y: Tensor, f_iters: int, b_it
     which both keep the last one (:func:`same_iterate`; :func:`check_budget` finds a T at which every
     sample does).
 
-    Backward: ours iterates w <- J^T w + g from w = g for ``b_iters`` VJPs, torchdeq from w = 0 for
-    ``b_iters`` VJPs, its first giving g: both return sum_{i < b_iters} (J^T)^i g. torchdeq's two
-    implicit differentiations are both run: its hook (``hook_ift=True``) takes J at z*, as ours does, so
-    its gradients must agree to rounding; its default ``torch.autograd.Function`` takes J at f(z*) (what it
-    saved), so its gradients agree only to the forward residual. The same seed before each step gives
-    every side the same dropout masks.
-
-    Args:
-        x: (B, C, H, W) images; y: (B,) labels.
+    Backward: ours iterates w <- J^T w + g from w = g, torchdeq from w = 0 (its first VJP gives g), both
+    ``b_iters`` VJPs: both return sum_{i < b_iters} (J^T)^i g. torchdeq's hook IFT (``hook_ift=True``)
+    takes J at z*, as ours, so its gradients must agree to rounding; its default ``torch.autograd.Function``
+    takes J at f(z*), so they agree only to the forward residual. The same seed before each step gives
+    every side the same dropout masks. ``x``: (B, C, H, W) images; ``y``: (B,) labels.
 
     Returns:
         ``out_max_abs`` / ``out_rel``: the largest absolute and the relative (norm) difference of the
