@@ -18,31 +18,22 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
-import torch
-
 from mdeq.analysis.benchmark import DEFAULT_PARTS, PARTS, BenchSpec, dump_json, format_report, run_benchmark
-from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.solvers import solver_names
 from mdeq.programs.cli import tool_main
-from mdeq.programs.launch import int_at_least, names_from
+from mdeq.programs.launch import add_spec_arguments, int_at_least, names_from
 from mdeq.programs.launch import parse_args as parse_launch_args
 from mdeq.utils.cpu_allocator import retain_freed_memory
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True, help="experiment yaml")
-    p.add_argument("--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--image-size", type=int_at_least(1), default=32)
+    add_spec_arguments(p)
     p.add_argument("--f-thres", type=int_at_least(1), default=None, help="forward threshold (default: MODEL.F_THRES)")
     p.add_argument("--b-thres", type=int_at_least(1), default=None, help="backward threshold (default: MODEL.B_THRES)")
     p.add_argument("--solvers", type=names_from(solver_names()), default=",".join(solver_names()),
                    help=f"comma-separated solver names, of {','.join(solver_names())}")
-    p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
-    p.add_argument("--images", default="", help=IMAGES_HELP)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repetitions (the median is reported)")
-    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--mem-thres", default="10,40", help="thresholds for the peak-memory table")
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default all but reversible; the component "
@@ -57,8 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     retain_freed_memory()       # as the training programs do (the memory rows run in fresh processes)
-    spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
-                     test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
+    spec = BenchSpec.from_args(args)
     result = run_benchmark(spec, args.f_thres, args.b_thres, args.solvers,
                            args.repeats, [int(t) for t in args.mem_thres.split(",") if t],
                            parts=[p for p in args.parts.split(",") if p])

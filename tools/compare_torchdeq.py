@@ -16,39 +16,29 @@ that is missing or not a checkpoint; one-line message), see :mod:`mdeq.programs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
-from mdeq.analysis.benchmark import BenchSpec
+from mdeq.analysis.benchmark import BenchSpec, dump_json
 from mdeq.analysis.peer_comparison import CORES, PEER_SOLVERS, PeerMissing, format_table, import_torchdeq, \
     run_peer_comparison
-from mdeq.analysis.sample_images import IMAGES_HELP
 from mdeq.programs.cli import EXIT_BAD_INPUT, tool_main
-from mdeq.programs.launch import int_at_least, names_from
+from mdeq.programs.launch import add_spec_arguments, int_at_least, names_from
 from mdeq.programs.launch import parse_args as parse_launch_args
 from mdeq.utils.cpu_allocator import retain_freed_memory
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True, help="experiment yaml")
-    p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
-    p.add_argument("--images", default="", help=IMAGES_HELP)
-    p.add_argument("--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--image-size", type=int_at_least(1), default=32)
+    add_spec_arguments(p)
     p.add_argument("--f-thres", type=int_at_least(2), default=None, help="forward threshold (default: MODEL.F_THRES)")
     p.add_argument("--b-thres", type=int_at_least(2), default=None, help="backward threshold (default: MODEL.B_THRES)")
     p.add_argument("--solvers", type=names_from(tuple(PEER_SOLVERS)), default="broyden,anderson",
                    help=f"comma-separated solver names, of {','.join(PEER_SOLVERS)}")
     p.add_argument("--repeats", type=int_at_least(1), default=3,
                    help="timed steps per side, alternated (the median is reported)")
-    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--core", choices=CORES, default="sliced", help="torchdeq's DEQ core (one state: the same solve)")
     p.add_argument("--hook-ift", action="store_true",
                    help="torchdeq's hook implicit differentiation (J at z*, one application of f with autograd, "
@@ -73,14 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     retain_freed_memory()       # as the training programs and the benchmark do
-    spec = BenchSpec(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
-                     test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
+    spec = BenchSpec.from_args(args)
     result = run_peer_comparison(spec, args.f_thres, args.b_thres, args.solvers, args.repeats, core=args.core,
                                  hook_ift=args.hook_ift, match_evals=not args.raw_budgets, check=not args.no_check)
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        dump_json(result, args.json)
 
 
 if __name__ == "__main__":

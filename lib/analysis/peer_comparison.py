@@ -308,11 +308,6 @@ def _counts(app: ApplicationCounter, f_solver: Any, b_solver: Any) -> Dict[str, 
     return {"f_evals": f_solver.calls, "f_graph": app.graph, "adjoint": b_solver.calls, "f_no_grad": app.no_grad}
 
 
-def _reset(*solvers: Any) -> None:
-    for s in solvers:
-        s.calls = 0
-
-
 def counted_train_steps(model: nn.Module, x: Tensor, y: Tensor, solver: str, f_thres: int, b_thres: int,
                         core: str = "sliced", hook_ift: bool = False, match_evals: bool = True,
                         seed: int = 0) -> Dict[str, Any]:

@@ -151,3 +151,18 @@ def setup_process(cfg, cfg_path: str, phase: str, local_rank: int = -1) -> Tuple
     logger.info("%s: %s; rank %d/%d on %s; output %s", phase, cfg_path, info.rank, info.world_size,
                 info.device, out_dir)
     return info, out_dir, tb_dir
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line arguments of a :class:`~mdeq.analysis.benchmark.BenchSpec` (config, weights, images,
+    batch, device, threads; the config overrides are the tool's trailing ``opts``), shared by the tools
+    that measure one (``BenchSpec.from_args`` reads them back)."""
+    from ..analysis.sample_images import IMAGES_HELP     # the measuring tools' layer, not the training tools'
+    p.add_argument("--cfg", required=True, help="experiment yaml")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--image-size", type=int_at_least(1), default=32)
+    p.add_argument("--testModel", default="", help="weights to load (ours or the original .pkl); default random init")
+    p.add_argument("--images", default="", help=IMAGES_HELP)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
+

@@ -100,5 +100,6 @@ def format_report(r: Dict[str, Any]) -> str:
 
 
 def dump_json(r: Dict[str, Any], path: str | Path) -> None:
-    """Write a :func:`run_benchmark` result as JSON."""
+    """Write a measurement's result (a JSON-able dict, e.g. :func:`run_benchmark`'s) as JSON, making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(r, indent=1, default=str))

@@ -2,6 +2,7 @@
 the model and a batch of real images."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
@@ -28,6 +29,13 @@ class BenchSpec:
     device: str = "cpu"
     threads: int = 0          # torch.set_num_threads in workers (0: leave as is)
     seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BenchSpec":
+        """The spec of a tool's parsed command line (the arguments of
+        :func:`mdeq.programs.launch.add_spec_arguments`)."""
+        return cls(cfg=args.cfg, opts=list(args.opts), batch_size=args.batch_size, image_size=args.image_size,
+                   test_model=args.testModel, images=args.images, device=args.device, threads=args.threads)
 
 
 def build(spec: BenchSpec) -> Tuple[torch.nn.Module, Tensor, Tensor]:
