@@ -18,6 +18,8 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    #: each BatchNorm and the conv it follows (what :func:`mdeq.models.inference.fold_batchnorm` folds)
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, inplanes: int, planes: int, momentum: float) -> None:
         super().__init__()

@@ -25,6 +25,9 @@ Tensor = torch.Tensor
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)."""
 
+    #: each BatchNorm and the conv it follows (what :func:`mdeq.models.inference.fold_batchnorm` folds)
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
     def __init__(self, c_in: int, c_out: int, stride: int, momentum: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)

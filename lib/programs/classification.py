@@ -28,6 +28,7 @@ from ..tasks.classification import ClassificationTask, check_classes, validate
 from ..utils.checkpoint import load_weights
 from ..config import ConfigError
 from ..models import forward_kind
+from ..models.inference import evaluation_model
 from ..utils.distributed import DistInfo, unwrap
 from ..utils.output_files import write_json
 from .runner import TaskProgram, run_test, run_train
@@ -72,9 +73,10 @@ class ClassificationProgram(TaskProgram):
         [path] = model_files(cfg, out_dir)
         load_weights(model, path)
         logger.info("weights: %s", path)
+        summary = task.summary(model, cfg)      # of the model as trained (the copy's folded layers count otherwise)
+        model = evaluation_model(model, cfg)
         if getattr(args, "exit_sweep", ""):
             return self.exit_sweep(model, path, args, cfg, info, out_dir)
-        summary = task.summary(model, cfg)
         loader = self.test_loader(cfg, info)
         t0 = time.time()
         res = validate(model, loader, cfg, info.device, is_main=info.is_main)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError
 from ..core.trainer import STOPPED_TOGETHER, Task, fit
 from ..models import forward_kind
+from ..models.inference import evaluation_model
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo, process_group_closed
 from .launch import base_parser, config_from_args, setup_process
@@ -111,5 +112,11 @@ def run_test(program: TaskProgram, argv: Optional[Sequence[str]] = None) -> Dict
                               f"has no equilibrium ({forward_kind(model)} network)")
         loader = program.test_loader(cfg, info)
         key, name = program.sweep_metric
-        return sweep_checkpoints(cfg, out_dir, args.f_thres_sweep, lambda path: program.load(model, path), key, name,
-                                 lambda t: program.evaluate_at(model, loader, cfg, info, t), info.is_main)
+        evaluated = [model]     # what each checkpoint's budgets run: its evaluation copy (TEST.FOLD_BN ...)
+
+        def load(path: str) -> None:
+            program.load(model, path)
+            evaluated[0] = evaluation_model(model, cfg)
+
+        return sweep_checkpoints(cfg, out_dir, args.f_thres_sweep, load, key, name,
+                                 lambda t: program.evaluate_at(evaluated[0], loader, cfg, info, t), info.is_main)

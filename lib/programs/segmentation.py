@@ -22,6 +22,7 @@ from ..core.checkpoint_manager import model_files
 from ..core.state import make_loader
 from ..datasets.cityscapes import CLASS_NAMES, CityscapesDataset, colorize, require_cityscapes, train_ids_to_label_ids
 from ..datasets.common import ignore_label
+from ..models.inference import evaluation_model
 from ..tasks.segmentation import SegmentationTask, evaluate, format_scores
 from ..utils.checkpoint import load_weights
 from ..utils.distributed import DistInfo
@@ -79,7 +80,7 @@ def _test(cfg, info: DistInfo, out_dir: str, pictures: bool = True) -> Dict[str,
     [model_file] = model_files(cfg, out_dir)
     model = SegmentationTask().build_model(cfg, initial_weights=False)
     load_weights(model, model_file, strict=True)
-    model.to(info.device)
+    model = evaluation_model(model.to(info.device), cfg)
     logger.info("evaluating %s", model_file)
     dataset = CityscapesDataset.from_config(cfg, "test")
     list_name = os.path.splitext(os.path.basename(cfg.DATASET.TEST_SET))[0]

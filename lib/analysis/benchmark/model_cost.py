@@ -9,7 +9,9 @@ engine's: the model's call at the first step after the warm-up (``train_step`` =
 TRAIN.PRETRAIN_STEPS), cross-entropy, backward and the configured optimizer's update; an MDEQ runs
 its whole forward and backward budgets (tolerance 0, the most a step can cost; at the tolerances
 of the Fashion-MNIST configs the solvers run their whole budgets anyway). Inference is an
-evaluation-mode forward pass without autograd, the MDEQ again at tolerance 0.
+evaluation-mode forward pass without autograd, the MDEQ again at tolerance 0, of the copy that the
+evaluation tools run (:func:`mdeq.models.inference.evaluation_model`: BatchNorm folded, channels-last
+layers, as TEST.FOLD_BN and TEST.CHANNELS_LAST say).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ...config import load_config
 from ...datasets import build_cls_datasets
 from ...models import count_parameters, forward_kind, get_cls_net
 from ...models.flops import f_flops, forward_flops
+from ...models.inference import evaluation_model
 from ...utils.cpu_allocator import retain_freed_memory
 from ...utils.optim import build_optimizer
 from ...utils.precision import autocast_dtype
@@ -137,7 +140,9 @@ def model_cost_worker(spec: CostSpec) -> Dict[str, Any]:
     out.update(_train_step_cost(model, cfg, x, y, spec.repeats, amp))
     xi, _ = first_batch(cfg, spec.infer_batch)
     out["infer_batch"] = spec.infer_batch
-    out["images_per_s"] = _inference_rate(model, xi, spec.repeats, amp)
+    # what the evaluation tools run (TEST.FOLD_BN, TEST.CHANNELS_LAST)
+    out["infer_fold_bn"], out["infer_channels_last"] = bool(cfg.TEST.FOLD_BN), bool(cfg.TEST.CHANNELS_LAST)
+    out["images_per_s"] = _inference_rate(evaluation_model(model, cfg), xi, spec.repeats, amp)
     return out
 
 
