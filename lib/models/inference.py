@@ -67,8 +67,9 @@ def inference_model(model: nn.Module, fold_bn: bool = True, channels_last: bool 
         fold_batchnorm(copied)
     if channels_last:
         f = getattr(copied, "fullstage", None)
+        in_f = {id(m) for m in f.modules()} if f is not None else set()
         for module in copied.modules():
-            if isinstance(module, nn.Conv2d) and not _inside(module, f):
+            if isinstance(module, nn.Conv2d) and id(module) not in in_f:
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return copied
 
@@ -80,6 +81,3 @@ def evaluation_model(model: nn.Module, cfg) -> nn.Module:
         return model.eval()
     return inference_model(model, fold_bn=bool(cfg.TEST.FOLD_BN), channels_last=bool(cfg.TEST.CHANNELS_LAST))
 
-
-def _inside(module: nn.Module, root: nn.Module | None) -> bool:
-    return root is not None and any(module is m for m in root.modules())
