@@ -186,7 +186,8 @@ _C.TEST.EXIT_RULE = "none"  # per-sample exit: 'none', 'residual', 'prediction',
 _C.TEST.EXIT_TOL = 1e-3  # the residual tolerance (MODEL.STOP_MODE) of every rule but 'none'
 _C.TEST.EXIT_PATIENCE = 2  # 'prediction': the class the same at this many consecutive evaluations of f
 _C.TEST.EXIT_MARGIN = 0.9  # 'margin': softmax top-1 minus top-2 probability
-# new: the evaluation tools run a copy of the model with the same outputs to rounding (mdeq.models.inference)
+# new: evaluations (the tools' and the training's) run a copy of the model with the same outputs to rounding
+# (mdeq.models.inference)
 _C.TEST.FOLD_BN = True  # BatchNorm folded into the convolution before it
 _C.TEST.CHANNELS_LAST = True  # the layers outside f in channels-last layout (f's follows MODEL.STATE_LAYOUT)
 
