@@ -28,7 +28,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def _pairs(module: nn.Module) -> Iterator[Tuple[str, str]]:
-    """(conv name, BatchNorm name) of the direct children of ``module`` where the BatchNorm follows the conv."""
+    """(conv name, BatchNorm name) of the children of ``module`` where the BatchNorm follows the conv."""
     if isinstance(module, nn.Sequential):
         names = list(module._modules)
         yield from zip(names[:-1], names[1:])
@@ -55,8 +55,8 @@ def fold_batchnorm(module: nn.Module) -> int:
 
 
 def inference_model(model: nn.Module, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
-    """A copy of ``model`` in eval mode, for evaluation only: with ``fold_bn``
-    BatchNorm folded (:func:`fold_batchnorm`) and, with ``channels_last``, the 4-D weights of the layers outside the
+    """A copy of ``model`` in eval mode, for evaluation only: with ``fold_bn`` BatchNorm folded
+    (:func:`fold_batchnorm`) and, with ``channels_last``, the 4-D weights of the layers outside the
     equilibrium's f (``fullstage``, whose layout MODEL.STATE_LAYOUT sets) in channels-last layout, so
     that the stem and head run on channels-last tensors. ``model`` itself is left as it is.
 
@@ -75,9 +75,8 @@ def inference_model(model: nn.Module, fold_bn: bool = True, channels_last: bool 
 
 
 def evaluation_model(model: nn.Module, cfg) -> nn.Module:
-    """What the evaluation tools run: :func:`inference_model` of ``model`` as TEST.FOLD_BN and
-    TEST.CHANNELS_LAST say (``model`` in eval mode itself when both are off)."""
+    """What evaluations run (the tools' and the training's): :func:`inference_model` of ``model`` as
+    TEST.FOLD_BN and TEST.CHANNELS_LAST say (``model`` in eval mode itself when both are off)."""
     if not (cfg.TEST.FOLD_BN or cfg.TEST.CHANNELS_LAST):
         return model.eval()
     return inference_model(model, fold_bn=bool(cfg.TEST.FOLD_BN), channels_last=bool(cfg.TEST.CHANNELS_LAST))
-
