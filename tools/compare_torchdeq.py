@@ -20,7 +20,6 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-
 from mdeq.analysis.benchmark import BenchSpec, dump_json
 from mdeq.analysis.peer_comparison import CORES, PEER_SOLVERS, PeerMissing, format_table, import_torchdeq, \
     run_peer_comparison

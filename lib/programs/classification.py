@@ -73,13 +73,13 @@ class ClassificationProgram(TaskProgram):
         [path] = model_files(cfg, out_dir)
         load_weights(model, path)
         logger.info("weights: %s", path)
-        summary = task.summary(model, cfg)      # of the model as trained (the copy's folded layers count otherwise)
-        model = evaluation_model(model, cfg)
+        evaluated = evaluation_model(model, cfg)
         if getattr(args, "exit_sweep", ""):
-            return self.exit_sweep(model, path, args, cfg, info, out_dir)
+            return self.exit_sweep(evaluated, path, args, cfg, info, out_dir)
+        summary = task.summary(model, cfg)      # of the model as trained (the copy's folded layers count otherwise)
         loader = self.test_loader(cfg, info)
         t0 = time.time()
-        res = validate(model, loader, cfg, info.device, is_main=info.is_main)
+        res = validate(evaluated, loader, cfg, info.device, is_main=info.is_main)
         res.update(model_file=path, time_s=time.time() - t0, **summary)
         logger.info("held-out (%s, %d images): top-1 %.2f%%, top-5 %.2f%%, loss %.4f, %s", cfg.DATASET.DATASET,
                     res["num_samples"], res["top1"], res["top5"], res["loss"], _solver_figures(res))

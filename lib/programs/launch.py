@@ -165,4 +165,3 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default="", help=IMAGES_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch.set_num_threads (0: torch's default)")
-
