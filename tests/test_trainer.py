@@ -416,3 +416,31 @@ def test_the_model_files_to_evaluate_default_to_the_final_weights_and_must_exist
     assert model_files(cfg, str(tmp_path), several=True) == [str(a), str(b)]
     with pytest.raises(FileNotFoundError, match="does not exist"):   # one file, so the list is one name
         model_files(cfg, str(tmp_path))
+
+
+
+def test_only_the_main_process_warns_of_an_unhealthy_epoch_and_names_the_kept_copy(tmp_path, caplog):
+    """Every rank judges an epoch alike (the figures are reduced); a rank other than 0 writes no copy,
+    so it says nothing (it once named a checkpoint_healthy.pth.tar that was never written)."""
+    from types import SimpleNamespace
+    from mdeq.core.trainer import _judge_health
+    cfg = load_config(DIGITS_CFG)
+    health = SimpleNamespace(equilibrium_steps=1, end_epoch=lambda loss, device: (["a planted problem"], "n"))
+    for rank, latest in ((1, True), (0, False), (0, True)):
+        out = tmp_path / f"{rank}{latest}"
+        out.mkdir()
+        manager = _manager(out, nn.Linear(2, 2), cfg)
+        manager.is_main = rank == 0
+        if latest:      # an earlier epoch's checkpoint, as rank 0 wrote it
+            (out / "checkpoint.pth.tar").write_bytes(b"an earlier state")
+        run = SimpleNamespace(cfg=cfg, info=DistInfo(rank=rank, world_size=2), health=health,
+                              task=SimpleNamespace(health_problem=lambda *a: None))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert _judge_health(run, manager, 4, {"loss": 1.0}, {}) is False
+        if rank == 1:
+            assert caplog.text == ""
+        else:
+            kept = str(tmp_path / "0True" / "checkpoint_healthy.pth.tar") if latest else "(no earlier checkpoint)"
+            assert "epoch 4 looks unhealthy: a planted problem (n)" in caplog.text and f"kept as {kept}." in caplog.text
+        assert (out / "checkpoint_healthy.pth.tar").exists() == (rank == 0 and latest)

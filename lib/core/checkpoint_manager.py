@@ -283,12 +283,12 @@ class CheckpointManager:
 
     def keep_healthy_copy(self) -> Optional[str]:
         """Before an unhealthy epoch's state overwrites the latest checkpoint: keep the latest one as
-        ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one."""
+        ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one (on the main process, which writes it)."""
         target = self.path(HEALTHY)
         if not self.keeping_healthy and self.is_main and os.path.isfile(self.latest):
             copy_file(self.latest, target)
         self.keeping_healthy = True
-        return target if os.path.isfile(target) or not self.is_main else None
+        return target if self.is_main and os.path.isfile(target) else None
 
     def healthy_again(self) -> None:
         self.keeping_healthy = False

@@ -433,9 +433,10 @@ def _judge_health(run: Run, manager: CheckpointManager, epoch: int, train: Dict[
         raise TrainingDiverged(f"training is unhealthy at epoch {epoch} (TRAIN.STOP_ON_UNHEALTHY): {what}. "
                                f"To go on: {ADVICE}.")
     kept = manager.keep_healthy_copy()
-    logger.warning("epoch %d looks unhealthy: %s. To go on: %s; TRAIN.STOP_ON_UNHEALTHY True stops such a run. "
-                   "The state from before this epoch is kept as %s.", epoch, what, ADVICE,
-                   kept or "(no earlier checkpoint)")
+    if run.info.is_main:    # every rank judges alike; only the main one keeps the copy and can name it
+        logger.warning("epoch %d looks unhealthy: %s. To go on: %s; TRAIN.STOP_ON_UNHEALTHY True stops such a run. "
+                       "The state from before this epoch is kept as %s.", epoch, what, ADVICE,
+                       kept or "(no earlier checkpoint)")
     return False
 
 
