@@ -103,3 +103,26 @@ def test_training_runs_in_the_layout_of_train_channels_last_and_resumes_in_the_o
     assert ckpt["epoch"] == 2
     assert all(resumed[k].is_contiguous() for k in convs)
     assert any(not torch.equal(resumed[k], saved[k]) for k in convs)    # it trained on
+
+
+def test_model_cost_times_the_step_in_the_layout_the_config_trains_in(monkeypatch):
+    import mdeq.analysis.benchmark.model_cost as cost
+    seen = []
+    real = nn.Conv2d._conv_forward
+
+    def record(self, x, w, b):
+        if torch.is_grad_enabled():         # the training steps (inference runs without autograd)
+            seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+        return real(self, x, w, b)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", record)
+    threads = torch.get_num_threads()
+    try:
+        for on in (False, True):
+            seen.clear()
+            row = cost.model_cost_worker(cost.CostSpec(str(DIGITS_RESNET), ["TRAIN.CHANNELS_LAST", on,
+                                                                            "TRAIN.BATCH_SIZE_PER_GPU", 8],
+                                                       threads=1, infer_batch=4, repeats=1))
+            assert row["train_channels_last"] is on and seen and any(seen) == on
+    finally:
+        torch.set_num_threads(threads)

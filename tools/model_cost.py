@@ -13,11 +13,10 @@ Exit status: 0 done, 2 bad input (a config error, a missing dataset; one-line me
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Optional, Sequence
 
-from mdeq.analysis.benchmark import CostSpec, format_costs, model_costs
+from mdeq.analysis.benchmark import CostSpec, dump_json, format_costs, model_costs
 from mdeq.programs.cli import tool_main
 from mdeq.programs.launch import int_at_least
 
@@ -41,8 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  repeats=args.repeats) for c in args.cfg])
     print(format_costs(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        dump_json(rows, args.json)
 
 
 if __name__ == "__main__":

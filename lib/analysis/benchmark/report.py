@@ -99,7 +99,8 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def dump_json(r: Dict[str, Any], path: str | Path) -> None:
-    """Write a measurement's result (a JSON-able dict, e.g. :func:`run_benchmark`'s) as JSON, making its folder."""
+def dump_json(r: Any, path: str | Path) -> None:
+    """Write a measurement's result (JSON-able: :func:`run_benchmark`'s dict, :func:`model_costs`' rows) as
+    JSON, making its folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(r, indent=1, default=str))
