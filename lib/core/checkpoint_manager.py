@@ -283,7 +283,8 @@ class CheckpointManager:
 
     def keep_healthy_copy(self) -> Optional[str]:
         """Before an unhealthy epoch's state overwrites the latest checkpoint: keep the latest one as
-        ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one (on the main process, which writes it)."""
+        ``checkpoint_healthy.pth.tar`` (once per unhealthy stretch). Returns its path, if there is one, on
+        the main process (the one that writes it); None on the others."""
         target = self.path(HEALTHY)
         if not self.keeping_healthy and self.is_main and os.path.isfile(self.latest):
             copy_file(self.latest, target)
