@@ -162,6 +162,7 @@ def test_model_cost_tool_measures_each_kind_of_model(repo, tmp_path):
     assert unrolled["forward_flops"] == forward_flops(model, 3, [32, 32]) > 6 * unrolled["f_flops"]  # + stem, head
     for row in (resnet, unrolled):
         assert row["batch"] == 64 and row["threads"] == 1 and row["infer_batch"] == 20 and row["dtype"] == "float32"
+        assert row["train_channels_last"] is False
         assert row["train_step_s"] > 0 and row["images_per_s"] > 0 and row["process_peak_mib"] > row["step_peak_mib"] >= 0
 
 

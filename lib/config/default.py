@@ -168,6 +168,7 @@ _C.TRAIN.MODEL_FILE = ""
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32
 _C.TRAIN.SHUFFLE = True
 _C.TRAIN.AMP = False  # new: mixed precision: bfloat16 (or float16) on CUDA, bfloat16 on a CPU with AVX512-BF16 or AMX
+_C.TRAIN.CHANNELS_LAST = False  # new: the layers outside f train with channels-last weights (f's states: MODEL.STATE_LAYOUT)
 _C.TRAIN.KEEP_CHECKPOINTS = 1  # new: how many per-epoch checkpoints to keep
 _C.TRAIN.STOP_ON_UNHEALTHY = False  # new: stop (exit 3) when an epoch fails the health check (mdeq.core.health)
 _C.TRAIN.MAX_BAD_STEPS = 5  # new: consecutive non-finite / diverged steps before the run stops

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError
 from ..models import forward_kind
 from ..models.inference import evaluation_model
+from ..models.layout import training_layout
 from ..modules import LOGGED_KEYS, EquilibriumInfo
 from ..utils.distributed import DistInfo, all_gather_object, barrier, unwrap
 from ..utils.event_log import ScalarEvents
@@ -362,7 +363,7 @@ def build_run(task: Task, cfg, info: DistInfo, tb_dir: str, initial_weights: boo
     """Model, data, optimizer, schedule (per step), AMP scaler, criterion and TensorBoard writer;
     the model is not yet DDP-wrapped (a checkpoint is restored into it first). ``initial_weights``:
     load the configured starting weights (not when resuming: the checkpoint replaces them all)."""
-    model = task.build_model(cfg, initial_weights=initial_weights).to(info.device)
+    model = training_layout(task.build_model(cfg, initial_weights=initial_weights).to(info.device), cfg)
     train_set, val_set = task.build_datasets(cfg)
     loader = make_loader(train_set, cfg, info, train=True, drop_last=task.drop_last)
     if len(loader) == 0:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 from typing import Iterator, Tuple
 
-import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .layout import channels_last_outside_f
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -66,11 +67,7 @@ def inference_model(model: nn.Module, fold_bn: bool = True, channels_last: bool 
     if fold_bn:
         fold_batchnorm(copied)
     if channels_last:
-        f = getattr(copied, "fullstage", None)
-        in_f = {id(m) for m in f.modules()} if f is not None else set()
-        for module in copied.modules():
-            if isinstance(module, nn.Conv2d) and id(module) not in in_f:
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        channels_last_outside_f(copied, backward=False)
     return copied
 
 

@@ -5,8 +5,9 @@ config's batch size, and inference images per second at a fixed batch.
 Each config is measured in a fresh (spawned) process on the CPU, so that the peak resident set
 sizes are comparable, with the allocator set as the training tools set it. The batch is the
 config's first training batch (its data pipeline, augmentation included). A training step is the
-engine's: the model's call at the first step after the warm-up (``train_step`` =
-TRAIN.PRETRAIN_STEPS), cross-entropy, backward and the configured optimizer's update; an MDEQ runs
+engine's, in the layout the training runs in (TRAIN.CHANNELS_LAST, :mod:`mdeq.models.layout`): the
+model's call at the first step after the warm-up (``train_step`` = TRAIN.PRETRAIN_STEPS),
+cross-entropy, backward and the configured optimizer's update; an MDEQ runs
 its whole forward and backward budgets (tolerance 0, the most a step can cost; at the tolerances
 of the Fashion-MNIST configs the solvers run their whole budgets anyway). Inference is an
 evaluation-mode forward pass without autograd, the MDEQ again at tolerance 0, of the copy that the
@@ -29,6 +30,7 @@ from ...datasets import build_cls_datasets
 from ...models import count_parameters, forward_kind, get_cls_net
 from ...models.flops import f_flops, forward_flops
 from ...models.inference import evaluation_model
+from ...models.layout import training_layout
 from ...utils.cpu_allocator import retain_freed_memory
 from ...utils.optim import build_optimizer
 from ...utils.precision import autocast_dtype
@@ -137,7 +139,8 @@ def model_cost_worker(spec: CostSpec) -> Dict[str, Any]:
                            "f_flops": f_flops(model, size),
                            "forward_flops": forward_flops(model, cfg.MODEL.IN_CHANNELS, size, **_call(kind))}
     out["f_evals"] = _f_calls(model, x[:1], kind)
-    out.update(_train_step_cost(model, cfg, x, y, spec.repeats, amp))
+    out["train_channels_last"] = bool(cfg.TRAIN.CHANNELS_LAST)
+    out.update(_train_step_cost(training_layout(model, cfg), cfg, x, y, spec.repeats, amp))
     xi, _ = first_batch(cfg, spec.infer_batch)
     out["infer_batch"] = spec.infer_batch
     # what the evaluation tools run (TEST.FOLD_BN, TEST.CHANNELS_LAST)
@@ -164,7 +167,8 @@ def format_costs(rows: Sequence[Dict[str, Any]]) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         f = "n/a" if r["f_flops"] is None else f"{r['f_flops'] / 1e6:.2f}"
-        lines.append(f"| {Path(r['cfg']).name} | {r['model']} | {r.get('dtype', 'float32')} | {r['parameters']:,} | {f} | "
+        compute = r.get("dtype", "float32") + (", channels-last training" if r.get("train_channels_last") else "")
+        lines.append(f"| {Path(r['cfg']).name} | {r['model']} | {compute} | {r['parameters']:,} | {f} | "
                      f"{r['f_evals'] if r['f_evals'] is not None else 'n/a'} | {r['forward_flops'] / 1e6:.1f} | "
                      f"{r['train_step_s']:.3f} | {r['step_peak_mib']:.0f} | {r['process_peak_mib']:.0f} | "
                      f"{r['images_per_s']:.0f} |")
