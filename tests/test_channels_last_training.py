@@ -15,6 +15,7 @@ from mdeq.config import load_config
 from mdeq.core.trainer import fit
 from mdeq.models import get_cls_net
 from mdeq.models.mdeq_core import Activation
+from mdeq.models.inference import inference_model
 from mdeq.models.layout import channels_last_outside_f, training_layout
 from mdeq.models.resnet import ResNetClsNet
 from mdeq.tasks.classification import ClassificationTask
@@ -49,6 +50,9 @@ def test_only_the_convolutions_outside_f_change_layout():
     x = torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last)
     assert shortcuts[0](x).is_contiguous()                          # their input goes in NCHW
     assert channels_last_outside_f(resnet) == 7 and len(shortcuts[0]._forward_pre_hooks) == 1   # idempotent
+    copy_ = inference_model(resnet)             # evaluation runs no backward: no input conversion there
+    assert not any(c._forward_pre_hooks for c in copy_.modules() if isinstance(c, nn.Conv2d))
+    assert len(shortcuts[0]._forward_pre_hooks) == 1            # the trained model keeps its own
     cfg = load_config(FMNIST)
     assert training_layout(model := get_cls_net(cfg), cfg) is model and not _channels_last(model.full_res_stem[3].conv1)
 

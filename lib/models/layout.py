@@ -36,7 +36,8 @@ def channels_last_outside_f(model: nn.Module, backward: bool = True) -> int:
     """Put, in place, the weight of every ``nn.Conv2d`` of ``model`` outside its f (``fullstage``, if it
     has one) in channels-last layout. With ``backward`` (gradients will flow), a strided 1x1 convolution
     instead keeps its NCHW weight and gets its input in NCHW (see the module docstring). Returns how
-    many weights were converted.
+    many weights were converted. Without ``backward`` such a convolution is converted too, and loses
+    that input conversion if an earlier call gave it one (an evaluation copy of a model trained so).
 
     Call it before the optimizer is built: it replaces the parameters' storage (``weight.data``).
     """
@@ -50,6 +51,8 @@ def channels_last_outside_f(model: nn.Module, backward: bool = True) -> int:
             if _nchw_input not in module._forward_pre_hooks.values():
                 module.register_forward_pre_hook(_nchw_input)
             continue
+        for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _nchw_input]:
+            del module._forward_pre_hooks[key]
         module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         converted += 1
     return converted
