@@ -194,9 +194,46 @@ def test_a_model_with_a_workspace_can_be_copied(repo):
         assert torch.allclose(pickle.loads(pickle.dumps(model))(x, f_thres=6), out)
 
 
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+@pytest.mark.parametrize("threshold,memory", [(4, 12), (10, 10), (22, 60), (15, 5), (9, 0)])
+def test_history_reads_are_two_rows_per_live_pair_or_iterate_at_every_step(solver, threshold, memory, monkeypatch):
+    # the steps each solver really takes, counted from inside: 2 rows per live pair (L-Broyden: S^T g
+    # and U c) or per mixed iterate (Anderson: the Gram row and the mixture); a plain step reads none
+    from mdeq.analysis.benchmark import TimedSolver
+    from mdeq.solvers import history_reads
+    # the modules (the package's names anderson and broyden are the functions)
+    anderson_module, broyden_module = sys.modules["mdeq.solvers.anderson"], sys.modules["mdeq.solvers.broyden"]
+    seen = []
+    if solver == "broyden":
+        step = broyden_module._CompactBroyden.step
+
+        def counted(self):
+            seen.append(2 * min(self.pushed + 1, self.memory))
+            return step(self)
+        monkeypatch.setattr(broyden_module._CompactBroyden, "step", counted)
+    else:
+        mix = anderson_module._mix
+
+        def counted(fs, gs, gram, border, rhs, slot, n, fx, beta):
+            seen.append(2 * n if n > 1 else 0)
+            return mix(fs, gs, gram, border, rhs, slot, n, fx, beta)
+        monkeypatch.setattr(anderson_module, "_mix", counted)
+    gen = torch.Generator().manual_seed(0)
+    a = 0.5 * torch.randn(6, 6, generator=gen) / 6 ** 0.5
+    z0 = torch.randn(3, 6, generator=gen)
+    timed = TimedSolver(broyden if solver == "broyden" else anderson, "cpu")
+    res = timed(lambda z: torch.tanh(z @ a + 1.0), z0, threshold, eps=0.0, memory=memory)
+    # L-Broyden takes a step after evaluations 2 .. T - 1, Anderson mixes after 1 .. T - 1
+    assert res.steps == threshold and len(seen) == threshold - (2 if solver == "broyden" else 1)
+    assert history_reads(solver, threshold, memory) == sum(seen) > 0
+    assert timed.history_bytes == sum(seen) * 3 * 6 * 4        # rows of (B, D) float32
+    assert history_reads("fixed_point", threshold, memory) == 0
+
+
 @pytest.mark.slow
 def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(repo, tmp_path):
     import json
+    from mdeq.solvers import history_reads
     from mdeq.solvers.broyden import history_rows
     out = subprocess.run([sys.executable, "tools/benchmark.py", "--cfg", "experiments/cifar/cls_mdeq_SMALL_paper.yaml",
                           "--batch-size", "2", "--image-size", "16", "--repeats", "1", "--threads", "1",
@@ -209,14 +246,22 @@ def test_benchmark_tool_prints_every_table_and_the_history_that_explains_memory(
                 "| implicit | 4 |", "| implicit | 16 |", "| unrolled | 16 |"):
         assert row in report, row
     r = json.loads((tmp_path / "r.json").read_text())
-    for st in r["train"].values():
-        assert st["stats"]["f_steps"] == 6 and st["t_f_step"] > 0 and st["t_b_step"] > 0
+    dim = 8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4
+    row, rate = 2 * dim * 4, r["read_rate"]          # bytes of a (B, D) float32 row; bytes/s
+    assert rate > 0 and "| history floor / f |" in report and "Memory read rate" in report
+    for name, fw in r["forward"].items():      # the history a solve of 6 evaluations must read (m = 12)
+        assert fw["history_bytes"] == history_reads(name, 6, 12) * row
+        assert fw["history_floor"] == pytest.approx(fw["history_bytes"] / rate)
+    assert r["forward"]["broyden"]["history_floor"] > 0 and r["forward"]["fixed_point"]["history_floor"] == 0
+    for name, st in r["train"].items():
+        assert st["stats"]["f_steps"] == 6 and st["stats"]["b_steps"] == 6
+        assert st["t_f_step"] > 0 and st["t_b_step"] > 0
         assert abs(st["overhead"] - (st["time"] / (14 * st["t_f_step"]) - 1)) < 1e-9
         limit = 6 * st["t_f_step"] + 6 * st["t_b_step"] + r["components"]["f_graph_bwd"] + r["components"]["stem_head"]
         assert abs(st["floor"] - (limit / (14 * st["t_f_step"]) - 1)) < 1e-9
+        assert st["history_floor"] == pytest.approx(2 * history_reads(name, 6, 12) * row / rate / limit)
     hist = {(m["mode"], m["thres"]): m["history_mib"] for m in r["memory"]}
     # L-Broyden history (m = 12 in this config): 2 min(m + 1, T) + 1 rows of B x D floats
-    dim = 8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4
     for thres, rows in ((4, 9), (16, 27)):
         assert history_rows(thres, 12) == rows
         assert hist[("implicit", thres)] == pytest.approx(rows * 2 * dim * 4 / 2 ** 20)

@@ -13,19 +13,21 @@ from typing import Any, Dict, Mapping
 
 from ..config.validation import register_choices
 from .anderson import anderson
+from .anderson import history_reads as anderson_history_reads
 from .anderson import history_rows as anderson_history_rows
 from .broyden import broyden
+from .broyden import history_reads as broyden_history_reads
 from .broyden import history_rows as broyden_history_rows
 from .fixed_point import fixed_point
-from .registry import (SolverEntry, SolverFn, get_solver, history_rows, register_solver, registry_entry,
-                       resolve_solver, solver_names)
+from .registry import (SolverEntry, SolverFn, get_solver, history_reads, history_rows, register_solver,
+                       registry_entry, resolve_solver, solver_names)
 from .residuals import (SOLVER_KEYS, ExitRule, FixedPointFnFactory, IterateTracker, SampleExit, SolverResult,
                         solver_memory)
 from .reversible import ReversibleResult, check_beta, reversible
 from .workspace import SolverWorkspace
 
-register_solver("broyden", broyden, history_rows=broyden_history_rows)
-register_solver("anderson", anderson, history_rows=anderson_history_rows)
+register_solver("broyden", broyden, history_rows=broyden_history_rows, history_reads=broyden_history_reads)
+register_solver("anderson", anderson, history_rows=anderson_history_rows, history_reads=anderson_history_reads)
 register_solver("fixed_point", fixed_point)
 register_solver("reversible", reversible)
 for _key in ("MODEL.F_SOLVER", "MODEL.B_SOLVER"):
@@ -55,7 +57,7 @@ def solver_options(solver: SolverFn, settings: Mapping[str, Any]) -> Dict[str, A
 
 
 __all__ = ["anderson", "broyden", "fixed_point", "reversible", "ReversibleResult", "check_beta", "get_solver",
-           "history_rows", "register_solver", "registry_entry",
+           "history_reads", "history_rows", "register_solver", "registry_entry",
            "resolve_solver", "solver_names", "solver_options", "option_names", "SolverEntry", "SOLVER_KEYS",
            "SolverFn", "SolverResult", "IterateTracker", "SolverWorkspace", "solver_memory", "SampleExit", "ExitRule",
            "FixedPointFnFactory"]

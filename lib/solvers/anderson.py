@@ -39,6 +39,16 @@ def history_rows(threshold: int, memory: int) -> int:
     return 2 * history_size(threshold, memory)
 
 
+def history_reads(threshold: int, memory: int) -> int:
+    """The (B, D) history rows that a solve of ``threshold`` evaluations must read, at the least, over
+    all its steps. The step after k evaluations mixes n = min(k, m) iterates: the new Gram row reads
+    the n residuals and the mixture the n images (2n rows; with beta != 1 this implementation reads G
+    once more). A step with n = 1 reads nothing: it is the plain step. At the device's memory read rate
+    this is the time no Anderson solve with this memory can go below."""
+    m = history_size(threshold, memory)
+    return sum(2 * min(k, m) for k in range(2, int(threshold)))     # mixing steps 2 .. T - 1
+
+
 @torch.no_grad()
 def anderson(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
              memory: int = 5, beta: float = 1.0, lam: float = 1e-4, workspace: Optional[SolverWorkspace] = None,

@@ -143,6 +143,15 @@ def history_rows(threshold: int, memory: int) -> int:
     return 2 * history_slots(threshold, memory) + 1
 
 
+def history_reads(threshold: int, memory: int) -> int:
+    """The (B, D) history rows that a solve of ``threshold`` evaluations must read, at the least, over
+    all its steps. The step after k pairs applies H to g, which takes S^T g and U c: every row of the
+    n = min(k, m) live pairs once, 2n rows (this implementation reads U twice, 3n). At the device's
+    memory read rate this is the time no L-Broyden solve with this memory can go below."""
+    m = solver_memory(memory, threshold)
+    return sum(2 * min(k, m) for k in range(1, int(threshold) - 1))   # pairs 1 .. T - 2
+
+
 @torch.no_grad()
 def broyden(f: FixedPointFn, z0: Tensor, threshold: int, eps: float = 1e-3, stop_mode: str = "rel",
             memory: int = 12, restart: float = 10.0, max_step: float = 3.0,

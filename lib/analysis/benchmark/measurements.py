@@ -3,7 +3,7 @@
 The physical limit of an implicit training step is the work it cannot avoid: ``T_f`` forward
 evaluations of f, ``T_b`` vector-Jacobian products of the adjoint solve, one differentiable
 application of f with its backward, and the stem and head. Everything else is solver overhead.
-Four figures are reported:
+Five figures are reported:
 
 * ``overhead`` (the project's headline figure): ``t_step / ((T_f + T_b + 2) * t_f) - 1``. It
   counts a VJP as one f evaluation and the stem/head as free, so it also contains
@@ -15,6 +15,10 @@ Four figures are reported:
   on this model and machine.
 * ``in solver``: wall time spent inside the solvers but outside f (and outside the VJPs), as a
   share of the step: the part the solver code controls, measured directly by wrapping the solver.
+* ``history floor``: the least time a solver with this history must spend beside f, over the limit:
+  the bytes of history its steps must read (:func:`mdeq.solvers.history_reads`) at the device's
+  memory read rate (:func:`~.timing.read_rate`). No implementation of the same method and memory
+  gets ``vs limit`` below it; the forward table gives it over the solve's time in f.
 
 ``t_f`` and ``t_vjp`` in the first three are the mean times of f and of the adjoint step as they ran
 inside the measured training steps (the solvers are wrapped), not the separate component timings:
@@ -80,7 +84,8 @@ def time_components(model, x: Tensor, y: Tensor, repeats: int) -> Dict[str, floa
 def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Dict[str, float]:
     """An eval-mode forward solve with exactly ``evals`` evaluations of f (tolerance 0).
 
-    Returns time (s), steps, relative and absolute residual reached, and the time inside f.
+    Returns time (s), steps, relative and absolute residual reached, the time inside f and the
+    solver's own, and the bytes of history the solve must read at the least (``history_bytes``).
     """
     device = x.device
     model.eval()
@@ -100,7 +105,8 @@ def forward_solve(model, x: Tensor, solver: str, evals: int, repeats: int) -> Di
         t = median_time(solve, repeats, device, warmup=0)
     res = result_box[0]
     return {"time": t, "steps": res.steps, "rel": res.rel_residual, "abs": res.abs_residual,
-            "in_f": timed.in_f / max(1, repeats), "solver": (timed.total - timed.in_f) / max(1, repeats)}
+            "in_f": timed.in_f / max(1, repeats), "solver": (timed.total - timed.in_f) / max(1, repeats),
+            "history_bytes": timed.history_bytes / max(1, repeats)}
 
 
 def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats: int,
@@ -109,8 +115,9 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
 
     With ``unrolled_depth > 0``: the warm-up mode instead, ``unrolled_depth`` weight-tied layers
     differentiated by backprop. ``solver`` (if given) is used forward and backward.
-    Returns the median time (s), the solver statistics of the last step and the time spent inside
-    the solvers but outside f (``solver_own``, s per step).
+    Returns the median time (s), the solver statistics of the last step, the time spent inside
+    the solvers but outside f (``solver_own``, s per step) and the bytes of history its two solves
+    must read at the least (``history_bytes``, per step).
     """
     device = x.device
     model.train()
@@ -130,7 +137,8 @@ def train_step(model, x: Tensor, y: Tensor, f_thres: int, b_thres: int, repeats:
     stats = infos[0].stats()
     own = (f_timer.total - f_timer.in_f + b_timer.total - b_timer.in_f) / max(1, repeats)
     model.zero_grad(set_to_none=True)
-    out = {"time": t, "stats": stats, "solver_own": own}
+    out = {"time": t, "stats": stats, "solver_own": own,
+           "history_bytes": (f_timer.history_bytes + b_timer.history_bytes) / max(1, repeats)}
     if f_timer.calls:       # f and the adjoint step as they ran inside these very steps
         out["t_f_step"] = f_timer.in_f / f_timer.calls
     if b_timer.calls:
@@ -146,8 +154,9 @@ def _step_call(f_thres: int, b_thres: int, unrolled_depth: int, **extra: Any) ->
     return {"mode": "equilibrium", "f_thres": f_thres, "b_thres": b_thres, **extra}
 
 
-def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
-    """The overhead figures (see the module docstring) for a training step ``step``."""
+def overheads(step: Dict[str, Any], comp: Dict[str, float], rate: Optional[float] = None) -> Dict[str, float]:
+    """The overhead figures (see the module docstring) for a training step ``step``; the history floor
+    only with the memory read ``rate`` (bytes/s)."""
     s = step["stats"]
     # f and the VJP timed inside the measured steps: the same conditions as the step (a separate
     # timing on a shared machine drifts by 10-20 % against it, which moved the figures as much)
@@ -156,5 +165,8 @@ def overheads(step: Dict[str, Any], comp: Dict[str, float]) -> Dict[str, float]:
     budget = (fs + bs + 2) * t_f
     limit = fs * t_f + bs * t_vjp + comp["f_graph_bwd"] + comp["stem_head"]
     # floor: the headline figure of a solver that costs nothing itself (the limit over the budget)
-    return {"overhead": step["time"] / budget - 1, "floor": limit / budget - 1, "limit": limit,
-            "vs_limit": step["time"] / limit - 1, "in_solver": step["solver_own"] / step["time"]}
+    out = {"overhead": step["time"] / budget - 1, "floor": limit / budget - 1, "limit": limit,
+           "vs_limit": step["time"] / limit - 1, "in_solver": step["solver_own"] / step["time"]}
+    if rate:
+        out["history_floor"] = step["history_bytes"] / rate / limit
+    return out

@@ -13,6 +13,10 @@ def _ms(t: float) -> str:
     return f"{1e3 * t:.1f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _header_and_components(r: Dict[str, Any]) -> List[str]:
     spec = r["spec"]
     lines = [f"**{Path(spec['cfg']).name}**, batch {spec['batch_size']}, {spec['image_size']}x{spec['image_size']}, "
@@ -20,6 +24,8 @@ def _header_and_components(r: Dict[str, Any]) -> List[str]:
              f"weights: {Path(spec['test_model']).name if spec['test_model'] else 'random init'}, "
              f"images: {Path(spec['images']).name if spec.get('images') else 'photo crops'}, "
              f"T_f={r['f_thres']}, T_b={r['b_thres']}, MODEL.COMPILE {r.get('compile', False)}", ""]
+    if "read_rate" in r:
+        lines += [f"Memory read rate: {r['read_rate'] / 1e9:.1f} GB/s (a sum over 512 MiB).", ""]
     comp = r.get("components")
     if comp:
         lines += ["| component | time (ms) |", "|---|---:|",
@@ -32,19 +38,24 @@ def _header_and_components(r: Dict[str, Any]) -> List[str]:
 
 def _forward_table(r: Dict[str, Any]) -> List[str]:
     lines = [f"Forward solve (eval mode), exactly {r['f_thres']} f evaluations each (tolerance 0):", "",
-             "| solver | rel. residual | abs. residual | time (ms) | ms / eval | solver's own time |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| solver | rel. residual | abs. residual | time (ms) | ms / eval | solver's own time | own / f "
+             "| history floor / f |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, fw in r["forward"].items():
+        floor = _pct(fw["history_floor"] / fw["in_f"]) if "history_floor" in fw else "-"
         lines.append(f"| {name} | {fw['rel']:.2e} | {fw['abs']:.2e} | {_ms(fw['time'])} | "
-                     f"{_ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% |")
-    return lines + [""]
+                     f"{_ms(fw['time'] / max(1, fw['steps']))} | {100 * fw['solver'] / fw['time']:.1f}% | "
+                     f"{100 * fw['solver'] / fw['in_f']:.1f}% | {floor} |")
+    return lines + ["", "own / f: the solver's own time over the time in f; history floor / f: the history "
+                    "its steps must read at the memory read rate, over the time in f, the least own / f of "
+                    "the method at this memory.", ""]
 
 
 def _train_table(r: Dict[str, Any]) -> List[str]:
     lines = ["Training step (forward solve + head + loss + implicit backward; same solver forward and backward):",
              "", "| solver | step (ms) | T_f used | T_b used | f / VJP in step (ms) | f rel | b rel | overhead "
-             "| floor | vs limit | in solver |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| floor | vs limit | in solver | history floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, st in r.get("train", {}).items():
         s = st["stats"]
         in_step = (f"{_ms(st['t_f_step'])} / {_ms(st['t_b_step'])}" if "t_f_step" in st and "t_b_step" in st
@@ -52,15 +63,16 @@ def _train_table(r: Dict[str, Any]) -> List[str]:
         lines.append(f"| {name} | {_ms(st['time'])} | {s.get('f_steps')} | {s.get('b_steps')} | {in_step} | "
                      f"{s.get('f_rel', float('nan')):.1e} | {s.get('b_rel', float('nan')):.1e} | "
                      f"{100 * st['overhead']:.1f}% | {100 * st['floor']:.1f}% | {100 * st['vs_limit']:.1f}% | "
-                     f"{100 * st['in_solver']:.1f}% |")
+                     f"{100 * st['in_solver']:.1f}% | {_pct(st.get('history_floor'))} |")
     if "unrolled" in r:
         un, t_f = r["unrolled"], r["components"]["f"]
         lines.append(f"| unrolled warm-up, depth {r['f_thres']} (backprop) | {_ms(un['time'])} | {r['f_thres']} | - "
-                     f"| - | - | - | {100 * (un['time'] / ((2 * r['f_thres']) * t_f) - 1):.1f}%* | - | - | - |")
+                     f"| - | - | - | {100 * (un['time'] / ((2 * r['f_thres']) * t_f) - 1):.1f}%* | - | - | - | - |")
     return lines + ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
                     "t_f,graph+bwd + t_stem+head) - 1, with t_f and t_vjp timed inside the steps; floor = that limit / "
                     "((T_f + T_b + 2) x t_f) - 1, the overhead of a solver that cost nothing itself; in solver = time "
-                    "inside the solvers outside f / step. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
+                    "inside the solvers outside f / step; history floor = the history the two solves must read at the memory "
+                    "read rate / limit, the least vs limit of the method at this memory. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
                     "component table.", ""]
 
 

@@ -13,6 +13,7 @@ from .measurements import forward_solve, overheads, time_components, train_step
 from .memory import peak_memory
 from .reversible import run_reversible
 from .spec import BenchSpec, build
+from .timing import read_rate
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,20 @@ def run_benchmark(spec: BenchSpec, f_thres: Optional[int], b_thres: Optional[int
     if "components" in parts or "train" in parts or "unrolled" in parts:
         logger.info("timing the components")
         out["components"] = time_components(model, x, y, repeats)
+    if "forward" in parts or "train" in parts:
+        logger.info("timing the memory read rate")
+        out["read_rate"] = read_rate(x.device, repeats)
     if "forward" in parts:
         logger.info("forward solves at %d evaluations", f_thres)
         out["forward"] = {s: forward_solve(model, x, s, f_thres, repeats) for s in solvers}
+        for fw in out["forward"].values():    # the least time beside f, s
+            fw["history_floor"] = fw["history_bytes"] / out["read_rate"]
     if "train" in parts:
         out["train"] = {}
         for s in solvers:
             logger.info("training step with %s", s)
             st = train_step(model, x, y, f_thres, b_thres, repeats, solver=s)
-            st.update(overheads(st, out["components"]))
+            st.update(overheads(st, out["components"], out["read_rate"]))
             out["train"][s] = st
     if "unrolled" in parts:
         logger.info("unrolled training step at depth %d", f_thres)
