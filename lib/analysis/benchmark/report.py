@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 
 from .backward_modes import format_backward_modes
 from .reversible import format_reversible
+from .timing import READ_RATE_BYTES
 
 
 def _ms(t: float) -> str:
@@ -25,7 +26,8 @@ def _header_and_components(r: Dict[str, Any]) -> List[str]:
              f"images: {Path(spec['images']).name if spec.get('images') else 'photo crops'}, "
              f"T_f={r['f_thres']}, T_b={r['b_thres']}, MODEL.COMPILE {r.get('compile', False)}", ""]
     if "read_rate" in r:
-        lines += [f"Memory read rate: {r['read_rate'] / 1e9:.1f} GB/s (a sum over 512 MiB).", ""]
+        lines += [f"Memory read rate: {r['read_rate'] / 1e9:.1f} GB/s "
+                  f"(a sum over {READ_RATE_BYTES // 2 ** 20} MiB).", ""]
     comp = r.get("components")
     if comp:
         lines += ["| component | time (ms) |", "|---|---:|",
@@ -71,9 +73,9 @@ def _train_table(r: Dict[str, Any]) -> List[str]:
     return lines + ["", "overhead = step / ((T_f + T_b + 2) x t_f) - 1; vs limit = step / (T_f t_f + T_b t_vjp + "
                     "t_f,graph+bwd + t_stem+head) - 1, with t_f and t_vjp timed inside the steps; floor = that limit / "
                     "((T_f + T_b + 2) x t_f) - 1, the overhead of a solver that cost nothing itself; in solver = time "
-                    "inside the solvers outside f / step; history floor = the history the two solves must read at the memory "
-                    "read rate / limit, the least vs limit of the method at this memory. *unrolled: step / (2 x depth x t_f) - 1, t_f from the "
-                    "component table.", ""]
+                    "inside the solvers outside f / step; history floor = the history the two solves must read at the "
+                    "memory read rate / limit, the least vs limit of the method at this memory. *unrolled: step / "
+                    "(2 x depth x t_f) - 1, t_f from the component table.", ""]
 
 
 def _memory_table(r: Dict[str, Any]) -> List[str]:
